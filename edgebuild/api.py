@@ -1,0 +1,84 @@
+"""The objects plugins register. Small, declarative, and free of heavy imports."""
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Protocol, Sequence
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Technique:
+    """One way to compress a model for one backend; `recipe` is backend data, not code."""
+
+    name: str
+    backend: str
+    description: str
+    recipe: Any = None
+    needs_calibration: bool = False
+    # The report shows what one knob (granularity, calibrated ranges) bought: this technique's
+    # metric and bytes against `compare_with`, which differs from it in `knob` alone.
+    compare_with: str = ""
+    knob: str = ""
+
+
+@dataclass(frozen=True)
+class Metric:
+    """How good a candidate's outputs are, given fp32 reference outputs and optional labels."""
+
+    name: str
+    description: str
+    compute: Callable[[np.ndarray, np.ndarray, np.ndarray | None], float]
+    higher_is_better: bool = True
+    needs_labels: bool = False
+    # Metrics measured against fp32 itself (sqnr) have no finite fp32 baseline: only `floor` applies.
+    has_baseline: bool = True
+    unit: str = ""
+
+
+@dataclass
+class CompressInput:
+    """What a backend gets to build one candidate."""
+
+    fp32_bundle: Path
+    exported_program: Path
+    calibration: Sequence[Mapping[str, np.ndarray]] | None
+    work_dir: Path
+    log: Path | None = None
+
+
+@dataclass
+class Prediction:
+    """A bundle run on a data set in the target runtime."""
+
+    outputs: np.ndarray
+    latency_ms: float
+    runtime: str
+    details: dict = field(default_factory=dict)
+
+
+class Backend(Protocol):
+    """Converts an exported PyTorch program into one bundle format and runs bundles of that format."""
+
+    name: str            # the manifest's `format:`
+    platform: str        # devices of this platform may be targeted ("android", "ios")
+    extension: str       # bundle file suffix, with the dot
+
+    def version(self) -> str:
+        """Versions of the toolchain that affect output bytes (part of every cache key)."""
+
+    def convert(self, exported_program: Path, out: Path) -> None:
+        """Write the fp32 bundle for the exported program."""
+
+    def compress(self, technique: Technique, source: CompressInput, out: Path) -> None:
+        """Write the candidate bundle for `technique`."""
+
+    def predict(self, bundle: Path, inputs: Mapping[str, np.ndarray], *, threads: int) -> Prediction:
+        """Run the bundle on every sample and measure host latency at batch 1."""
+
+    def describe(self, bundle: Path) -> dict:
+        """Input/output names, shapes, dtypes and quantization parameters of a bundle."""
+
+
+Loader = Callable[[Mapping[str, Any], Path], tuple]
+Packager = Callable[..., list[Path]]
+Reporter = Callable[..., Path]

@@ -1,0 +1,1 @@
+"""Data shipped with edgebuild: the device catalog."""

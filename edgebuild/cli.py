@@ -1,0 +1,174 @@
+"""`edgebuild` command line. Exit codes: 0 pass, 1 budget/floor not met, 2 bad input, 3 toolchain failure."""
+import argparse
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+
+from rich.console import Console
+
+from . import __version__
+from .errors import EXIT_BUDGET, EXIT_INPUT, EXIT_OK, EXIT_TOOLCHAIN, EdgebuildError, InputError
+from .units import format_size
+
+DEFAULT_MANIFEST = "edgebuild.yaml"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edgebuild", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"edgebuild {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    build = commands.add_parser("build", help="build, evaluate and package every target's bundle")
+    build.add_argument("-f", "--file", default=DEFAULT_MANIFEST, help="manifest (default: edgebuild.yaml)")
+    build.add_argument("--target", action="append", default=[], metavar="NAME", help="build only this target (repeatable)")
+    build.add_argument("--json", action="store_true", help="print the report summary as JSON on stdout")
+    build.add_argument("--no-wait", action="store_true", help="fail instead of waiting when another build holds the project")
+
+    validate = commands.add_parser("validate", help="check the manifest and exit")
+    validate.add_argument("-f", "--file", default=DEFAULT_MANIFEST, help="manifest (default: edgebuild.yaml)")
+
+    plugins = commands.add_parser("plugins", help="list loaded plugins and what each registers")
+    plugins.add_argument("--json", action="store_true", help="print as JSON")
+    return parser
+
+
+def _load(path: str, only_targets: list[str] | None = None):
+    from .manifest import load_manifest
+    from .plugins import default_registry
+
+    registry = default_registry()
+    manifest = load_manifest(path, registry)
+    if only_targets:
+        names = [t.name for t in manifest.targets]
+        for name in only_targets:
+            if name not in names:
+                raise InputError(f"unknown target {name!r} (targets: {', '.join(names)})", field="--target")
+        manifest.targets = [t for t in manifest.targets if t.name in only_targets]
+    return manifest, registry
+
+
+def cmd_validate(args, console: Console) -> int:
+    manifest, _ = _load(args.file)
+    names = ", ".join(t.name for t in manifest.targets)
+    console.print(f"{args.file}: valid ({len(manifest.targets)} target{'s' if len(manifest.targets) != 1 else ''}: {names})",
+                  highlight=False)
+    return EXIT_OK
+
+
+def cmd_plugins(args, console: Console) -> int:
+    from .plugins import default_registry
+
+    registry = default_registry()
+    rows = []
+    for plugin in registry.plugins:
+        provides = sorted(f"{kind} {name}" for (kind, name), origin in registry.origin.items() if origin == plugin["name"])
+        rows.append({**plugin, "provides": provides})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return EXIT_OK
+    for row in rows:
+        print(f"{row['name']}  ({row['module']} from {row['distribution'] or 'no distribution'})")
+        print(f"    {row['file']}")
+        for item in row["provides"]:
+            print(f"    - {item}")
+    return EXIT_OK
+
+
+def cmd_build(args, console: Console) -> int:
+    from .pipeline.layout import Build
+    from .pipeline.runner import read_targets, run_pipeline
+
+    manifest, registry = _load(args.file, args.target)
+    build = Build(manifest, registry)
+    result = run_pipeline(build, console=console, wait=not args.no_wait)
+
+    if result.executed:
+        heavy = [s for s in result.executed if s.split(":")[0] in ("export", "convert", "compress", "evaluate")]
+        console.print(f"ran {len(result.executed)} stage(s), {len(result.up_to_date)} up to date"
+                      f"{'' if heavy else ' (no conversion or evaluation rerun)'}", highlight=False)
+    else:
+        console.print(f"nothing changed: all {len(result.up_to_date)} stages up to date; "
+                      "no conversion or evaluation rerun", highlight=False)
+
+    targets = read_targets(build)
+    candidate_errors = [(t["name"], c) for t in targets for c in t["candidates"] if c["status"] == "error"]
+    for target in targets:
+        chosen = target["chosen"]
+        if chosen:
+            budget = f" (budget {format_size(target['budget']['size'])})" if target["budget"]["size"] else ""
+            console.print(f"[green]✔[/green] {target['name']}: {chosen['technique']} {format_size(chosen['bytes'])}{budget}, "
+                          f"{manifest.metric} {chosen['metric']:.4f} (floor {target['accuracy']['threshold']:.4f}) "
+                          f"→ {chosen['path']}", highlight=False)
+        else:
+            console.print(f"[red]✘[/red] {target['name']}: no candidate meets every budget and the floor", highlight=False)
+            for candidate in target["candidates"]:
+                console.print(f"    {candidate['technique']}: {_reason(candidate)}", highlight=False)
+    for target_name, candidate in candidate_errors:
+        error = candidate["error"]
+        console.print(f"[red]error[/red] stage {error['stage']}, target {target_name}, technique {candidate['technique']}: "
+                      f"{error['message']}", highlight=False)
+    report = manifest.output / "report.json"
+    if report.is_file() and not result.errors:
+        console.print(f"report: {manifest.relative(report)}", highlight=False)
+
+    if any(e.exit_code == EXIT_INPUT for e in result.errors):
+        code = EXIT_INPUT
+    elif result.errors or candidate_errors:
+        code = EXIT_TOOLCHAIN
+    elif any(t["status"] != "pass" for t in targets) or len(targets) < len(manifest.targets):
+        code = EXIT_BUDGET
+    else:
+        code = EXIT_OK
+    for error in result.errors:
+        print(str(error), file=sys.stderr)
+    if args.json:
+        print(json.dumps({
+            "exit_code": code,
+            "report": manifest.relative(report) if report.is_file() else None,
+            "executed": result.executed,
+            "up_to_date": len(result.up_to_date),
+            "errors": [str(e) for e in result.errors],
+            "targets": [{"name": t["name"], "status": t["status"], "chosen": t["chosen"]} for t in targets],
+        }, indent=2))
+    return code
+
+
+def _reason(candidate: dict) -> str:
+    if candidate["status"] in ("skipped",):
+        return f"skipped: {candidate['reason']}"
+    if candidate["status"] == "error":
+        return f"{candidate['error']['stage']} failed: {candidate['error']['message']}"
+    parts = []
+    for failed in candidate["failed"]:
+        if failed["constraint"] in ("size", "download"):
+            parts.append(f"{failed['constraint']} {failed['actual']} B > limit {failed['limit']} B")
+        else:
+            parts.append(f"{failed['constraint']} {failed['actual']:.4f} < floor {failed['limit']:.4f}")
+    return "; ".join(parts) or "passes"
+
+
+COMMANDS = {"build": cmd_build, "validate": cmd_validate, "plugins": cmd_plugins}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    console = Console(stderr=True, soft_wrap=True)
+    try:
+        return COMMANDS[args.command](args, console)
+    except EdgebuildError as exc:
+        print(str(exc), file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("edgebuild: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # never a bare traceback in CI logs; EDGEBUILD_DEBUG=1 shows it
+        if os.environ.get("EDGEBUILD_DEBUG"):
+            traceback.print_exc()
+        print(f"edgebuild: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_TOOLCHAIN
+
+
+if __name__ == "__main__":
+    sys.exit(main())

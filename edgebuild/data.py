@@ -1,0 +1,77 @@
+"""Calibration and evaluation data: npz files checked against the model's inputs before use."""
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InputError
+
+
+@dataclass
+class Dataset:
+    inputs: tuple[np.ndarray, ...]   # one array per model input, in argument order, batch first
+    labels: np.ndarray | None
+
+    def __len__(self) -> int:
+        return len(self.inputs[0])
+
+    def samples(self, limit: int | None = None) -> list[tuple[np.ndarray, ...]]:
+        """Batch-of-one samples, as calibration feeds them."""
+        count = len(self) if limit is None else min(limit, len(self))
+        return [tuple(array[i:i + 1] for array in self.inputs) for i in range(count)]
+
+
+def load_dataset(path: Path, label: str, model_inputs: list[dict], *, need_labels: bool) -> Dataset:
+    """Read `path` and check it matches `model_inputs` ([{name, shape, dtype}]); errors name the file."""
+    def fail(message: str) -> InputError:
+        return InputError(message, file=label)
+
+    try:
+        with np.load(path, allow_pickle=False) as stored:
+            arrays = {name: stored[name] for name in stored.files}
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError) as exc:
+        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise fail(f"not a readable .npz file ({reason})") from None
+
+    names = [spec["name"] for spec in model_inputs]
+    if len(names) == 1 and names[0] not in arrays and "x" in arrays:
+        arrays[names[0]] = arrays.pop("x")
+    inputs = []
+    for spec in model_inputs:
+        name = spec["name"]
+        if name not in arrays:
+            expected = "'x'" if len(names) == 1 else ", ".join(repr(n) for n in names)
+            raise fail(f"missing array {expected} for model input {name!r} (arrays present: {', '.join(sorted(arrays)) or 'none'})")
+        array = arrays[name]
+        if array.dtype == object or array.dtype.kind not in "biuf":
+            raise fail(f"array {name!r} has dtype {array.dtype}; expected numbers")
+        expected_shape = tuple(spec["shape"][1:])
+        if array.ndim != len(spec["shape"]) or tuple(array.shape[1:]) != expected_shape:
+            wanted = "(N, " + ", ".join(str(d) for d in expected_shape) + ")"
+            raise fail(f"array {name!r} has shape {tuple(array.shape)}; model input {name!r} takes {wanted}")
+        if len(array) == 0:
+            raise fail(f"array {name!r} holds no samples")
+        wanted_dtype = np.dtype(spec["dtype"])
+        if wanted_dtype.kind == "f":
+            if array.dtype.kind == "f" and not np.all(np.isfinite(array)):
+                bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
+                raise fail(f"array {name!r} holds {bad} NaN or infinite values")
+            array = array.astype(wanted_dtype)
+        elif array.dtype.kind not in "biu":
+            raise fail(f"array {name!r} has dtype {array.dtype}; model input {name!r} takes {wanted_dtype}")
+        else:
+            array = array.astype(wanted_dtype)
+        inputs.append(array)
+    counts = {len(a) for a in inputs}
+    if len(counts) != 1:
+        raise fail(f"input arrays hold different numbers of samples: {sorted(counts)}")
+
+    labels = None
+    if need_labels:
+        if "y" not in arrays:
+            raise fail("missing array 'y' (labels) needed by the metric")
+        labels = arrays["y"]
+        if labels.ndim != 1 or len(labels) != len(inputs[0]) or labels.dtype.kind not in "iu":
+            raise fail(f"array 'y' must be {len(inputs[0])} integer labels, got shape {labels.shape} dtype {labels.dtype}")
+    return Dataset(inputs=tuple(inputs), labels=labels)

@@ -1,0 +1,80 @@
+"""File helpers: atomic writes, content hashes, store-like download sizes."""
+import hashlib
+import io
+import json
+import os
+import shutil
+import zipfile
+from pathlib import Path
+
+_ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)  # fixed timestamps: same files, same zip, same byte count
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write via a temporary file in the same folder and rename: readers see old or new, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(temporary, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: Path, value) -> None:
+    atomic_write_text(path, json.dumps(value, indent=2, sort_keys=False, allow_nan=False) + "\n")
+
+
+def read_json(path: Path):
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def atomic_output(path: Path) -> Path:
+    """A temporary sibling for a tool that insists on writing a path itself; rename it when done."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+
+
+def download_bytes(paths: list[Path], root: Path) -> int:
+    """Bytes of a deflate zip of the files, as an app store measures a compressed download."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=9) as archive:
+        for path in sorted(paths):
+            info = zipfile.ZipInfo(Path(path).relative_to(root).as_posix(), date_time=_ZIP_EPOCH)
+            info.compress_type = zipfile.ZIP_DEFLATED
+            archive.writestr(info, Path(path).read_bytes(), compresslevel=9)
+    return len(buffer.getvalue())
+
+
+def replace_dir(staged: Path, destination: Path, trash: Path) -> None:
+    """Swap a fully written folder into place; at every moment the destination is old, new or absent."""
+    trash.mkdir(parents=True, exist_ok=True)
+    old = trash / f"{destination.name}-{os.getpid()}"
+    if old.exists():
+        shutil.rmtree(old)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    if destination.exists():
+        os.replace(destination, old)
+    os.replace(staged, destination)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_dir(destination: Path, trash: Path) -> None:
+    if destination.exists():
+        trash.mkdir(parents=True, exist_ok=True)
+        old = trash / f"{destination.name}-{os.getpid()}"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(destination, old)
+        shutil.rmtree(old, ignore_errors=True)

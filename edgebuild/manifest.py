@@ -1,0 +1,311 @@
+"""Reads and validates edgebuild.yaml. Every error names the file, line, column and field."""
+import difflib
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from . import devices as device_catalog
+from .errors import InputError
+from .plugins import Registry
+from .units import parse_size
+
+SUPPORTED_VERSION = 1
+NAME_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
+ENTRY_PATTERN = re.compile(r"^(?P<file>[^:]+\.py):(?P<function>[A-Za-z_][A-Za-z0-9_]*)$")
+STATE_DIR = ".edgebuild"
+
+TOP_KEYS = {"version": True, "model": True, "data": True, "metric": False, "targets": True, "output": False}
+MODEL_KEYS = {"name": True, "source": True, "entry": False, "path": False, "description": False}
+DATA_KEYS = {"calibration": False, "evaluation": True}
+TARGET_KEYS = {"name": True, "format": True, "devices": True, "budget": False, "accuracy": True}
+BUDGET_KEYS = {"size": False, "download": False}
+ACCURACY_KEYS = {"max_drop": False, "floor": False}
+
+
+@dataclass
+class Target:
+    name: str
+    format: str
+    devices: list[str]
+    size: int | None
+    download: int | None
+    max_drop: float | None
+    floor: float | None
+    raw: dict = field(repr=False)
+
+
+@dataclass
+class Manifest:
+    path: Path
+    root: Path
+    model: dict
+    calibration: Path | None
+    evaluation: Path
+    metric: str
+    targets: list[Target]
+    output: Path
+    raw: dict = field(repr=False)
+
+    @property
+    def model_name(self) -> str:
+        return self.model["name"]
+
+    @property
+    def state_dir(self) -> Path:
+        return self.root / STATE_DIR
+
+    def relative(self, path: Path) -> str:
+        """A path as report.json writes it: relative to the manifest's folder, with slashes."""
+        return Path(path).resolve().relative_to(self.root).as_posix()
+
+
+class _Document:
+    """Parsed YAML plus the position of every value and key, for error messages."""
+
+    def __init__(self, label: str):
+        self.label = label
+        self.value_marks: dict[tuple, yaml.Mark] = {}
+        self.key_marks: dict[tuple, yaml.Mark] = {}
+
+    def error(self, path: tuple, message: str, *, at_key: bool = False) -> InputError:
+        marks = self.key_marks if at_key else self.value_marks
+        probe = path
+        while probe not in marks and probe:
+            probe = probe[:-1]
+        mark = marks.get(probe) or self.value_marks.get(())
+        line, column = (mark.line + 1, mark.column + 1) if mark else (1, 1)
+        return InputError(message, file=self.label, line=line, column=column, field=field_path(path) or None)
+
+
+def field_path(path: tuple) -> str:
+    text = ""
+    for part in path:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text
+
+
+def _typename(value: Any) -> str:
+    return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean", int: "an integer",
+            float: "a number", type(None): "nothing"}.get(type(value), type(value).__name__)
+
+
+def read_yaml(path: Path, label: str) -> tuple[Any, _Document]:
+    doc = _Document(label)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InputError("manifest not found", file=label) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"cannot read manifest: {exc}", file=label) from None
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            raise InputError("manifest is empty", file=label, line=1, column=1)
+        return _construct(loader, node, (), doc), doc
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        problem = (exc.problem or exc.context or "invalid YAML").strip()
+        raise InputError(f"invalid YAML: {problem}", file=label,
+                         line=mark.line + 1 if mark else 1, column=mark.column + 1 if mark else 1) from None
+    except yaml.YAMLError as exc:
+        raise InputError(f"invalid YAML: {exc}", file=label, line=1, column=1) from None
+    finally:
+        loader.dispose()
+
+
+def _construct(loader: yaml.SafeLoader, node: yaml.Node, path: tuple, doc: _Document) -> Any:
+    doc.value_marks[path] = node.start_mark
+    if isinstance(node, yaml.MappingNode):
+        loader.flatten_mapping(node)  # resolve YAML merge keys (<<) the way safe_load would
+        result = {}
+        for key_node, value_node in node.value:
+            key = loader.construct_object(key_node, deep=True)
+            if not isinstance(key, str):
+                doc.value_marks[path + ("?",)] = key_node.start_mark
+                raise doc.error(path + ("?",), f"keys must be strings, got {_typename(key)} {key!r}")
+            if key in result:
+                doc.key_marks[path + (key,)] = key_node.start_mark
+                raise doc.error(path + (key,), "duplicate key", at_key=True)
+            doc.key_marks[path + (key,)] = key_node.start_mark
+            result[key] = _construct(loader, value_node, path + (key,), doc)
+        return result
+    if isinstance(node, yaml.SequenceNode):
+        return [_construct(loader, item, path + (i,), doc) for i, item in enumerate(node.value)]
+    return loader.construct_object(node, deep=True)
+
+
+class _Validator:
+    def __init__(self, doc: _Document, root: Path, registry: Registry):
+        self.doc, self.root, self.registry = doc, root, registry
+
+    def mapping(self, value: Any, path: tuple, keys: dict[str, bool]) -> dict:
+        if not isinstance(value, dict):
+            raise self.doc.error(path, f"expected a mapping, got {_typename(value)}")
+        for key in value:
+            if key not in keys:
+                near = difflib.get_close_matches(key, list(keys), n=1, cutoff=0.6)
+                hint = f"; did you mean '{near[0]}'?" if near else f"; valid keys: {', '.join(keys)}"
+                raise self.doc.error(path + (key,), f"unknown key{hint}", at_key=True)
+        for key, required in keys.items():
+            if required and key not in value:
+                raise self.doc.error(path, f"missing required key '{key}'")
+        return value
+
+    def string(self, value: Any, path: tuple) -> str:
+        if not isinstance(value, str) or not value.strip():
+            raise self.doc.error(path, f"expected a non-empty string, got {_typename(value)}")
+        return value
+
+    def name(self, value: Any, path: tuple) -> str:
+        self.string(value, path)
+        if not NAME_PATTERN.match(value):
+            raise self.doc.error(path, f"invalid name {value!r}: use a letter, then letters, digits, '-' or '_' (64 at most)")
+        return value
+
+    def choice(self, value: Any, path: tuple, choices: list[str], what: str) -> str:
+        self.string(value, path)
+        if value not in choices:
+            near = difflib.get_close_matches(value, choices, n=1, cutoff=0.5)
+            hint = f"; did you mean '{near[0]}'?" if near else ""
+            raise self.doc.error(path, f"unknown {what} {value!r}{hint} (available: {', '.join(sorted(choices))})")
+        return value
+
+    def number(self, value: Any, path: tuple, low: float | None = None, high: float | None = None) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise self.doc.error(path, f"expected a number, got {_typename(value)} {value!r}")
+        if (low is not None and value < low) or (high is not None and value > high):
+            raise self.doc.error(path, f"must be between {low} and {high}, got {value}")
+        return float(value)
+
+    def size(self, value: Any, path: tuple) -> int:
+        try:
+            return parse_size(value)
+        except ValueError as exc:
+            raise self.doc.error(path, str(exc)) from None
+
+    def project_path(self, value: Any, path: tuple, *, must_exist: bool) -> Path:
+        """A path inside the manifest's folder; anything escaping it is refused."""
+        self.string(value, path)
+        resolved = (self.root / value).resolve()
+        if resolved != self.root and self.root not in resolved.parents:
+            raise self.doc.error(path, f"path {value!r} is outside the project folder {self.root}")
+        if must_exist and not resolved.is_file():
+            state = "is not a file" if resolved.exists() else "not found"
+            raise self.doc.error(path, f"file {value!r} {state}")
+        return resolved
+
+
+def load_manifest(path: Path | str, registry: Registry) -> Manifest:
+    """Parse and validate a manifest; raise InputError with file:line:col on the first problem."""
+    path = Path(path)
+    label = str(path)
+    raw, doc = read_yaml(path, label)
+    root = path.resolve().parent
+    check = _Validator(doc, root, registry)
+    check.mapping(raw, (), TOP_KEYS)
+
+    version = raw["version"]
+    if isinstance(version, bool) or version != SUPPORTED_VERSION:
+        raise doc.error(("version",), f"unsupported version {version!r}; this edgebuild reads version {SUPPORTED_VERSION}")
+
+    model = check.mapping(raw["model"], ("model",), MODEL_KEYS)
+    check.name(model["name"], ("model", "name"))
+    source = check.choice(model["source"], ("model", "source"), list(registry.loaders), "model source")
+    if "description" in model:
+        check.string(model["description"], ("model", "description"))
+    if source == "python":
+        if "entry" not in model:
+            raise doc.error(("model",), "missing required key 'entry' (FILE.py:FUNCTION) for source 'python'")
+        entry = check.string(model["entry"], ("model", "entry"))
+        match = ENTRY_PATTERN.match(entry)
+        if not match:
+            raise doc.error(("model", "entry"), f"expected FILE.py:FUNCTION, got {entry!r}")
+        check.project_path(match["file"], ("model", "entry"), must_exist=True)
+    elif "entry" in model:
+        raise doc.error(("model", "entry"), f"'entry' is for source 'python'; source {source!r} takes 'path'", at_key=True)
+    if source != "python":
+        if "path" not in model:
+            raise doc.error(("model",), f"missing required key 'path' for source {source!r}")
+        check.project_path(model["path"], ("model", "path"), must_exist=True)
+
+    data = check.mapping(raw["data"], ("data",), DATA_KEYS)
+    evaluation = check.project_path(data["evaluation"], ("data", "evaluation"), must_exist=True)
+    calibration = None
+    if "calibration" in data:
+        calibration = check.project_path(data["calibration"], ("data", "calibration"), must_exist=True)
+
+    metric_name = check.choice(raw.get("metric", "top1"), ("metric",), list(registry.metrics), "metric")
+    metric = registry.metrics[metric_name]
+
+    targets_raw = raw["targets"]
+    if not isinstance(targets_raw, list) or not targets_raw:
+        raise doc.error(("targets",), f"expected a non-empty list of targets, got {_typename(targets_raw)}")
+    targets: list[Target] = []
+    seen: set[str] = set()
+    for i, entry in enumerate(targets_raw):
+        targets.append(_target(check, doc, entry, ("targets", i), metric, seen))
+
+    output_value = raw.get("output", "dist")
+    output = check.project_path(output_value, ("output",), must_exist=False)
+    if output == root or output == root / STATE_DIR or (root / STATE_DIR) in output.parents:
+        raise doc.error(("output",), f"output {output_value!r} must be a folder of its own inside the project")
+    protected = {root / p for p in ([model.get("path")] if "path" in model else [])} | {evaluation}
+    if calibration:
+        protected.add(calibration)
+    if any(output == p or output in p.parents for p in protected):
+        raise doc.error(("output",), f"output {output_value!r} would hold the manifest's own inputs")
+
+    return Manifest(path=path.resolve(), root=root, model=dict(model), calibration=calibration,
+                    evaluation=evaluation, metric=metric_name, targets=targets, output=output, raw=raw)
+
+
+def _target(check: _Validator, doc: _Document, entry: Any, path: tuple, metric, seen: set[str]) -> Target:
+    check.mapping(entry, path, TARGET_KEYS)
+    name = check.name(entry["name"], path + ("name",))
+    if name in seen:
+        raise doc.error(path + ("name",), f"duplicate target name {name!r}")
+    seen.add(name)
+    fmt = check.choice(entry["format"], path + ("format",), list(check.registry.backends), "format")
+    platform = check.registry.backends[fmt].platform
+
+    devices = entry["devices"]
+    if not isinstance(devices, list) or not devices:
+        raise doc.error(path + ("devices",), f"expected a non-empty list of device names, got {_typename(devices)}")
+    catalog = device_catalog.catalog()
+    for j, device in enumerate(devices):
+        check.string(device, path + ("devices", j))
+        if device not in catalog:
+            near = device_catalog.closest(device, platform)
+            hint = f"; closest: {', '.join(near)}" if near else ""
+            raise doc.error(path + ("devices", j), f"unknown device {device!r}{hint}")
+        if catalog[device]["platform"] != platform:
+            raise doc.error(path + ("devices", j),
+                            f"device {device!r} is an {catalog[device]['platform']} device; format {fmt!r} targets {platform}")
+
+    size = download = None
+    if "budget" in entry:
+        budget = check.mapping(entry["budget"], path + ("budget",), BUDGET_KEYS)
+        if "size" in budget:
+            size = check.size(budget["size"], path + ("budget", "size"))
+        if "download" in budget:
+            download = check.size(budget["download"], path + ("budget", "download"))
+
+    accuracy = check.mapping(entry["accuracy"], path + ("accuracy",), ACCURACY_KEYS)
+    if ("max_drop" in accuracy) == ("floor" in accuracy):
+        raise doc.error(path + ("accuracy",), "give exactly one of 'max_drop' or 'floor'")
+    max_drop = floor = None
+    if "max_drop" in accuracy:
+        if not metric.has_baseline:
+            raise doc.error(path + ("accuracy", "max_drop"),
+                            f"metric {metric.name!r} has no fp32 baseline to drop from; use 'floor'", at_key=True)
+        max_drop = check.number(accuracy["max_drop"], path + ("accuracy", "max_drop"), 0.0, 1.0)
+    else:
+        bounds = (0.0, 1.0) if metric.has_baseline else (None, None)
+        floor = check.number(accuracy["floor"], path + ("accuracy", "floor"), *bounds)
+    return Target(name=name, format=fmt, devices=list(devices), size=size, download=download,
+                  max_drop=max_drop, floor=floor, raw=entry)

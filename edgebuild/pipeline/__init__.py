@@ -1,0 +1,1 @@
+"""The build pipeline: load -> convert -> compress -> evaluate -> select -> package -> report."""

@@ -1,0 +1,201 @@
+"""Runs the task graph with doit: progress on stderr, toolchain noise into per-task logs, one lock."""
+import contextlib
+import fcntl
+import os
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from doit.cmd_base import ModuleTaskLoader
+from doit.doit_cmd import DoitMain
+from rich.console import Console
+
+from ..errors import EdgebuildError, InputError, ToolchainError
+from ..fsutil import read_json
+from .layout import Build
+from .tasks import build_tasks
+
+HEAVY_STAGES = ("export", "reference", "convert", "compress", "evaluate")
+
+
+@dataclass
+class RunResult:
+    executed: list[str] = field(default_factory=list)
+    up_to_date: list[str] = field(default_factory=list)
+    errors: list[EdgebuildError] = field(default_factory=list)
+
+
+@contextlib.contextmanager
+def native_output_to(log: Path):
+    """Send fd 1 and 2 (C++ toolchain logs too, not just Python's) to `log` for the duration."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with open(log, "w", encoding="utf-8") as handle:
+        os.dup2(handle.fileno(), 1)
+        os.dup2(handle.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+
+
+@contextlib.contextmanager
+def project_lock(build: Build, wait: bool, console: Console):
+    """One build per project at a time; the second waits, or with wait=False fails naming the holder."""
+    build.state.mkdir(parents=True, exist_ok=True)
+    path = build.state / "lock"
+    with open(path, "a+", encoding="utf-8") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            if not wait:
+                raise InputError(f"another build ({holder}) holds {build.manifest.relative(path)}; "
+                                 "retry later or drop --no-wait", file=build.manifest.path.name) from None
+            console.print(f"[yellow]waiting for another build ({holder}) to finish[/yellow]")
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}")
+        handle.flush()
+        try:
+            yield
+        finally:
+            handle.seek(0)
+            handle.truncate()
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _make_reporter(result: RunResult, console: Console):
+    class Reporter:
+        """doit reporter that prints a line per stage to stderr and remembers what ran."""
+
+        desc = "edgebuild progress"
+
+        def __init__(self, outstream, options):
+            self.started = {}
+
+        def initialize(self, tasks, selected_tasks):
+            pass
+
+        def get_status(self, task):
+            pass
+
+        def execute_task(self, task):
+            if task.actions:
+                self.started[task.name] = time.perf_counter()
+                console.print(f"[cyan]▶[/cyan] {_stage_name(task.name)}", highlight=False)
+
+        def add_success(self, task):
+            if task.name in self.started:
+                result.executed.append(_stage_name(task.name))
+                elapsed = time.perf_counter() - self.started[task.name]
+                console.print(f"  [green]done[/green] {_stage_name(task.name)} ({elapsed:.1f}s)", highlight=False)
+
+        def add_failure(self, task, fail):
+            console.print(f"  [red]failed[/red] {_stage_name(task.name)}", highlight=False)
+
+        def skip_uptodate(self, task):
+            if task.actions:
+                result.up_to_date.append(_stage_name(task.name))
+
+        def skip_ignore(self, task):
+            pass
+
+        def cleanup_error(self, exception):
+            pass
+
+        def runtime_error(self, msg):
+            result.errors.append(ToolchainError(msg.strip().splitlines()[-1][:300], stage="task graph"))
+
+        def teardown_task(self, task):
+            pass
+
+        def complete_run(self):
+            pass
+
+    return Reporter
+
+
+def _stage_name(task_name: str) -> str:
+    return task_name.removeprefix("edgebuild:")
+
+
+def run_pipeline(build: Build, *, console: Console, wait: bool = True) -> RunResult:
+    result = RunResult()
+
+    def wrap(task_name: str, stage: Callable) -> Callable:
+        log = build.log(task_name)
+
+        def action(*args):
+            try:
+                # Heavy stages talk to C++ toolchains that write straight to fd 2; keep stdout clean.
+                context = native_output_to(log) if task_name.startswith(HEAVY_STAGES) else contextlib.nullcontext()
+                with context:
+                    stage(*args)
+                return True
+            except EdgebuildError as exc:
+                if isinstance(exc, ToolchainError) and exc.log is None:
+                    _append_traceback(log)
+                    exc = ToolchainError(exc.reason, stage=exc.stage, target=exc.target, technique=exc.technique,
+                                         op=exc.op, log=build.manifest.relative(log))
+                result.errors.append(exc)
+                return False
+            except Exception as exc:  # a bug or an unforeseen toolchain failure: name the stage, keep the trace
+                _append_traceback(log)
+                lines = str(exc).strip().splitlines()
+                reason = f"{type(exc).__name__}: {lines[0][:300]}" if lines else type(exc).__name__
+                result.errors.append(ToolchainError(f"unexpected error: {reason}", stage=task_name.split(":")[0],
+                                                    log=build.manifest.relative(log)))
+                return False
+
+        return action
+
+    tasks = build_tasks(build, wrap)
+    build.state.mkdir(parents=True, exist_ok=True)
+    namespace = {
+        "task_edgebuild": lambda: iter(tasks),
+        "DOIT_CONFIG": {
+            "dep_file": str(build.state / "doit.json"),
+            "backend": "json",
+            "reporter": _make_reporter(result, console),
+            "continue": True,  # a failing stage of one backend must not stop the others
+            "verbosity": 0,
+        },
+    }
+    with project_lock(build, wait, console):
+        cwd = os.getcwd()
+        try:
+            os.chdir(build.manifest.root)
+            DoitMain(ModuleTaskLoader(namespace)).run(["run"])
+        finally:
+            os.chdir(cwd)
+    return result
+
+
+def _append_traceback(log: Path) -> None:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a", encoding="utf-8") as handle:
+        handle.write("\n--- edgebuild: traceback ---\n")
+        handle.write(traceback.format_exc())
+
+
+def read_targets(build: Build) -> list[dict]:
+    """Selections that exist for the manifest's targets (a fatal stage error leaves some missing)."""
+    selections = []
+    for target in build.manifest.targets:
+        path = build.selection(target)
+        if path.is_file():
+            selections.append(read_json(path))
+    return selections

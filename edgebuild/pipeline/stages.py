@@ -1,0 +1,333 @@
+"""What each pipeline stage does. Every stage reads files and writes files, nothing else.
+
+The doit tasks in `tasks.py` decide *when* a stage runs; this module says *what* it does.
+"""
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from .. import __version__
+from ..api import CompressInput
+from ..data import Dataset, load_dataset
+from ..errors import EdgebuildError, InputError, ToolchainError
+from ..fsutil import (atomic_output, atomic_write_json, download_bytes, read_json, remove_dir, replace_dir,
+                      sha256_file)
+from ..manifest import Target
+from .layout import Build
+
+CALIBRATION_SAMPLES = 256  # enough for min/max ranges; more only slows the quantizer
+LATENCY_THREADS = 1
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0][:300]}" if lines else type(exc).__name__
+
+
+def _torch_dtype_name(dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _run_torch(module, inputs: tuple[np.ndarray, ...], batch: int) -> np.ndarray:
+    """Run a torch module over a data set at the batch size it was exported with."""
+    import torch
+
+    outputs = []
+    total = len(inputs[0])
+    with torch.no_grad():
+        for start in range(0, total, batch):
+            chunk = []
+            for array in inputs:
+                part = array[start:start + batch]
+                if len(part) < batch:
+                    part = np.concatenate([part, np.repeat(part[-1:], batch - len(part), axis=0)])
+                chunk.append(torch.from_numpy(np.ascontiguousarray(part)))
+            result = module(*chunk)
+            if isinstance(result, (tuple, list)):
+                result = result[0]
+            outputs.append(result.detach().float().numpy()[:min(batch, total - start)])
+    return np.concatenate(outputs)
+
+
+# ---- load / export ---------------------------------------------------------------------------
+
+def export_model(build: Build) -> None:
+    """Load the model through its loader and save it as a torch.export program with its signature."""
+    import torch
+
+    manifest = build.manifest
+    loader = build.registry.loaders[manifest.model["source"]]
+    try:
+        module, example = loader(manifest.model, manifest.root)
+    except EdgebuildError:
+        raise
+    except Exception as exc:
+        raise InputError(f"loading the model failed: {_first_line(exc)}", file=manifest.path.name,
+                         field="model") from exc
+    try:
+        program = torch.export.export(module, example)
+    except Exception as exc:
+        raise ToolchainError(f"torch.export failed: {_first_line(exc)}", stage="export") from exc
+
+    names = list(program.graph_signature.user_inputs)
+    inputs = [{"name": name, "shape": list(tensor.shape), "dtype": _torch_dtype_name(tensor.dtype)}
+              for name, tensor in zip(names, example)]
+    with torch.no_grad():
+        result = module(*example)
+    results = result if isinstance(result, (tuple, list)) else (result,)
+    outputs = [{"shape": list(r.shape), "dtype": _torch_dtype_name(r.dtype)} for r in results]
+    parameters = int(sum(p.numel() for p in module.parameters()))
+
+    temporary = atomic_output(build.exported_program)
+    torch.export.save(program, str(temporary))
+    os.replace(temporary, build.exported_program)
+    atomic_write_json(build.model_meta, {"name": manifest.model_name, "inputs": inputs, "outputs": outputs,
+                                         "parameters": parameters, "torch": torch.__version__})
+
+
+def _dataset(build: Build, path: Path, *, need_labels: bool) -> Dataset:
+    meta = read_json(build.model_meta)
+    return load_dataset(path, build.manifest.relative(path), meta["inputs"], need_labels=need_labels)
+
+
+def reference_outputs(build: Build) -> None:
+    """fp32 outputs of the exported program on the evaluation set: what every candidate is compared to."""
+    import torch
+
+    data = _dataset(build, build.manifest.evaluation, need_labels=False)
+    program = torch.export.load(str(build.exported_program))
+    batch = int(read_json(build.model_meta)["inputs"][0]["shape"][0]) or 1
+    outputs = _run_torch(program.module(), data.inputs, batch)
+    temporary = atomic_output(build.reference)
+    np.savez(temporary, outputs=outputs)
+    os.replace(temporary, build.reference)
+
+
+def _labels(build: Build) -> np.ndarray | None:
+    metric = build.registry.metrics[build.manifest.metric]
+    if not metric.needs_labels:
+        return None
+    return _dataset(build, build.manifest.evaluation, need_labels=True).labels
+
+
+def baseline_metric(build: Build) -> None:
+    """The fp32 model's metric; `max_drop` floors are measured from it."""
+    metric = build.registry.metrics[build.manifest.metric]
+    with np.load(build.reference) as stored:
+        reference = stored["outputs"]
+    value = metric.compute(reference, reference, _labels(build)) if metric.has_baseline else None
+    atomic_write_json(build.baseline, {"metric": build.manifest.metric, "value": value,
+                                       "evaluated_by": "torch fp32 (exported program)"})
+
+
+# ---- convert / compress / evaluate ------------------------------------------------------------
+
+def convert(build: Build, backend_name: str) -> None:
+    backend = build.registry.backends[backend_name]
+    out = build.fp32_bundle(backend_name)
+    temporary = atomic_output(out)
+    targets = ", ".join(t.name for t in build.manifest.targets if t.format == backend_name)
+    try:
+        backend.convert(build.exported_program, temporary)
+        os.replace(temporary, out)
+    except ToolchainError as exc:
+        raise ToolchainError(exc.reason, stage=exc.stage, target=targets, op=exc.op) from exc
+    except Exception as exc:
+        raise ToolchainError(f"{backend_name} conversion failed: {_first_line(exc)}", stage="convert",
+                             target=targets) from exc
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def compress(build: Build, backend_name: str, technique_name: str) -> None:
+    """Build one candidate; a toolchain failure is recorded (and retried next build), not fatal."""
+    backend = build.registry.backends[backend_name]
+    technique = build.registry.techniques[(backend_name, technique_name)]
+    out = build.candidate_bundle(backend_name, technique_name)
+    record_path = build.candidate_record(backend_name, technique_name)
+    calibration = None
+    if technique.needs_calibration:
+        calibration = _dataset(build, build.manifest.calibration, need_labels=False).samples(CALIBRATION_SAMPLES)
+    temporary = atomic_output(out)
+    try:
+        backend.compress(technique, CompressInput(fp32_bundle=build.fp32_bundle(backend_name),
+                                                  exported_program=build.exported_program,
+                                                  calibration=calibration, work_dir=out.parent), temporary)
+        os.replace(temporary, out)
+        record = {"technique": technique_name, "status": "ok", "sha256": sha256_file(out)}
+    except Exception as exc:
+        error = exc if isinstance(exc, ToolchainError) else ToolchainError(
+            f"{_first_line(exc)}", stage="compress", technique=technique_name)
+        record = {"technique": technique_name, "status": "error", "error": error.to_record()}
+        out.unlink(missing_ok=True)
+    finally:
+        temporary.unlink(missing_ok=True)
+    atomic_write_json(record_path, record)
+
+
+def candidate_is_valid(build: Build, backend_name: str, technique_name: str) -> bool:
+    """A cached candidate counts only if it built and its bytes still hash to what was recorded."""
+    record_path = build.candidate_record(backend_name, technique_name)
+    bundle = build.candidate_bundle(backend_name, technique_name)
+    try:
+        record = read_json(record_path)
+    except (OSError, ValueError):
+        return False
+    return record.get("status") == "ok" and bundle.is_file() and sha256_file(bundle) == record.get("sha256")
+
+
+def evaluate(build: Build, backend_name: str, technique_name: str) -> None:
+    """Run the candidate in its real runtime on the evaluation set; record metric, size and latency."""
+    backend = build.registry.backends[backend_name]
+    technique = build.registry.techniques[(backend_name, technique_name)]
+    record = read_json(build.candidate_record(backend_name, technique_name))
+    result = {"technique": technique_name, "description": technique.description}
+    if record["status"] != "ok":
+        atomic_write_json(build.evaluation(backend_name, technique_name),
+                          {**result, "status": "error", "error": record["error"]})
+        return
+    bundle = build.candidate_bundle(backend_name, technique_name)
+    metric = build.registry.metrics[build.manifest.metric]
+    data = _dataset(build, build.manifest.evaluation, need_labels=metric.needs_labels)
+    with np.load(build.reference) as stored:
+        reference = stored["outputs"]
+    try:
+        prediction = backend.predict(bundle, data.inputs, threads=LATENCY_THREADS)
+        value = metric.compute(prediction.outputs, reference, data.labels)
+    except Exception as exc:
+        error = ToolchainError(_first_line(exc), stage="evaluate", technique=technique_name)
+        atomic_write_json(build.evaluation(backend_name, technique_name),
+                          {**result, "status": "error", "error": error.to_record()})
+        return
+    atomic_write_json(build.evaluation(backend_name, technique_name), {
+        **result,
+        "status": "ok",
+        "bytes": bundle.stat().st_size,
+        "download_bytes": download_bytes([bundle], bundle.parent),
+        "sha256": record["sha256"],
+        "metric": value,
+        "latency_ms": round(prediction.latency_ms, 4),
+        "evaluated_by": prediction.runtime,
+        "latency": prediction.details,
+    })
+
+
+# ---- select / package / report ----------------------------------------------------------------
+
+def _threshold(target: Target, baseline: float | None, higher_is_better: bool) -> float:
+    if target.floor is not None:
+        return target.floor
+    return baseline - target.max_drop if higher_is_better else baseline + target.max_drop
+
+
+def select(build: Build, target: Target) -> None:
+    """The smallest candidate meeting every budget and the floor; ties go to the better metric."""
+    manifest = build.manifest
+    metric = build.registry.metrics[manifest.metric]
+    baseline = read_json(build.baseline)["value"]
+    threshold = _threshold(target, baseline, metric.higher_is_better)
+    candidates = []
+    for technique in build.registry.techniques_for(target.format):
+        if technique.needs_calibration and manifest.calibration is None:
+            candidates.append({"technique": technique.name, "description": technique.description,
+                               "status": "skipped", "reason": "needs data.calibration, which the manifest does not give"})
+            continue
+        evaluation = read_json(build.evaluation(target.format, technique.name))
+        if evaluation["status"] != "ok":
+            candidates.append({**evaluation, "status": "error"})
+            continue
+        failed = []
+        if target.size is not None and evaluation["bytes"] > target.size:
+            failed.append({"constraint": "size", "limit": target.size, "actual": evaluation["bytes"]})
+        if target.download is not None and evaluation["download_bytes"] > target.download:
+            failed.append({"constraint": "download", "limit": target.download, "actual": evaluation["download_bytes"]})
+        holds = evaluation["metric"] >= threshold if metric.higher_is_better else evaluation["metric"] <= threshold
+        if not holds:
+            failed.append({"constraint": "accuracy", "limit": threshold, "actual": evaluation["metric"]})
+        candidates.append({**evaluation, "status": "fail" if failed else "pass", "failed": failed})
+
+    passing = [c for c in candidates if c["status"] == "pass"]
+    sign = -1 if metric.higher_is_better else 1
+    chosen = min(passing, key=lambda c: (c["bytes"], sign * c["metric"], c["technique"]), default=None)
+    backend = build.registry.backends[target.format]
+    bundle_path = build.target_output(target) / f"{manifest.model_name}{backend.extension}"
+    by_name = {c["technique"]: c for c in candidates}
+    comparisons = []
+    for technique in build.registry.techniques_for(target.format):
+        this, other = by_name.get(technique.name), by_name.get(technique.compare_with)
+        if technique.compare_with and this and other and "metric" in this and "metric" in other:
+            comparisons.append({"technique": technique.name, "compared_with": technique.compare_with,
+                                "knob": technique.knob, "metric_delta": this["metric"] - other["metric"],
+                                "bytes_delta": this["bytes"] - other["bytes"]})
+    atomic_write_json(build.selection(target), {
+        "name": target.name,
+        "format": target.format,
+        "devices": target.devices,
+        "status": "pass" if chosen else "fail",
+        "budget": {"size": target.size, "download": target.download},
+        "accuracy": {"max_drop": target.max_drop, "floor": target.floor, "threshold": threshold},
+        "baseline": {"metric": baseline},
+        "chosen": None if chosen is None else {
+            "technique": chosen["technique"], "path": manifest.relative(bundle_path), "bytes": chosen["bytes"],
+            "download_bytes": chosen["download_bytes"], "metric": chosen["metric"],
+            "latency_ms": chosen["latency_ms"], "sha256": chosen["sha256"]},
+        "candidates": candidates,
+        "comparisons": comparisons,
+    })
+
+
+def package(build: Build, target: Target) -> None:
+    """Swap the chosen bundle into `output/<target>/`; a failing target leaves no bundle behind."""
+    selection = read_json(build.selection(target))
+    destination = build.target_output(target)
+    if selection["chosen"] is None:
+        remove_dir(destination, build.trash)
+        atomic_write_json(build.packaged(target), {"files": []})
+        return
+    staged = build.staging / target.name
+    shutil.rmtree(staged, ignore_errors=True)
+    staged.mkdir(parents=True)
+    bundle = build.candidate_bundle(target.format, selection["chosen"]["technique"])
+    packager = build.registry.packagers[target.format]
+    written = packager(bundle, staged, build.manifest.model_name)
+    files = [{"path": build.manifest.relative(destination / p.relative_to(staged)), "sha256": sha256_file(p),
+              "bytes": p.stat().st_size} for p in sorted(written)]
+    replace_dir(staged, destination, build.trash)
+    atomic_write_json(build.packaged(target), {"files": files})
+
+
+def packaged_is_intact(build: Build, target: Target) -> bool:
+    try:
+        files = read_json(build.packaged(target))["files"]
+    except (OSError, ValueError, KeyError):
+        return False
+    for entry in files:
+        path = build.manifest.root / entry["path"]
+        if not path.is_file() or sha256_file(path) != entry["sha256"]:
+            return False
+    return True
+
+
+def report_data(build: Build) -> dict:
+    manifest = build.manifest
+    metric = build.registry.metrics[manifest.metric]
+    meta = read_json(build.model_meta)
+    return {
+        "schema_version": 1,
+        "edgebuild_version": __version__,
+        "manifest": manifest.path.name,
+        "model": {"name": manifest.model_name, "source": manifest.model["source"], "parameters": meta["parameters"],
+                  "inputs": meta["inputs"]},
+        "metric": {"name": metric.name, "description": metric.description, "unit": metric.unit,
+                   "higher_is_better": metric.higher_is_better},
+        "toolchain": {name: build.registry.backends[name].version() for name in build.backends_in_use()},
+        "targets": [read_json(build.selection(t)) for t in manifest.targets],
+    }
+
+
+def write_reports(build: Build, reporters: list[str]) -> None:
+    data = report_data(build)
+    for name in reporters:
+        build.registry.reporters[name](data, build.manifest.output)

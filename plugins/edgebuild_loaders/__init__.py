@@ -1,0 +1,82 @@
+"""Built-in model loaders: a Python entry point, a torch.export archive, a TorchScript file.
+
+Each returns (nn.Module in eval mode, tuple of example inputs). torch is imported only when a
+loader runs, so listing plugins or validating a manifest stays fast.
+"""
+import importlib.util
+import sys
+from pathlib import Path
+
+from edgebuild.errors import InputError
+from edgebuild.hookspecs import hookimpl
+
+
+def load_python(model: dict, root: Path):
+    """`entry: FILE.py:FUNCTION`; FUNCTION() returns (module, example_inputs)."""
+    import torch
+
+    file_part, function = model["entry"].rsplit(":", 1)
+    file = (root / file_part).resolve()
+    module_name = f"_edgebuild_entry_{abs(hash(str(file)))}"
+    spec = importlib.util.spec_from_file_location(module_name, file)
+    module = importlib.util.module_from_spec(spec)
+    # The entry's own folder is importable, so an entry can import its sibling modules.
+    sys.path.insert(0, str(file.parent))
+    try:
+        spec.loader.exec_module(module)
+        build = getattr(module, function, None)
+        if build is None:
+            raise InputError(f"{file_part} has no function {function!r}", field="model.entry")
+        result = build()
+    finally:
+        sys.path.remove(str(file.parent))
+    if (not isinstance(result, tuple) or len(result) != 2 or not isinstance(result[0], torch.nn.Module)):
+        raise InputError(f"{model['entry']} must return (torch.nn.Module, tuple_of_example_inputs)",
+                         field="model.entry")
+    net, example = result
+    if isinstance(example, torch.Tensor):
+        example = (example,)
+    return net.eval(), tuple(example)
+
+
+def load_torch_export(model: dict, root: Path):
+    """`path: model.pt2` written by torch.export.save (loaded without unpickling code)."""
+    import torch
+
+    path = root / model["path"]
+    try:
+        program = torch.export.load(str(path))
+    except Exception as exc:  # a truncated or foreign file: name it, don't dump the zip internals
+        raise InputError(f"not a readable torch.export archive: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}",
+                         file=model["path"]) from None
+    args, kwargs = program.example_inputs or ((), {})
+    if kwargs or not args:
+        raise InputError("the archive carries no positional example inputs; re-export with torch.export.export(m, args)",
+                         file=model["path"])
+    return program.module(), tuple(args)
+
+
+def load_torchscript(model: dict, root: Path):
+    """`path: model.pt` written by torch.jit.save; example inputs must be stored alongside as `<path>.inputs.npz`."""
+    import numpy as np
+    import torch
+
+    path = root / model["path"]
+    try:
+        net = torch.jit.load(str(path), map_location="cpu")
+    except Exception as exc:
+        raise InputError(f"not a readable TorchScript file: {str(exc).splitlines()[0][:200]}", file=model["path"]) from None
+    inputs_file = path.with_name(path.name + ".inputs.npz")
+    if not inputs_file.is_file():
+        raise InputError(f"TorchScript needs example inputs in {inputs_file.name} (arrays in argument order)",
+                         file=model["path"])
+    with np.load(inputs_file, allow_pickle=False) as stored:
+        example = tuple(torch.from_numpy(stored[k]) for k in stored.files)
+    return net.eval(), example
+
+
+@hookimpl
+def register_loaders(register):
+    register("python", load_python)
+    register("torch-export", load_torch_export)
+    register("torchscript", load_torchscript)

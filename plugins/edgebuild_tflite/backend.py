@@ -1,0 +1,173 @@
+"""TFLite backend: litert-torch converts, ai-edge-quantizer compresses, ai-edge-litert runs.
+
+Heavy toolchain imports happen inside methods, so registering the plugin costs nothing.
+"""
+import importlib.metadata
+import re
+import statistics
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from edgebuild.api import CompressInput, Prediction, Technique
+from edgebuild.errors import ToolchainError
+
+SIGNATURE = "serving_default"
+_LOWERING = re.compile(r"Lowering not found: (\S+)")
+_EXECUTING = re.compile(r"target=(torch\.ops\.[\w.]+)")
+
+
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "missing"
+
+
+def unsupported_op(exc: BaseException) -> str | None:
+    """The op a converter error names, if it names one."""
+    text = str(exc)
+    for pattern in (_LOWERING, _EXECUTING):
+        match = pattern.search(text)
+        if match:
+            return match.group(1).removeprefix("torch.ops.")
+    return None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:300]}" if text else type(exc).__name__
+
+
+def _ordered(names) -> list[str]:
+    """args_0, args_1, ..., args_10 in positional order."""
+    return sorted(names, key=lambda n: [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", n)])
+
+
+class TFLiteBackend:
+    name = "tflite"
+    platform = "android"
+    extension = ".tflite"
+
+    def version(self) -> str:
+        return (f"litert-torch {_version('litert-torch')}, ai-edge-quantizer {_version('ai-edge-quantizer')}, "
+                f"ai-edge-litert {_version('ai-edge-litert')}")
+
+    def runtime(self) -> str:
+        return f"ai-edge-litert {_version('ai-edge-litert')} (XNNPACK, host CPU)"
+
+    def convert(self, exported_program: Path, out: Path) -> None:
+        import torch
+        import litert_torch
+
+        program = torch.export.load(str(exported_program))
+        args, _ = program.example_inputs
+        try:
+            converted = litert_torch.convert(program.module(), tuple(args))
+            converted.export(str(out))
+        except Exception as exc:
+            op = unsupported_op(exc)
+            reason = f"litert-torch cannot convert op {op}" if op else f"litert-torch failed: {_first_line(exc)}"
+            raise ToolchainError(reason, stage="convert", op=op) from exc
+
+    def compress(self, technique: Technique, source: CompressInput, out: Path) -> None:
+        if technique.recipe is None:
+            out.write_bytes(source.fp32_bundle.read_bytes())
+            return
+        from ai_edge_quantizer import quantizer
+
+        try:
+            qt = quantizer.Quantizer(str(source.fp32_bundle))
+            qt.load_quantization_recipe(technique.recipe)
+            calibration_result = None
+            if qt.need_calibration:
+                names = self._input_names(source.fp32_bundle)
+                samples = [dict(zip(names, sample)) for sample in source.calibration or []]
+                calibration_result = qt.calibrate({SIGNATURE: samples})
+            result = qt.quantize(calibration_result)
+            result.export_model(str(out), overwrite=True)
+        except Exception as exc:
+            raise ToolchainError(f"ai-edge-quantizer failed: {_first_line(exc)}", stage="compress",
+                                 technique=technique.name) from exc
+
+    def _interpreter(self, bundle: Path, threads: int = 1):
+        from ai_edge_litert.interpreter import Interpreter
+
+        interpreter = Interpreter(model_path=str(bundle), num_threads=threads)
+        interpreter.allocate_tensors()
+        return interpreter
+
+    def _input_names(self, bundle: Path) -> list[str]:
+        signature = self._interpreter(bundle).get_signature_list()[SIGNATURE]
+        return _ordered(signature["inputs"])
+
+    def predict(self, bundle: Path, inputs: Sequence[np.ndarray], *, threads: int = 1) -> Prediction:
+        """Run every sample through the bundle at its exported batch size; latency is the median invoke."""
+        interpreter = self._interpreter(bundle, threads)
+        runner = interpreter.get_signature_runner(SIGNATURE)
+        in_details = runner.get_input_details()
+        out_details = runner.get_output_details()
+        in_names = _ordered(in_details)
+        out_names = _ordered(out_details)
+        batch = int(in_details[in_names[0]]["shape"][0]) or 1
+        total = len(inputs[0])
+        outputs, timings = [], []
+        for start in range(0, total, batch):
+            feed = {}
+            for name, array in zip(in_names, inputs):
+                chunk = array[start:start + batch]
+                if len(chunk) < batch:  # pad the last partial batch; padded rows are dropped below
+                    chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - len(chunk), axis=0)])
+                feed[name] = _quantize(chunk, in_details[name])
+            begin = time.perf_counter()
+            result = runner(**feed)
+            timings.append((time.perf_counter() - begin) * 1000.0)
+            rows = min(batch, total - start)
+            outputs.append(_dequantize(result[out_names[0]], out_details[out_names[0]])[:rows])
+        # The first invokes pay for allocation and XNNPACK packing; they are not steady-state latency.
+        steady = timings[min(3, len(timings) - 1):]
+        return Prediction(outputs=np.concatenate(outputs), latency_ms=statistics.median(steady),
+                          runtime=self.runtime(), details={"batch": batch, "threads": threads, "runs": len(steady)})
+
+    def describe(self, bundle: Path) -> dict:
+        runner = self._interpreter(bundle).get_signature_runner(SIGNATURE)
+
+        def tensors(details):
+            return [{"name": name, "shape": [int(d) for d in details[name]["shape"]],
+                     "dtype": np.dtype(details[name]["dtype"]).name,
+                     "quantization": {"scale": float(details[name]["quantization"][0]),
+                                      "zero_point": int(details[name]["quantization"][1])}
+                     if details[name]["quantization"][0] else None}
+                    for name in _ordered(details)]
+
+        return {"signature": SIGNATURE, "inputs": tensors(runner.get_input_details()),
+                "outputs": tensors(runner.get_output_details())}
+
+
+def _quantize(array: np.ndarray, detail: dict) -> np.ndarray:
+    dtype = np.dtype(detail["dtype"])
+    scale, zero_point = detail["quantization"]
+    if dtype.kind in "iu" and scale:
+        info = np.iinfo(dtype)
+        return np.clip(np.round(array / scale + zero_point), info.min, info.max).astype(dtype)
+    return array.astype(dtype, copy=False)
+
+
+def _dequantize(array: np.ndarray, detail: dict) -> np.ndarray:
+    scale, zero_point = detail["quantization"]
+    if np.dtype(detail["dtype"]).kind in "iu" and scale:
+        return (array.astype(np.float32) - zero_point) * scale
+    return array.astype(np.float32, copy=False)
+
+
+def load_techniques() -> list[Technique]:
+    import yaml
+
+    text = (Path(__file__).with_name("techniques.yaml")).read_text(encoding="utf-8")
+    return [Technique(name=name, backend=TFLiteBackend.name, description=spec["description"],
+                      recipe=spec.get("recipe"), needs_calibration=bool(spec.get("needs_calibration")),
+                      compare_with=spec.get("compare_with", ""), knob=spec.get("knob", ""))
+            for name, spec in yaml.safe_load(text).items()]
+
