@@ -35,14 +35,19 @@ def native_output_to(log: Path):
     sys.stdout.flush()
     sys.stderr.flush()
     saved = os.dup(1), os.dup(2)
+    # doit swaps sys.stdout/err for capture objects; libraries that bind a stream on first import
+    # (absl logging) must get the real ones, which now lead to the log.
+    saved_streams = sys.stdout, sys.stderr
     with open(log, "w", encoding="utf-8") as handle:
         os.dup2(handle.fileno(), 1)
         os.dup2(handle.fileno(), 2)
+        sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
         try:
             yield
         finally:
             sys.stdout.flush()
             sys.stderr.flush()
+            sys.stdout, sys.stderr = saved_streams
             os.dup2(saved[0], 1)
             os.dup2(saved[1], 2)
             os.close(saved[0])
@@ -163,9 +168,13 @@ def run_pipeline(build: Build, *, console: Console, wait: bool = True) -> RunRes
         return action
 
     tasks = build_tasks(build, wrap)
+
+    def task_edgebuild():
+        yield from tasks
+
     build.state.mkdir(parents=True, exist_ok=True)
     namespace = {
-        "task_edgebuild": lambda: iter(tasks),
+        "task_edgebuild": task_edgebuild,
         "DOIT_CONFIG": {
             "dep_file": str(build.state / "doit.json"),
             "backend": "json",
@@ -178,9 +187,11 @@ def run_pipeline(build: Build, *, console: Console, wait: bool = True) -> RunRes
         cwd = os.getcwd()
         try:
             os.chdir(build.manifest.root)
-            DoitMain(ModuleTaskLoader(namespace)).run(["run"])
+            code = DoitMain(ModuleTaskLoader(namespace)).run(["run"])
         finally:
             os.chdir(cwd)
+    if code == 3:  # doit could not even start (an invalid task graph): that is our bug, say so
+        raise ToolchainError("doit refused the task graph (see messages above)", stage="task graph")
     return result
 
 
