@@ -58,8 +58,8 @@ def collect(pm: pluggy.PluginManager) -> Registry:
         "register_reporters": keyed("reporter", registry.reporters, lambda name, r: (name, r)),
     }
     for hook_name, register_for in hooks.items():
-        # pluggy calls the last-registered first; reverse so later plugins override earlier ones.
-        for impl in reversed(getattr(pm.hook, hook_name).get_hookimpls()):
+        # get_hookimpls() is in registration order: a later plugin overrides an earlier one's names.
+        for impl in getattr(pm.hook, hook_name).get_hookimpls():
             impl.function(register=register_for(impl.plugin_name))
 
     distribution_of = {id(plugin): dist for plugin, dist in pm.list_plugin_distinfo()}

@@ -17,8 +17,9 @@ def load_python(model: dict, root: Path):
 
     file_part, function = model["entry"].rsplit(":", 1)
     file = (root / file_part).resolve()
-    module_name = f"_edgebuild_entry_{abs(hash(str(file)))}"
-    spec = importlib.util.spec_from_file_location(module_name, file)
+    # The module's name ends up in converted tensor names: keep it independent of where the
+    # project lives and of Python's hash seed, or two clean builds would differ in bytes.
+    spec = importlib.util.spec_from_file_location(file.stem, file)
     module = importlib.util.module_from_spec(spec)
     # The entry's own folder is importable, so an entry can import its sibling modules.
     sys.path.insert(0, str(file.parent))

@@ -1,0 +1,56 @@
+"""Shared fixtures: throwaway projects built from the shipped digits example."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE = REPO / "examples" / "digits"
+
+
+def example_manifest(**overrides) -> dict:
+    manifest = yaml.safe_load((REPO / "edgebuild.yaml.example").read_text())
+    manifest.update(overrides)
+    return manifest
+
+
+def make_project(root: Path, manifest: dict | str | None = None) -> Path:
+    """A project folder holding a copy of the digits example and a manifest; returns the manifest path."""
+    shutil.copytree(EXAMPLE, root / "examples" / "digits", ignore=shutil.ignore_patterns("__pycache__"))
+    path = root / "edgebuild.yaml"
+    if manifest is None:
+        manifest = example_manifest()
+    path.write_text(manifest if isinstance(manifest, str) else yaml.safe_dump(manifest, sort_keys=False))
+    return path
+
+
+def run_edgebuild(*args, cwd: Path, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run the installed CLI as a user would, in its own process."""
+    return subprocess.run([sys.executable, "-m", "edgebuild", *map(str, args)], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def read_report(root: Path) -> dict:
+    return json.loads((root / "dist" / "report.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def built_example(tmp_path_factory) -> Path:
+    """The example built once per session; tests copy it so cached stages make them fast."""
+    root = tmp_path_factory.mktemp("built")
+    make_project(root)
+    result = run_edgebuild("build", cwd=root)
+    assert result.returncode == 0, result.stderr
+    return root
+
+
+@pytest.fixture
+def built_copy(built_example, tmp_path) -> Path:
+    root = tmp_path / "project"
+    shutil.copytree(built_example, root, symlinks=True)
+    return root

@@ -1,0 +1,185 @@
+"""End-to-end builds with the real converter, quantizer and interpreter (no mocks)."""
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from tests.conftest import make_project, read_report, run_edgebuild
+
+pytestmark = pytest.mark.slow
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def edit_manifest(root: Path, change) -> None:
+    path = root / "edgebuild.yaml"
+    manifest = yaml.safe_load(path.read_text())
+    change(manifest)
+    path.write_text(yaml.safe_dump(manifest, sort_keys=False))
+
+
+def run_tflite_outside_edgebuild(bundle: Path, x: np.ndarray) -> np.ndarray:
+    """Plain ai-edge-litert, written here independently of edgebuild's backend."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_path=str(bundle))
+    interpreter.allocate_tensors()
+    (input_detail,), (output_detail,) = interpreter.get_input_details(), interpreter.get_output_details()
+    predictions = []
+    for sample in x:
+        value = sample[None]
+        scale, zero_point = input_detail["quantization"]
+        if input_detail["dtype"] != np.float32:
+            value = np.clip(np.round(value / scale + zero_point), -128, 127).astype(input_detail["dtype"])
+        interpreter.set_tensor(input_detail["index"], value)
+        interpreter.invoke()
+        out = interpreter.get_tensor(output_detail["index"])
+        if output_detail["dtype"] != np.float32:
+            scale, zero_point = output_detail["quantization"]
+            out = (out.astype(np.float32) - zero_point) * scale
+        predictions.append(out[0].argmax())
+    return np.array(predictions)
+
+
+def test_example_bundle_meets_budget_and_its_metric_reproduces(built_example):
+    report = read_report(built_example)
+    (target,) = report["targets"]
+    assert target["status"] == "pass"
+    chosen = target["chosen"]
+    bundle = built_example / chosen["path"]
+    assert bundle == built_example / "dist" / "android" / "digits.tflite"
+    assert bundle.stat().st_size == chosen["bytes"] <= target["budget"]["size"]
+    assert chosen["download_bytes"] <= target["budget"]["download"]
+    assert sha256(bundle) == chosen["sha256"]
+
+    data = np.load(built_example / "examples" / "digits" / "eval.npz")
+    accuracy = float(np.mean(run_tflite_outside_edgebuild(bundle, data["x"]) == data["y"]))
+    assert abs(accuracy - chosen["metric"]) <= 0.001
+    assert accuracy >= target["accuracy"]["threshold"]
+    assert target["baseline"]["metric"] > 0.95
+
+    by_name = {c["technique"]: c for c in target["candidates"]}
+    # The example's budget is one fp32 and fp16 cannot meet but 8-bit can.
+    assert [f["constraint"] for f in by_name["fp32"]["failed"]][:1] == ["size"]
+    assert by_name["fp16"]["status"] == "fail"
+    assert by_name["int8-dynamic"]["status"] == "pass"
+    assert all(c["latency_ms"] > 0 for c in target["candidates"])
+    assert {k["knob"] for k in target["comparisons"]} >= {"per-channel instead of per-tensor weight scales"}
+    assert "| android (tflite) | ✅ pass |" in (built_example / "dist" / "report.md").read_text()
+
+
+def test_noop_rebuild_reruns_nothing(built_copy):
+    bundle = built_copy / "dist" / "android" / "digits.tflite"
+    before = sha256(bundle)
+    result = run_edgebuild("build", "--json", cwd=built_copy)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["executed"] == []
+    assert "nothing changed" in result.stderr and "no conversion or evaluation rerun" in result.stderr
+    assert sha256(bundle) == before
+
+
+def test_changing_one_budget_reruns_only_that_target(built_copy):
+    def add_second_target(manifest):
+        manifest["targets"].append({"name": "lowend", "format": "tflite", "devices": ["galaxy-a14"],
+                                    "budget": {"size": "50KB"}, "accuracy": {"floor": 0.95}})
+    edit_manifest(built_copy, add_second_target)
+    first = run_edgebuild("build", "--json", cwd=built_copy)
+    assert first.returncode == 0, first.stderr
+    assert set(json.loads(first.stdout)["executed"]) == {"select:lowend", "package:lowend", "report"}
+
+    edit_manifest(built_copy, lambda m: m["targets"][1]["budget"].update(size="40KB"))
+    second = run_edgebuild("build", "--json", cwd=built_copy)
+    assert second.returncode == 0, second.stderr
+    assert set(json.loads(second.stdout)["executed"]) == {"select:lowend", "package:lowend", "report"}
+    assert read_report(built_copy)["targets"][1]["budget"]["size"] == 40_000
+
+
+def test_impossible_budget_exits_1_with_reasons_per_candidate(built_copy):
+    edit_manifest(built_copy, lambda m: m["targets"][0]["budget"].update(size="1KB"))
+    result = run_edgebuild("build", cwd=built_copy)
+    assert result.returncode == 1, result.stderr
+    (target,) = read_report(built_copy)["targets"]
+    assert target["status"] == "fail" and target["chosen"] is None
+    for candidate in target["candidates"]:
+        size = next(f for f in candidate["failed"] if f["constraint"] == "size")
+        assert size["limit"] == 1000 and size["actual"] == candidate["bytes"] > 1000
+        assert f"{candidate['technique']}: size {candidate['bytes']} B > limit 1000 B" in result.stderr
+    assert not (built_copy / "dist" / "android").exists()  # no stale bundle that no longer fits
+
+
+def test_floor_failures_name_limit_and_actual(built_copy):
+    edit_manifest(built_copy, lambda m: m["targets"][0]["accuracy"].update({"max_drop": 0.0}) or
+                  m["targets"][0]["budget"].update(size="30KB"))
+    result = run_edgebuild("build", cwd=built_copy)
+    (target,) = read_report(built_copy)["targets"]
+    mse = next(c for c in target["candidates"] if c["technique"] == "int4-weight-only-mse")
+    if mse["metric"] < target["baseline"]["metric"]:
+        assert {"constraint": "accuracy", "limit": target["baseline"]["metric"], "actual": mse["metric"]} in mse["failed"]
+    assert result.returncode == (0 if target["status"] == "pass" else 1)
+
+
+REJECTED_MODEL = '''
+import torch
+
+class Gaussianize(torch.nn.Module):
+    def forward(self, x):
+        return torch.special.erfinv(x * 0.5)
+
+def build():
+    return Gaussianize().eval(), (torch.zeros(1, 4),)
+'''
+
+
+def test_model_the_converter_rejects_exits_3_naming_the_op(tmp_path):
+    (tmp_path / "net").mkdir()
+    (tmp_path / "net" / "model.py").write_text(REJECTED_MODEL)
+    np.savez(tmp_path / "net" / "eval.npz", x=np.random.default_rng(0).uniform(-1, 1, (8, 4)).astype(np.float32))
+    (tmp_path / "edgebuild.yaml").write_text(yaml.safe_dump({
+        "version": 1, "model": {"name": "gauss", "source": "python", "entry": "net/model.py:build"},
+        "data": {"evaluation": "net/eval.npz"}, "metric": "sqnr",
+        "targets": [{"name": "android", "format": "tflite", "devices": ["pixel-8"], "accuracy": {"floor": 30}}],
+    }, sort_keys=False))
+    result = run_edgebuild("build", cwd=tmp_path)
+    assert result.returncode == 3
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("stage convert, target android: litert-torch cannot convert op aten.erfinv.default")
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "dist" / "android").exists()
+
+
+def test_eval_data_that_does_not_fit_the_model_exits_2(built_copy):
+    np.savez(built_copy / "examples" / "digits" / "eval.npz", x=np.zeros((10, 64), np.float32), y=np.zeros(10, int))
+    result = run_edgebuild("build", cwd=built_copy)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        "examples/digits/eval.npz: array 'x' has shape (10, 64); model input 'x' takes (N, 1, 8, 8)")
+
+
+def test_nan_calibration_data_exits_2(built_copy):
+    x = np.load(built_copy / "examples" / "digits" / "calib.npz")["x"].copy()
+    x[3, 0, 2, 2] = np.nan
+    np.savez(built_copy / "examples" / "digits" / "calib.npz", x=x)
+    result = run_edgebuild("build", cwd=built_copy)
+    assert result.returncode == 2
+    assert "examples/digits/calib.npz: array 'x' holds 1 NaN or infinite values" in result.stderr
+
+
+def test_two_clean_builds_are_byte_identical(built_example, tmp_path):
+    make_project(tmp_path)
+    result = run_edgebuild("build", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    for name in ("dist/android/digits.tflite",):
+        assert sha256(tmp_path / name) == sha256(built_example / name)
+
+    def without_timings(report):
+        for target in report["targets"]:
+            for entry in [target["chosen"], *target["candidates"]]:
+                entry.pop("latency_ms", None)
+        return report
+    assert without_timings(read_report(tmp_path)) == without_timings(read_report(built_example))

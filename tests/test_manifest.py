@@ -1,0 +1,131 @@
+"""Manifest validation: every bad manifest exits 2 with one `FILE:LINE:COL: field: reason` line."""
+import pytest
+
+from edgebuild.cli import main
+from tests.conftest import make_project, run_edgebuild
+
+GOOD = """\
+version: 1
+model:
+  name: digits
+  source: python
+  entry: examples/digits/model.py:build
+data:
+  calibration: examples/digits/calib.npz
+  evaluation: examples/digits/eval.npz
+metric: top1
+targets:
+  - name: android
+    format: tflite
+    devices: [pixel-7]
+    budget:
+      size: 60KB
+    accuracy:
+      max_drop: 0.01
+output: dist
+"""
+
+
+def validate(tmp_path, text, capsys):
+    path = make_project(tmp_path, text)
+    code = main(["validate", "-f", str(path)])
+    err = capsys.readouterr().err.strip()
+    return code, err.replace(str(path), "edgebuild.yaml")
+
+
+def test_valid_manifest_passes(tmp_path, capsys):
+    path = make_project(tmp_path, GOOD)
+    assert main(["validate", "-f", str(path)]) == 0
+    assert "valid (1 target: android)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("old, new, expected", [
+    ("version: 1", "version: 2", "edgebuild.yaml:1:10: version: unsupported version 2; this edgebuild reads version 1"),
+    ("  name: digits", "  nmae: digits",
+     "edgebuild.yaml:3:3: model.nmae: unknown key; did you mean 'name'?"),
+    ("    budget:", "    budgt:", "edgebuild.yaml:14:5: targets[0].budgt: unknown key; did you mean 'budget'?"),
+    ("devices: [pixel-7]", "devices: [pixel-77]",
+     "edgebuild.yaml:13:15: targets[0].devices[0]: unknown device 'pixel-77'; closest: pixel-7, pixel-7a"),
+    ("devices: [pixel-7]", "devices: [iphone-15]",
+     "edgebuild.yaml:13:15: targets[0].devices[0]: device 'iphone-15' is an ios device; format 'tflite' targets android"),
+    ("size: 60KB", "size: 60000", "edgebuild.yaml:15:13: targets[0].budget.size: expected a size with a unit such as '40KB' or '2MiB', got 60000"),
+    ("size: 60KB", "size: -5KB", "edgebuild.yaml:15:13: targets[0].budget.size: expected a size with a unit such as '40KB' or '2MiB', got '-5KB'"),
+    ("max_drop: 0.01", "max_drop: 1.5", "edgebuild.yaml:17:17: targets[0].accuracy.max_drop: must be between 0.0 and 1.0, got 1.5"),
+    ("max_drop: 0.01", "floor: high", "edgebuild.yaml:17:14: targets[0].accuracy.floor: expected a number, got a string 'high'"),
+    ("format: tflite", "format: tflight", "edgebuild.yaml:12:13: targets[0].format: unknown format 'tflight'; did you mean 'tflite'? (available: tflite)"),
+    ("metric: top1", "metric: top5", "edgebuild.yaml:9:9: metric: unknown metric 'top5'; did you mean 'top1'? (available: agreement, sqnr, top1)"),
+    ("evaluation: examples/digits/eval.npz", "evaluation: examples/digits/missing.npz",
+     "edgebuild.yaml:8:15: data.evaluation: file 'examples/digits/missing.npz' not found"),
+    ("evaluation: examples/digits/eval.npz", "evaluation: ../outside.npz",
+     "edgebuild.yaml:8:15: data.evaluation: path '../outside.npz' is outside the project folder"),
+    ("output: dist", "output: ../dist", "edgebuild.yaml:18:9: output: path '../dist' is outside the project folder"),
+    ("output: dist", "output: .", "edgebuild.yaml:18:9: output: output '.' must be a folder of its own inside the project"),
+    ("entry: examples/digits/model.py:build", "entry: examples/digits/model.py",
+     "edgebuild.yaml:5:10: model.entry: expected FILE.py:FUNCTION, got 'examples/digits/model.py'"),
+    ("  source: python", "  source: onnx",
+     "edgebuild.yaml:4:11: model.source: unknown model source 'onnx' (available: python, torch-export, torchscript)"),
+    ("    accuracy:\n      max_drop: 0.01\n", "    accuracy:\n      max_drop: 0.01\n      floor: 0.9\n",
+     "edgebuild.yaml:17:7: targets[0].accuracy: give exactly one of 'max_drop' or 'floor'"),
+    ("  name: digits\n", "  name: digits\n  name: other\n", "edgebuild.yaml:4:3: model.name: duplicate key"),
+    ("  source: python", "  source: [python", "edgebuild.yaml:5:8: invalid YAML: expected ',' or ']', but got ':'"),
+])
+def test_bad_manifest_is_one_exact_line(tmp_path, capsys, old, new, expected):
+    assert old in GOOD
+    code, err = validate(tmp_path, GOOD.replace(old, new, 1), capsys)
+    assert code == 2
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith(expected), f"{err!r} != {expected!r}"
+
+
+def test_missing_required_key_points_at_parent(tmp_path, capsys):
+    code, err = validate(tmp_path, GOOD.replace("  name: digits\n", ""), capsys)
+    assert (code, err) == (2, "edgebuild.yaml:3:3: model: missing required key 'name'")
+
+
+def test_duplicate_target_names(tmp_path, capsys):
+    text = GOOD.replace("output: dist\n", "") + """\
+  - name: android
+    format: tflite
+    devices: [pixel-8]
+    accuracy: {floor: 0.9}
+"""
+    code, err = validate(tmp_path, text, capsys)
+    assert (code, err) == (2, "edgebuild.yaml:18:11: targets[1].name: duplicate target name 'android'")
+
+
+def test_empty_target_list(tmp_path, capsys):
+    text = GOOD[:GOOD.index("targets:")] + "targets: []\noutput: dist\n"
+    code, err = validate(tmp_path, text, capsys)
+    assert (code, err) == (2, "edgebuild.yaml:10:10: targets: expected a non-empty list of targets, got a list")
+
+
+def test_empty_manifest(tmp_path, capsys):
+    code, err = validate(tmp_path, "", capsys)
+    assert (code, err) == (2, "edgebuild.yaml:1:1: manifest is empty")
+
+
+def test_sqnr_takes_a_floor_not_a_drop(tmp_path, capsys):
+    code, err = validate(tmp_path, GOOD.replace("metric: top1", "metric: sqnr"), capsys)
+    assert code == 2
+    assert err == "edgebuild.yaml:17:7: targets[0].accuracy.max_drop: metric 'sqnr' has no fp32 baseline to drop from; use 'floor'"
+
+
+def test_missing_manifest_file(tmp_path, capsys):
+    assert main(["validate", "-f", str(tmp_path / "nope.yaml")]) == 2
+    assert capsys.readouterr().err.strip() == f"{tmp_path / 'nope.yaml'}: manifest not found"
+
+
+def test_cli_prints_no_traceback_and_exits_2(tmp_path):
+    make_project(tmp_path, GOOD.replace("devices: [pixel-7]", "devices: [pixle-7]"))
+    result = run_edgebuild("build", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("edgebuild.yaml:13:15: targets[0].devices[0]: unknown device 'pixle-7'; "
+                                     "closest: pixel-7, pixel-7a, pixel-9")
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "dist").exists() and not (tmp_path / ".edgebuild").exists()
+
+
+def test_unknown_target_on_command_line(tmp_path, capsys):
+    path = make_project(tmp_path, GOOD)
+    assert main(["build", "-f", str(path), "--target", "ios"]) == 2
+    assert capsys.readouterr().err.strip() == "--target: unknown target 'ios' (targets: android)"

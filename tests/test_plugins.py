@@ -1,0 +1,118 @@
+"""Plugins: built-ins load through entry points exactly like third-party packages."""
+import json
+import sys
+import textwrap
+
+import pluggy
+import pytest
+
+from edgebuild import hookspecs
+from edgebuild.api import Metric, Technique
+from edgebuild.hookspecs import hookimpl
+from edgebuild.plugins import collect, make_plugin_manager
+from tests.conftest import read_report, run_edgebuild
+
+BUILT_INS = {"loaders", "metrics", "tflite", "reports"}
+
+
+def test_built_in_plugins_come_from_entry_points():
+    pm = make_plugin_manager()
+    names = {name for name, _ in pm.list_name_plugin()}
+    assert BUILT_INS <= names
+    distributions = {dist.project_name for _, dist in pm.list_plugin_distinfo()}
+    assert "edgebuild" in distributions
+
+
+def test_nothing_registers_without_entry_points():
+    registry = collect(make_plugin_manager(load_entry_points=False))
+    assert not registry.backends and not registry.metrics and not registry.loaders
+
+
+def test_hookspecs_have_one_line_docstrings():
+    specs = [getattr(hookspecs, n) for n in dir(hookspecs) if n.startswith("register_")]
+    assert len(specs) >= 6
+    for spec in specs:
+        assert spec.__doc__ and "\n" not in spec.__doc__.strip()
+
+
+class ThirdParty:
+    @hookimpl
+    def register_metrics(self, register):
+        register(Metric("always-half", "a constant", lambda outputs, reference, labels: 0.5))
+
+    @hookimpl
+    def register_techniques(self, register):
+        register(Technique("fp32", "tflite", "a replacement fp32"))
+
+
+def test_later_plugins_add_and_override():
+    pm = make_plugin_manager()
+    pm.register(ThirdParty(), name="third-party")
+    registry = collect(pm)
+    assert registry.metrics["always-half"].compute(None, None, None) == 0.5
+    assert registry.techniques[("tflite", "fp32")].description == "a replacement fp32"
+    assert registry.origin[("technique", "tflite/fp32")] == "third-party"
+    assert registry.origin[("technique", "tflite/fp16")] == "tflite"
+
+
+def test_unknown_hook_is_rejected():
+    pm = make_plugin_manager(load_entry_points=False)
+
+    class Bad:
+        @hookimpl
+        def register_widgets(self, register):
+            pass
+
+    pm.register(Bad())
+    with pytest.raises(pluggy.PluginValidationError):
+        pm.check_pending()
+
+
+PLUGIN = '''
+from edgebuild.api import Technique
+from edgebuild.hookspecs import hookimpl
+
+@hookimpl
+def register_techniques(register):
+    register(Technique(
+        name="int8-dynamic-tensorwise", backend="tflite",
+        description="third-party: int8 per-tensor weights, dynamic activations",
+        recipe=[{"regex": ".*", "operation": "*", "algorithm_key": "min_max_uniform_quantize",
+                 "op_config": {"weight_tensor_config": {"num_bits": 8, "symmetric": True,
+                               "granularity": "TENSORWISE", "dtype": "INT"},
+                               "compute_precision": "INTEGER", "explicit_dequantize": False}}]))
+'''
+
+
+def install_fake_distribution(site, name="edgebuild_extra"):
+    """A plugin package with a dist-info, found by importlib.metadata like any pip-installed one."""
+    (site / f"{name}.py").write_text(PLUGIN)
+    info = site / f"{name}-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text(f"[edgebuild]\nextra = {name}\n")
+
+
+@pytest.mark.slow
+def test_third_party_package_plugs_in_like_built_ins(built_copy, tmp_path):
+    site = tmp_path / "site"
+    site.mkdir()
+    install_fake_distribution(site)
+    env = {"PYTHONPATH": str(site)}
+    listing = run_edgebuild("plugins", "--json", cwd=built_copy, env=env)
+    assert listing.returncode == 0, listing.stderr
+    extra = next(p for p in json.loads(listing.stdout) if p["name"] == "extra")
+    assert extra["distribution"] == "edgebuild_extra 1.0"
+    assert extra["provides"] == ["technique tflite/int8-dynamic-tensorwise"]
+
+    result = run_edgebuild("build", "--json", cwd=built_copy, env=env)
+    assert result.returncode == 0, result.stderr
+    # Only the new technique's work runs; built-in candidates stay cached.
+    assert set(json.loads(result.stdout)["executed"]) == {
+        "compress:tflite:int8-dynamic-tensorwise", "evaluate:tflite:int8-dynamic-tensorwise",
+        "select:android", "package:android", "report"}
+    candidate = next(c for c in read_report(built_copy)["targets"][0]["candidates"]
+                     if c["technique"] == "int8-dynamic-tensorwise")
+    # Built, run in ai-edge-litert and judged like any built-in candidate.
+    assert candidate["status"] in ("pass", "fail") and 0.0 <= candidate["metric"] <= 1.0
+    assert 30_000 < candidate["bytes"] < 60_000 and candidate["latency_ms"] > 0

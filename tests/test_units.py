@@ -1,0 +1,24 @@
+import pytest
+
+from edgebuild.units import format_size, parse_size
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("40KB", 40_000), ("40 KB", 40_000), ("1.5MB", 1_500_000), ("2KiB", 2048), ("1MiB", 1 << 20), ("12B", 12),
+])
+def test_sizes_parse_with_decimal_and_binary_units(text, expected):
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("bad, reason", [
+    (40000, "with a unit"), ("40", "with a unit"), ("-4KB", "with a unit"), ("0KB", "greater than zero"),
+    ("4 kb", "unknown unit"), ("2TB", "unknown unit"), ("5000GB", "larger than 1TB"), (True, "with a unit"),
+])
+def test_bad_sizes_say_why(bad, reason):
+    with pytest.raises(ValueError, match=reason):
+        parse_size(bad)
+
+
+def test_format_size_uses_decimal_units():
+    assert format_size(27424) == "27.4 KB"
+    assert format_size(999) == "999 B"
