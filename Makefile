@@ -1,0 +1,27 @@
+# Two entry points for a fresh machine (see README "Quick start"):
+#   make example   set up .venv and build the shipped example into dist/
+#   make test      set up .venv (and Gradle/Chromium for the integration tests) and run every test
+PYTHON ?= python3
+VENV := .venv
+STAMP := $(VENV)/.installed
+
+.PHONY: example test setup system-deps
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet --upgrade pip
+	# torch first, from the machine's local CPU wheel, so nothing resolves a multi-GB CUDA build.
+	$(VENV)/bin/python -m pip install --quiet torch==2.13.0
+	$(VENV)/bin/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+example: $(STAMP)
+	$(VENV)/bin/edgebuild build -f edgebuild.yaml.example
+
+system-deps:
+	@command -v gradle >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq gradle >/dev/null)
+
+test: $(STAMP) system-deps
+	$(VENV)/bin/python -m pytest -ra
