@@ -79,6 +79,20 @@ class Backend(Protocol):
         """Input/output names, shapes, dtypes and quantization parameters of a bundle."""
 
 
+@dataclass
+class PackageInput:
+    """What a packager gets to lay out one target's chosen bundle in a staging folder."""
+
+    bundle: Path                 # the chosen candidate
+    directory: Path              # write here; edgebuild swaps it into `output/<target>/` whole
+    model_name: str
+    model_description: str
+    manifest_file: str
+    target: Any                  # edgebuild.manifest.Target
+    chosen: dict                 # the chosen candidate's report entry (technique, bytes, sha256, metric ...)
+    backend: Backend
+
+
 Loader = Callable[[Mapping[str, Any], Path], tuple]
-Packager = Callable[..., list[Path]]
+Packager = Callable[[PackageInput], list[Path]]
 Reporter = Callable[..., Path]

@@ -24,28 +24,48 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("-f", "--file", default=DEFAULT_MANIFEST, help="manifest (default: edgebuild.yaml)")
     build.add_argument("--target", action="append", default=[], metavar="NAME", help="build only this target (repeatable)")
     build.add_argument("--json", action="store_true", help="print the report summary as JSON on stdout")
+    build.add_argument("--platform", action="append", default=[], metavar="NAME",
+                       help="build only targets for this platform, e.g. android (repeatable)")
     build.add_argument("--no-wait", action="store_true", help="fail instead of waiting when another build holds the project")
 
     validate = commands.add_parser("validate", help="check the manifest and exit")
     validate.add_argument("-f", "--file", default=DEFAULT_MANIFEST, help="manifest (default: edgebuild.yaml)")
+
+    inputs = commands.add_parser("inputs", help="print the files a build reads and where bundles go (for build tools)")
+    inputs.add_argument("-f", "--file", default=DEFAULT_MANIFEST, help="manifest (default: edgebuild.yaml)")
+    inputs.add_argument("--target", action="append", default=[], metavar="NAME", help="only this target (repeatable)")
+    inputs.add_argument("--platform", action="append", default=[], metavar="NAME", help="only this platform's targets")
+
+    init = commands.add_parser("init", help="write build-tool integration into an app repository")
+    init.add_argument("platform", choices=["android"], help="which integration to write")
+    init.add_argument("--app-dir", default=".", help="the app module's folder (default: current folder)")
+    init.add_argument("-f", "--file", default=DEFAULT_MANIFEST, help="the manifest the app builds from")
+    init.add_argument("--force", action="store_true", help="overwrite a locally modified edgebuild.gradle")
 
     plugins = commands.add_parser("plugins", help="list loaded plugins and what each registers")
     plugins.add_argument("--json", action="store_true", help="print as JSON")
     return parser
 
 
-def _load(path: str, only_targets: list[str] | None = None):
+def _load(path: str, only_targets: list[str] | None = None, platforms: list[str] | None = None):
     from .manifest import load_manifest
     from .plugins import default_registry
 
     registry = default_registry()
     manifest = load_manifest(path, registry)
-    if only_targets:
-        names = [t.name for t in manifest.targets]
-        for name in only_targets:
-            if name not in names:
-                raise InputError(f"unknown target {name!r} (targets: {', '.join(names)})", field="--target")
-        manifest.targets = [t for t in manifest.targets if t.name in only_targets]
+    names = [t.name for t in manifest.targets]
+    for name in only_targets or []:
+        if name not in names:
+            raise InputError(f"unknown target {name!r} (targets: {', '.join(names)})", field="--target")
+    known_platforms = sorted({b.platform for b in registry.backends.values()})
+    for platform in platforms or []:
+        if platform not in known_platforms:
+            raise InputError(f"unknown platform {platform!r} (platforms: {', '.join(known_platforms)})", field="--platform")
+    manifest.targets = [t for t in manifest.targets
+                        if (not only_targets or t.name in only_targets)
+                        and (not platforms or registry.backends[t.format].platform in platforms)]
+    if not manifest.targets:
+        raise InputError("no target of the manifest matches the --target/--platform selection", file=str(path))
     return manifest, registry
 
 
@@ -80,7 +100,7 @@ def cmd_build(args, console: Console) -> int:
     from .pipeline.layout import Build
     from .pipeline.runner import read_targets, run_pipeline
 
-    manifest, registry = _load(args.file, args.target)
+    manifest, registry = _load(args.file, args.target, args.platform)
     build = Build(manifest, registry)
     result = run_pipeline(build, console=console, wait=not args.no_wait)
 
@@ -123,6 +143,13 @@ def cmd_build(args, console: Console) -> int:
         code = EXIT_OK
     for error in result.errors:
         print(str(error), file=sys.stderr)
+    if code == EXIT_BUDGET:
+        # The last stderr line is the one-line reason that CI and the Gradle hook show.
+        for target in targets:
+            if target["status"] != "pass":
+                print(f"{manifest.path.name}: target {target['name']}: no candidate meets every budget and the floor; "
+                      f"nearest: {_nearest(target)}; report: {manifest.relative(manifest.output / 'report.md')}",
+                      file=sys.stderr)
     if args.json:
         print(json.dumps({
             "exit_code": code,
@@ -130,9 +157,57 @@ def cmd_build(args, console: Console) -> int:
             "executed": result.executed,
             "up_to_date": len(result.up_to_date),
             "errors": [str(e) for e in result.errors],
-            "targets": [{"name": t["name"], "status": t["status"], "chosen": t["chosen"]} for t in targets],
+            "targets": [{"name": t["name"], "status": t["status"], "chosen": t["chosen"],
+                         "files": _packaged_files(build, t["name"])} for t in targets],
         }, indent=2))
     return code
+
+
+def _packaged_files(build, target_name: str) -> list[str]:
+    from .fsutil import read_json
+
+    target = next(t for t in build.manifest.targets if t.name == target_name)
+    try:
+        return [entry["path"] for entry in read_json(build.packaged(target))["files"]]
+    except (OSError, ValueError, KeyError):
+        return []
+
+
+def _nearest(target: dict) -> str:
+    """The failing candidate closest to passing: fewest failed constraints, then smallest."""
+    judged = [c for c in target["candidates"] if c["status"] == "fail"]
+    if not judged:
+        return "none built"
+    best = min(judged, key=lambda c: (len(c["failed"]), c["bytes"], c["technique"]))
+    return f"{best['technique']} ({_reason(best)})"
+
+
+def cmd_inputs(args, console: Console) -> int:
+    """Files a build reads and where its bundles land: what a build tool needs for up-to-date checks."""
+    from .pipeline.layout import Build
+    from .pipeline.tasks import model_sources
+
+    manifest, registry = _load(args.file, args.target, args.platform)
+    build = Build(manifest, registry)
+    files = {manifest.path, manifest.evaluation, *model_sources(build)}
+    if manifest.calibration:
+        files.add(manifest.calibration)
+    print(json.dumps({
+        "manifest": str(manifest.path),
+        "inputs": sorted(str(p) for p in files),
+        "output": str(manifest.output),
+        "targets": [{"name": t.name, "format": t.format, "platform": registry.backends[t.format].platform,
+                     "directory": str(build.target_output(t)),
+                     "assets_dir": t.android.get("assets_dir")}
+                    for t in manifest.targets],
+    }, indent=2))
+    return EXIT_OK
+
+
+def cmd_init(args, console: Console) -> int:
+    from .integrations import init_android
+
+    return init_android(Path(args.app_dir), Path(args.file), force=args.force, console=console)
 
 
 def _reason(candidate: dict) -> str:
@@ -142,14 +217,15 @@ def _reason(candidate: dict) -> str:
         return f"{candidate['error']['stage']} failed: {candidate['error']['message']}"
     parts = []
     for failed in candidate["failed"]:
-        if failed["constraint"] in ("size", "download"):
+        if failed["constraint"] in ("size", "download", "store"):
             parts.append(f"{failed['constraint']} {failed['actual']} B > limit {failed['limit']} B")
         else:
             parts.append(f"{failed['constraint']} {failed['actual']:.4f} < floor {failed['limit']:.4f}")
     return "; ".join(parts) or "passes"
 
 
-COMMANDS = {"build": cmd_build, "validate": cmd_validate, "plugins": cmd_plugins}
+COMMANDS = {"build": cmd_build, "validate": cmd_validate, "inputs": cmd_inputs, "init": cmd_init,
+            "plugins": cmd_plugins}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,7 +21,12 @@ STATE_DIR = ".edgebuild"
 TOP_KEYS = {"version": True, "model": True, "data": True, "metric": False, "targets": True, "output": False}
 MODEL_KEYS = {"name": True, "source": True, "entry": False, "path": False, "description": False}
 DATA_KEYS = {"calibration": False, "evaluation": True}
-TARGET_KEYS = {"name": True, "format": True, "devices": True, "budget": False, "accuracy": True}
+TARGET_KEYS = {"name": True, "format": True, "devices": True, "budget": False, "accuracy": True,
+               "delivery": False, "android": False}
+ANDROID_KEYS = {"assets_dir": False, "kotlin_package": False}
+ANDROID_DEFAULTS = {"assets_dir": "models", "kotlin_package": "edgebuild.models"}
+ASSETS_DIR_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_-]*(/[A-Za-z0-9_][A-Za-z0-9_-]*)*$")
+KOTLIN_PACKAGE_PATTERN = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)*$")
 BUDGET_KEYS = {"size": False, "download": False}
 ACCURACY_KEYS = {"max_drop": False, "floor": False}
 
@@ -36,6 +41,8 @@ class Target:
     max_drop: float | None
     floor: float | None
     raw: dict = field(repr=False)
+    delivery: str | None = None          # how the store delivers it (android: base | feature | asset-pack)
+    android: dict = field(default_factory=dict)  # assets_dir, kotlin_package
 
 
 @dataclass
@@ -307,5 +314,25 @@ def _target(check: _Validator, doc: _Document, entry: Any, path: tuple, metric, 
     else:
         bounds = (0.0, 1.0) if metric.has_baseline else (None, None)
         floor = check.number(accuracy["floor"], path + ("accuracy", "floor"), *bounds)
+    delivery = None
+    store = device_catalog.store_for(platform)
+    if "delivery" in entry:
+        if store is None:
+            raise doc.error(path + ("delivery",), f"format {fmt!r} has no store delivery options", at_key=True)
+        delivery = check.choice(entry["delivery"], path + ("delivery",), list(store[1]), "delivery")
+    elif store is not None:
+        delivery = next(iter(store[1]))
+    android = dict(ANDROID_DEFAULTS) if platform == "android" else {}
+    if "android" in entry:
+        if platform != "android":
+            raise doc.error(path + ("android",), f"only android targets take this block; format {fmt!r} targets {platform}",
+                            at_key=True)
+        android.update(check.mapping(entry["android"], path + ("android",), ANDROID_KEYS))
+        for key, pattern, example in (("assets_dir", ASSETS_DIR_PATTERN, "models/vision"),
+                                      ("kotlin_package", KOTLIN_PACKAGE_PATTERN, "com.example.models")):
+            if key in android:
+                check.string(android[key], path + ("android", key))
+                if not pattern.match(android[key]):
+                    raise doc.error(path + ("android", key), f"invalid value {android[key]!r} (for example {example!r})")
     return Target(name=name, format=fmt, devices=list(devices), size=size, download=download,
-                  max_drop=max_drop, floor=floor, raw=entry)
+                  max_drop=max_drop, floor=floor, raw=entry, delivery=delivery, android=android)

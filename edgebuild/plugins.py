@@ -1,6 +1,8 @@
 """Loads plugins through the `edgebuild` entry-point group and collects what they register."""
+import hashlib
 from dataclasses import dataclass, field
 from functools import cache
+from pathlib import Path
 
 import pluggy
 
@@ -72,6 +74,42 @@ def collect(pm: pluggy.PluginManager) -> Registry:
             "distribution": f"{dist.project_name} {dist.version}" if dist else None,
         })
     return registry
+
+
+CODE_SUFFIXES = {".py", ".yaml", ".yml", ".json", ".j2", ".gradle", ".kt", ".swift"}
+
+
+@cache
+def _tree_hash(root: Path) -> str:
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.suffix in CODE_SUFFIXES)
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(str(path.relative_to(root.parent)).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def _plugin_root(file: str) -> Path:
+    path = Path(file)
+    return path.parent if path.name == "__init__.py" else path
+
+
+def code_fingerprint(registry: Registry, *items: tuple[str, str]) -> str:
+    """A hash of edgebuild's own code and of the plugins that registered `items` ((kind, name) pairs).
+
+    Part of a stage's cache key: a new release (or a local edit) of the code that produces a
+    stage's output reruns that stage, and adding an unrelated plugin reruns nothing.
+    """
+    import edgebuild
+    import edgebuild_templates
+
+    roots = {Path(edgebuild.__file__).parent, Path(edgebuild_templates.__file__).parent}
+    files = {plugin["name"]: plugin["file"] for plugin in registry.plugins}
+    for item in items:
+        plugin = registry.origin.get(item)
+        if plugin and files.get(plugin):
+            roots.add(_plugin_root(files[plugin]))
+    return hashlib.sha256("".join(_tree_hash(root) for root in sorted(roots)).encode()).hexdigest()
 
 
 @cache

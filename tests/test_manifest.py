@@ -129,3 +129,24 @@ def test_unknown_target_on_command_line(tmp_path, capsys):
     path = make_project(tmp_path, GOOD)
     assert main(["build", "-f", str(path), "--target", "ios"]) == 2
     assert capsys.readouterr().err.strip() == "--target: unknown target 'ios' (targets: android)"
+
+
+@pytest.mark.parametrize("extra, expected", [
+    ("    delivery: cdn\n", "edgebuild.yaml:18:15: targets[0].delivery: unknown delivery 'cdn' (available: asset-pack, base, feature)"),
+    ("    android: {kotlin_package: Com.Example}\n",
+     "edgebuild.yaml:18:31: targets[0].android.kotlin_package: invalid value 'Com.Example' (for example 'com.example.models')"),
+    ("    android: {assets_dir: ../models}\n",
+     "edgebuild.yaml:18:27: targets[0].android.assets_dir: invalid value '../models' (for example 'models/vision')"),
+])
+def test_android_delivery_and_packaging_settings(tmp_path, capsys, extra, expected):
+    code, err = validate(tmp_path, GOOD.replace("output: dist\n", extra), capsys)
+    assert (code, err) == (2, expected)
+
+
+def test_android_settings_default(tmp_path):
+    from edgebuild.manifest import load_manifest
+    from edgebuild.plugins import default_registry
+
+    manifest = load_manifest(make_project(tmp_path, GOOD), default_registry())
+    assert manifest.targets[0].delivery == "base"
+    assert manifest.targets[0].android == {"assets_dir": "models", "kotlin_package": "edgebuild.models"}

@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 
 from .. import __version__
-from ..api import CompressInput
+from .. import devices as device_catalog
+from ..api import CompressInput, PackageInput
 from ..data import Dataset, load_dataset
 from ..errors import EdgebuildError, InputError, ToolchainError
 from ..fsutil import (atomic_output, atomic_write_json, download_bytes, read_json, remove_dir, replace_dir,
@@ -228,6 +229,12 @@ def select(build: Build, target: Target) -> None:
     metric = build.registry.metrics[manifest.metric]
     baseline = read_json(build.baseline)["value"]
     threshold = _threshold(target, baseline, metric.higher_is_better)
+    backend = build.registry.backends[target.format]
+    # A store's hard download limit applies even when the manifest's own budget is larger.
+    store = device_catalog.store_for(backend.platform)
+    store_limit = None
+    if store and target.delivery:
+        store_limit = {"store": store[0], "delivery": target.delivery, "limit": store[1][target.delivery]}
     candidates = []
     for technique in build.registry.techniques_for(target.format):
         if technique.needs_calibration and manifest.calibration is None:
@@ -243,6 +250,8 @@ def select(build: Build, target: Target) -> None:
             failed.append({"constraint": "size", "limit": target.size, "actual": evaluation["bytes"]})
         if target.download is not None and evaluation["download_bytes"] > target.download:
             failed.append({"constraint": "download", "limit": target.download, "actual": evaluation["download_bytes"]})
+        if store_limit and evaluation["download_bytes"] > store_limit["limit"]:
+            failed.append({"constraint": "store", "limit": store_limit["limit"], "actual": evaluation["download_bytes"]})
         holds = evaluation["metric"] >= threshold if metric.higher_is_better else evaluation["metric"] <= threshold
         if not holds:
             failed.append({"constraint": "accuracy", "limit": threshold, "actual": evaluation["metric"]})
@@ -251,7 +260,6 @@ def select(build: Build, target: Target) -> None:
     passing = [c for c in candidates if c["status"] == "pass"]
     sign = -1 if metric.higher_is_better else 1
     chosen = min(passing, key=lambda c: (c["bytes"], sign * c["metric"], c["technique"]), default=None)
-    backend = build.registry.backends[target.format]
     bundle_path = build.target_output(target) / f"{manifest.model_name}{backend.extension}"
     by_name = {c["technique"]: c for c in candidates}
     comparisons = []
@@ -267,6 +275,7 @@ def select(build: Build, target: Target) -> None:
         "devices": target.devices,
         "status": "pass" if chosen else "fail",
         "budget": {"size": target.size, "download": target.download},
+        "store": store_limit,
         "accuracy": {"max_drop": target.max_drop, "floor": target.floor, "threshold": threshold},
         "baseline": {"metric": baseline},
         "chosen": None if chosen is None else {
@@ -291,7 +300,10 @@ def package(build: Build, target: Target) -> None:
     staged.mkdir(parents=True)
     bundle = build.candidate_bundle(target.format, selection["chosen"]["technique"])
     packager = build.registry.packagers[target.format]
-    written = packager(bundle, staged, build.manifest.model_name)
+    written = packager(PackageInput(bundle=bundle, directory=staged, model_name=build.manifest.model_name,
+                                    model_description=build.manifest.model.get("description", ""),
+                                    manifest_file=build.manifest.path.name, target=target,
+                                    chosen=selection["chosen"], backend=build.registry.backends[target.format]))
     files = [{"path": build.manifest.relative(destination / p.relative_to(staged)), "sha256": sha256_file(p),
               "bytes": p.stat().st_size} for p in sorted(written)]
     replace_dir(staged, destination, build.trash)

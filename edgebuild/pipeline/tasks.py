@@ -3,14 +3,15 @@
 Changing one target's budget changes only that target's `select`/`package` config, so only
 they (and the report) rerun; conversions and evaluations are keyed by model, data and toolchain.
 """
+import functools
 import os
 from pathlib import Path
 from typing import Callable
 
 from doit.tools import config_changed
 
-from .. import __version__
 from ..manifest import ENTRY_PATTERN
+from ..plugins import code_fingerprint
 from . import stages
 from .layout import Build
 
@@ -39,7 +40,12 @@ def model_sources(build: Build) -> list[Path]:
     return files
 
 
-def _task(name: str, action: Callable, *args, **fields) -> dict:
+def _task(name: str, action: Callable, *args, registry, code: tuple = (), config: dict | None = None,
+          **fields) -> dict:
+    # One config_changed per task (doit keeps a single slot for it): the settings that shape the
+    # task's output, plus the code that produces it (edgebuild and the plugins named in `code`).
+    key = {"code": code_fingerprint(registry, *code), **(config or {})}
+    fields["uptodate"] = [config_changed(key)] + fields.get("uptodate", [])
     return {"name": name, "actions": [(action, args)], "clean": True, "verbosity": 0, **fields}
 
 
@@ -52,60 +58,66 @@ def build_tasks(build: Build, wrap: Callable) -> list[dict]:
         return os.path.relpath(path, manifest.root)
 
     toolchain = {name: registry.backends[name].version() for name in build.backends_in_use()}
+    task = functools.partial(_task, registry=registry)
+    metric = ("metric", manifest.metric)
     data_files = [manifest.evaluation] + ([manifest.calibration] if manifest.calibration else [])
     tasks = [
-        _task("export", wrap("export", stages.export_model), build,
+        task("export", wrap("export", stages.export_model), build,
               file_dep=[rel(p) for p in model_sources(build)],
               targets=[rel(build.exported_program), rel(build.model_meta)],
-              uptodate=[config_changed({"model": manifest.model, "edgebuild": __version__})]),
-        _task("reference", wrap("reference", stages.reference_outputs), build,
+              code=(("loader", manifest.model["source"]),), config={"model": manifest.model}),
+        task("reference", wrap("reference", stages.reference_outputs), build,
               file_dep=[rel(build.exported_program), rel(build.model_meta), rel(manifest.evaluation)],
               targets=[rel(build.reference)]),
-        _task("baseline", wrap("baseline", stages.baseline_metric), build,
+        task("baseline", wrap("baseline", stages.baseline_metric), build,
               file_dep=[rel(build.reference), rel(manifest.evaluation)],
               targets=[rel(build.baseline)],
-              uptodate=[config_changed({"metric": manifest.metric})]),
+              code=(metric,), config={"metric": manifest.metric}),
     ]
     for backend in build.backends_in_use():
-        tasks.append(_task(f"convert:{backend}", wrap(f"convert:{backend}", stages.convert), build, backend,
+        tasks.append(task(f"convert:{backend}", wrap(f"convert:{backend}", stages.convert), build, backend,
                            file_dep=[rel(build.exported_program)],
                            targets=[rel(build.fp32_bundle(backend))],
-                           uptodate=[config_changed({"toolchain": toolchain[backend]})]))
+                           code=(("backend", backend),), config={"toolchain": toolchain[backend]}))
         for technique in registry.techniques_for(backend):
             if technique.needs_calibration and manifest.calibration is None:
                 continue  # select() reports it as skipped
             key = f"{backend}:{technique.name}"
             calibration = [rel(manifest.calibration)] if technique.needs_calibration else []
-            tasks.append(_task(
+            tasks.append(task(
                 f"compress:{key}", wrap(f"compress:{key}", stages.compress), build, backend, technique.name,
                 file_dep=[rel(build.fp32_bundle(backend))] + calibration,
                 targets=[rel(build.candidate_record(backend, technique.name))],
                 # A failed or tampered candidate is never up to date: it is rebuilt, not trusted.
-                uptodate=[config_changed({"recipe": technique.recipe, "toolchain": toolchain[backend]}),
-                          (stages.candidate_is_valid, (build, backend, technique.name))]))
-            tasks.append(_task(
+                code=(("backend", backend), ("technique", f"{backend}/{technique.name}")),
+                config={"recipe": technique.recipe, "toolchain": toolchain[backend]},
+                uptodate=[(stages.candidate_is_valid, (build, backend, technique.name))]))
+            tasks.append(task(
                 f"evaluate:{key}", wrap(f"evaluate:{key}", stages.evaluate), build, backend, technique.name,
                 file_dep=[rel(build.candidate_record(backend, technique.name)), rel(build.reference),
                           rel(manifest.evaluation)],
                 targets=[rel(build.evaluation(backend, technique.name))],
-                uptodate=[config_changed({"metric": manifest.metric, "threads": stages.LATENCY_THREADS}),
-                          (stages.candidate_is_valid, (build, backend, technique.name))]))
+                code=(("backend", backend), metric),
+                config={"metric": manifest.metric, "threads": stages.LATENCY_THREADS},
+                uptodate=[(stages.candidate_is_valid, (build, backend, technique.name))]))
     for target in manifest.targets:
         evaluations = [rel(build.evaluation(target.format, t.name)) for t in registry.techniques_for(target.format)
                        if not (t.needs_calibration and manifest.calibration is None)]
-        tasks.append(_task(f"select:{target.name}", wrap(f"select:{target.name}", stages.select), build, target,
+        tasks.append(task(f"select:{target.name}", wrap(f"select:{target.name}", stages.select), build, target,
                            file_dep=evaluations + [rel(build.baseline)],
                            targets=[rel(build.selection(target))],
-                           uptodate=[config_changed({"target": target.raw, "output": rel(manifest.output),
-                                                     "model": manifest.model_name})]))
-        tasks.append(_task(f"package:{target.name}", wrap(f"package:{target.name}", stages.package), build, target,
+                           config={"target": target.raw, "output": rel(manifest.output),
+                                   "model": manifest.model_name}))
+        tasks.append(task(f"package:{target.name}", wrap(f"package:{target.name}", stages.package), build, target,
                            file_dep=[rel(build.selection(target))],
                            targets=[rel(build.packaged(target))],
+                           code=(("packager", target.format), ("backend", target.format)),
                            uptodate=[(stages.packaged_is_intact, (build, target))]))
     report_files = [rel(manifest.output / f) for f in ("report.json", "report.md")]
-    tasks.append(_task("report", wrap("report", stages.write_reports), build, REPORTERS,
+    tasks.append(task("report", wrap("report", stages.write_reports), build, REPORTERS,
                        file_dep=[rel(build.selection(t)) for t in manifest.targets]
                        + [rel(build.packaged(t)) for t in manifest.targets] + [rel(build.model_meta)],
                        targets=report_files,
-                       uptodate=[config_changed({"reporters": REPORTERS, "targets": [t.name for t in manifest.targets]})]))
+                       code=tuple(("reporter", name) for name in REPORTERS),
+                       config={"reporters": REPORTERS, "targets": [t.name for t in manifest.targets]}))
     return tasks

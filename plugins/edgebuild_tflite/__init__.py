@@ -1,17 +1,54 @@
 """Built-in TFLite backend for Android targets: conversion, quantization recipes, packaging."""
+import json
 import shutil
-from pathlib import Path
 
+from jinja2 import Environment, PackageLoader, StrictUndefined
+
+from edgebuild import __version__
+from edgebuild.api import PackageInput
+from edgebuild.fsutil import sha256_file
 from edgebuild.hookspecs import hookimpl
 
 from .backend import TFLiteBackend, load_techniques
 
 
-def package_tflite(bundle: Path, target_dir: Path, model_name: str) -> list[Path]:
-    """Lay the chosen bundle out as `<output>/<target>/<model>.tflite`."""
-    destination = target_dir / f"{model_name}.tflite"
-    shutil.copyfile(bundle, destination)
-    return [destination]
+def kotlin_object_name(model_name: str) -> str:
+    """digits -> DigitsModel, wake-word_v2 -> WakeWordV2Model."""
+    parts = [p for p in model_name.replace("-", "_").split("_") if p]
+    return "".join(p[:1].upper() + p[1:] for p in parts) + "Model"
+
+
+def package_tflite(job: PackageInput) -> list:
+    """`<model>.tflite`, its metadata `<model>.json`, and a Kotlin object with its names and asset path."""
+    bundle = job.directory / f"{job.model_name}.tflite"
+    shutil.copyfile(job.bundle, bundle)
+    settings = job.target.android
+    kotlin = {"package": settings["kotlin_package"],
+              "object": kotlin_object_name(job.model_name)}
+    kotlin["file"] = f"{kotlin['object']}.kt"
+    meta = {
+        "model": job.model_name,
+        "description": job.model_description,
+        "target": job.target.name,
+        "manifest": job.manifest_file,
+        "file": bundle.name,
+        "asset_path": f"{settings['assets_dir']}/{bundle.name}",
+        "sha256": sha256_file(bundle),
+        "bytes": bundle.stat().st_size,
+        "technique": job.chosen["technique"],
+        "metric": job.chosen["metric"],
+        "delivery": job.target.delivery,
+        "edgebuild_version": __version__,
+        **job.backend.describe(bundle),
+        "kotlin": kotlin,
+    }
+    metadata = job.directory / f"{job.model_name}.json"
+    metadata.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    environment = Environment(loader=PackageLoader("edgebuild_templates", "android"), undefined=StrictUndefined,
+                              trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True, autoescape=False)
+    source = job.directory / kotlin["file"]
+    source.write_text(environment.get_template("Model.kt.j2").render(meta=meta, kotlin=kotlin), encoding="utf-8")
+    return [bundle, metadata, source]
 
 
 @hookimpl

@@ -1,0 +1,118 @@
+"""The Android integration in a real Gradle build (Debian's Gradle 4.4.1, offline)."""
+import hashlib
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import REPO, run_edgebuild
+
+pytestmark = pytest.mark.slow
+EDGEBUILD = Path(sys.executable).with_name("edgebuild")
+
+
+@pytest.fixture(scope="module")
+def gradle_home(tmp_path_factory):
+    if shutil.which("gradle") is None:
+        pytest.fail("gradle is not installed; `make test` installs Debian's gradle package")
+    home = tmp_path_factory.mktemp("gradle-home")
+    yield home
+    subprocess.run(["gradle", "--stop"], env={"GRADLE_USER_HOME": str(home), "PATH": "/usr/bin:/bin"},
+                   capture_output=True)
+
+
+def gradle(app: Path, home: Path, *tasks) -> subprocess.CompletedProcess:
+    return subprocess.run(["gradle", "--offline", "--console=plain", f"-PedgebuildExecutable={EDGEBUILD}", *tasks],
+                          cwd=app, capture_output=True, text=True, timeout=600,
+                          env={"GRADLE_USER_HOME": str(home), "PATH": "/usr/bin:/bin", "HOME": str(home)})
+
+
+@pytest.fixture
+def app(built_copy) -> Path:
+    """The example project with the fixture app module in `app/`, set up by `edgebuild init android`."""
+    app = built_copy / "app"
+    shutil.copytree(REPO / "tests" / "fixtures" / "android-app", app)
+    result = run_edgebuild("init", "android", "--app-dir", "app", cwd=built_copy)
+    assert result.returncode == 0, result.stderr
+    assert "apply from: 'edgebuild.gradle'" in result.stdout and "manifest = '../edgebuild.yaml'" in result.stdout
+    return app
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_gradle_prebuild_flow(app, gradle_home):
+    project = app.parent
+    # (a) preBuild runs edgebuild and the model lands in assets, with its metadata and Kotlin constants.
+    first = gradle(app, gradle_home, "preBuild")
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert ":edgebuild\n" in first.stdout and "preBuild ran" in first.stdout
+    asset = app / "src" / "main" / "assets" / "models" / "digits.tflite"
+    assert sha256(asset) == sha256(project / "dist" / "android" / "digits.tflite")
+    assert (app / "src" / "main" / "assets" / "models" / "digits.json").is_file()
+    kotlin = (app / "build" / "generated" / "source" / "edgebuild" / "DigitsModel.kt").read_text()
+    assert 'const val ASSET_PATH: String = "models/digits.tflite"' in kotlin
+
+    # (b) nothing changed: Gradle reports the task UP-TO-DATE and edgebuild does not run.
+    second = gradle(app, gradle_home, "preBuild")
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert ":edgebuild UP-TO-DATE" in second.stdout
+    assert "edgebuild: android:" not in second.stdout
+
+    # (c) editing the manifest reruns it.
+    manifest = yaml.safe_load((project / "edgebuild.yaml").read_text())
+    manifest["targets"][0]["budget"]["size"] = "45KB"
+    (project / "edgebuild.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
+    third = gradle(app, gradle_home, "preBuild")
+    assert third.returncode == 0, third.stdout + third.stderr
+    assert ":edgebuild\n" in third.stdout and "edgebuild: android: int4-weight-only" in third.stdout
+
+    # (d) an impossible budget fails the Gradle build with edgebuild's one-line reason.
+    manifest["targets"][0]["budget"]["size"] = "1KB"
+    (project / "edgebuild.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
+    fourth = gradle(app, gradle_home, "preBuild")
+    assert fourth.returncode != 0
+    assert ("edgebuild failed (exit 1): edgebuild.yaml: target android: no candidate meets every budget and the "
+            "floor; nearest: int4-weight-only (size 26648 B > limit 1000 B); report: dist/report.md") in fourth.stderr
+
+
+def test_gradle_fails_with_the_manifest_error(app, gradle_home):
+    path = app.parent / "edgebuild.yaml"
+    path.write_text(path.read_text().replace("pixel-7", "pixel-77"))
+    result = gradle(app, gradle_home, "preBuild")
+    assert result.returncode != 0
+    assert "edgebuild: ../edgebuild.yaml:" in result.stderr and "unknown device 'pixel-77'" in result.stderr
+
+
+def test_init_android_is_idempotent_and_guards_local_edits(tmp_path):
+    (tmp_path / "app").mkdir()
+    first = run_edgebuild("init", "android", "--app-dir", "app", cwd=tmp_path)
+    assert first.returncode == 0 and "wrote app/edgebuild.gradle" in first.stderr
+    script = (tmp_path / "app" / "edgebuild.gradle").read_text()
+    again = run_edgebuild("init", "android", "--app-dir", "app", cwd=tmp_path)
+    assert again.returncode == 0 and "already up to date" in again.stderr
+    assert (tmp_path / "app" / "edgebuild.gradle").read_text() == script
+
+    (tmp_path / "app" / "edgebuild.gradle").write_text(script + "// local edit\n")
+    refused = run_edgebuild("init", "android", "--app-dir", "app", cwd=tmp_path)
+    assert refused.returncode == 2
+    assert refused.stderr.strip().endswith("differs from this edgebuild's version; rerun with --force to replace it")
+    forced = run_edgebuild("init", "android", "--app-dir", "app", "--force", cwd=tmp_path)
+    assert forced.returncode == 0 and (tmp_path / "app" / "edgebuild.gradle").read_text() == script
+
+
+def test_store_limit_flags_bundles_over_the_play_limit(built_copy):
+    """A declared budget larger than Google Play's limit still fails at the store's limit."""
+    from edgebuild import devices
+
+    name, limits = devices.store_for("android")
+    assert name == "google-play" and limits == {"base": 200_000_000, "feature": 200_000_000,
+                                                "asset-pack": 1_500_000_000}
+    report = run_edgebuild("build", "--json", cwd=built_copy)
+    assert report.returncode == 0
+    target = yaml.safe_load((built_copy / "dist" / "report.json").read_text())["targets"][0]
+    assert target["store"] == {"store": "google-play", "delivery": "base", "limit": 200_000_000}
