@@ -1,6 +1,6 @@
 # Two entry points for a fresh machine (see README "Quick start"):
 #   make example   set up .venv and build the shipped example into dist/
-#   make test      set up .venv (and Gradle/Chromium for the integration tests) and run every test
+#   make test      set up .venv (and Gradle and Chromium for the integration tests) and run every test
 PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
@@ -20,8 +20,10 @@ setup: $(STAMP)
 example: $(STAMP)
 	$(VENV)/bin/edgebuild build -f edgebuild.yaml.example
 
+# Debian's Gradle (4.4.1 runs offline on Java 17) for the Android hook tests, Chromium for the HTML report test.
 system-deps:
-	@command -v gradle >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq gradle >/dev/null)
+	@command -v gradle >/dev/null 2>&1 && command -v chromium >/dev/null 2>&1 || \
+	  (apt-get update -qq && apt-get install -y -qq gradle chromium >/dev/null)
 
 test: $(STAMP) system-deps
 	$(VENV)/bin/python -m pytest -ra

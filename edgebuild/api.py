@@ -78,6 +78,9 @@ class Backend(Protocol):
     def describe(self, bundle: Path) -> dict:
         """Input/output names, shapes, dtypes and quantization parameters of a bundle."""
 
+    def weights(self, bundle: Path) -> list[dict]:
+        """Stored constant tensors: name, dtype, shape, bytes (largest first), for the byte breakdown."""
+
 
 @dataclass
 class PackageInput:

@@ -26,10 +26,22 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--json", action="store_true", help="print the report summary as JSON on stdout")
     build.add_argument("--platform", action="append", default=[], metavar="NAME",
                        help="build only targets for this platform, e.g. android (repeatable)")
+    build.add_argument("--report", action="append", default=[], metavar="FORMAT",
+                       help="report formats to write (json, md, junit, html; repeatable; default: the manifest's)")
     build.add_argument("--no-wait", action="store_true", help="fail instead of waiting when another build holds the project")
 
     validate = commands.add_parser("validate", help="check the manifest and exit")
     validate.add_argument("-f", "--file", default=DEFAULT_MANIFEST, help="manifest (default: edgebuild.yaml)")
+
+    check = commands.add_parser("check", help="verify built bundles against edgebuild.lock and the budgets; builds nothing")
+    check.add_argument("-f", "--file", default=DEFAULT_MANIFEST, help="manifest (default: edgebuild.yaml)")
+    check.add_argument("--target", action="append", default=[], metavar="NAME", help="only this target (repeatable)")
+
+    report = commands.add_parser("report", help="compare the last build's report with a baseline report")
+    report.add_argument("-f", "--file", default=DEFAULT_MANIFEST, help="manifest (default: edgebuild.yaml)")
+    report.add_argument("--baseline", required=True, metavar="OLD_REPORT.json", help="report.json from main")
+    report.add_argument("--fail-on-growth", metavar="PERCENT", help="exit 1 when bytes or download bytes grow more")
+    report.add_argument("--report", action="append", default=[], metavar="FORMAT", help="formats to rewrite with deltas")
 
     inputs = commands.add_parser("inputs", help="print the files a build reads and where bundles go (for build tools)")
     inputs.add_argument("-f", "--file", default=DEFAULT_MANIFEST, help="manifest (default: edgebuild.yaml)")
@@ -101,6 +113,8 @@ def cmd_build(args, console: Console) -> int:
     from .pipeline.runner import read_targets, run_pipeline
 
     manifest, registry = _load(args.file, args.target, args.platform)
+    if args.report:
+        manifest.reports = _report_formats(args.report, registry)
     build = Build(manifest, registry)
     result = run_pipeline(build, console=console, wait=not args.no_wait)
 
@@ -182,19 +196,71 @@ def _nearest(target: dict) -> str:
     return f"{best['technique']} ({_reason(best)})"
 
 
+def _report_formats(names: list[str], registry) -> list[str]:
+    for name in names:
+        if name not in registry.reporters:
+            raise InputError(f"unknown report format {name!r} (available: {', '.join(sorted(registry.reporters))})",
+                             field="--report")
+    return ["json"] + [n for n in dict.fromkeys(names) if n != "json"]
+
+
+def cmd_check(args, console: Console) -> int:
+    from .gates import check_bundles
+    from .pipeline.layout import Build
+    from .pipeline.tasks import input_files
+
+    manifest, registry = _load(args.file, args.target)
+    result = check_bundles(manifest, input_files(Build(manifest, registry)), registry)
+    for line in result.ok:
+        console.print(f"[green]✔[/green] {line}", highlight=False)
+    for line in result.problems:
+        print(line, file=sys.stderr)
+    return EXIT_BUDGET if result.problems else EXIT_OK
+
+
+def cmd_report(args, console: Console) -> int:
+    from .gates import compare_reports, growth_violations, load_report, parse_percent
+    from .pipeline.layout import Build
+    from .pipeline.stages import write_reports
+
+    limit = parse_percent(args.fail_on_growth) if args.fail_on_growth is not None else None
+    manifest, registry = _load(args.file)
+    current_path = manifest.output / "report.json"
+    current = load_report(current_path, manifest.relative(current_path))
+    baseline = load_report(Path(args.baseline), args.baseline)
+    current["baseline_report"] = compare_reports(current, baseline, args.baseline)
+    formats = _report_formats(args.report, registry) if args.report else manifest.reports
+    write_reports(Build(manifest, registry), formats, data=current)
+    print("target\tbytes\tdownload\tmetric")
+    for row in current["baseline_report"]["targets"]:
+        cells = [_delta_text(row[key]) for key in ("bytes", "download_bytes", "metric")]
+        print("\t".join([row["name"], *cells]))
+    if limit is None:
+        return EXIT_OK
+    problems = growth_violations(current["baseline_report"], limit)
+    for line in problems:
+        print(line, file=sys.stderr)
+    return EXIT_BUDGET if problems else EXIT_OK
+
+
+def _delta_text(delta: dict) -> str:
+    if delta["delta"] is None:
+        return f"{delta['old']} → {delta['new']}"
+    percent = f" ({delta['percent']:+.1f}%)" if delta["percent"] is not None else ""
+    number = f"{delta['delta']:+.4f}" if isinstance(delta["delta"], float) else f"{delta['delta']:+d}"
+    return f"{number}{percent}"
+
+
 def cmd_inputs(args, console: Console) -> int:
     """Files a build reads and where its bundles land: what a build tool needs for up-to-date checks."""
     from .pipeline.layout import Build
-    from .pipeline.tasks import model_sources
+    from .pipeline.tasks import input_files
 
     manifest, registry = _load(args.file, args.target, args.platform)
     build = Build(manifest, registry)
-    files = {manifest.path, manifest.evaluation, *model_sources(build)}
-    if manifest.calibration:
-        files.add(manifest.calibration)
     print(json.dumps({
         "manifest": str(manifest.path),
-        "inputs": sorted(str(p) for p in files),
+        "inputs": [str(p) for p in input_files(build)],
         "output": str(manifest.output),
         "targets": [{"name": t.name, "format": t.format, "platform": registry.backends[t.format].platform,
                      "directory": str(build.target_output(t)),
@@ -224,8 +290,8 @@ def _reason(candidate: dict) -> str:
     return "; ".join(parts) or "passes"
 
 
-COMMANDS = {"build": cmd_build, "validate": cmd_validate, "inputs": cmd_inputs, "init": cmd_init,
-            "plugins": cmd_plugins}
+COMMANDS = {"build": cmd_build, "validate": cmd_validate, "check": cmd_check, "report": cmd_report,
+            "inputs": cmd_inputs, "init": cmd_init, "plugins": cmd_plugins}
 
 
 def main(argv: list[str] | None = None) -> int:

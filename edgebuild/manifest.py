@@ -17,8 +17,11 @@ SUPPORTED_VERSION = 1
 NAME_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
 ENTRY_PATTERN = re.compile(r"^(?P<file>[^:]+\.py):(?P<function>[A-Za-z_][A-Za-z0-9_]*)$")
 STATE_DIR = ".edgebuild"
+LOCK_FILE = "edgebuild.lock"
 
-TOP_KEYS = {"version": True, "model": True, "data": True, "metric": False, "targets": True, "output": False}
+TOP_KEYS = {"version": True, "model": True, "data": True, "metric": False, "targets": True, "output": False,
+            "reports": False}
+DEFAULT_REPORTS = ["json", "md", "junit", "html"]
 MODEL_KEYS = {"name": True, "source": True, "entry": False, "path": False, "description": False}
 DATA_KEYS = {"calibration": False, "evaluation": True}
 TARGET_KEYS = {"name": True, "format": True, "devices": True, "budget": False, "accuracy": True,
@@ -56,6 +59,7 @@ class Manifest:
     targets: list[Target]
     output: Path
     raw: dict = field(repr=False)
+    reports: list[str] = field(default_factory=lambda: list(DEFAULT_REPORTS))
 
     @property
     def model_name(self) -> str:
@@ -64,6 +68,10 @@ class Manifest:
     @property
     def state_dir(self) -> Path:
         return self.root / STATE_DIR
+
+    @property
+    def lock_file(self) -> Path:
+        return self.root / LOCK_FILE
 
     def relative(self, path: Path) -> str:
         """A path as report.json writes it: relative to the manifest's folder, with slashes."""
@@ -267,8 +275,19 @@ def load_manifest(path: Path | str, registry: Registry) -> Manifest:
     if any(output == p or output in p.parents for p in protected):
         raise doc.error(("output",), f"output {output_value!r} would hold the manifest's own inputs")
 
+    reports = list(DEFAULT_REPORTS)
+    if "reports" in raw:
+        value = raw["reports"]
+        if not isinstance(value, list) or not value:
+            raise doc.error(("reports",), f"expected a non-empty list of report formats, got {_typename(value)}")
+        for i, name in enumerate(value):
+            check.choice(name, ("reports", i), list(registry.reporters), "report format")
+        # report.json is the contract `check` and `report` read: always written.
+        reports = ["json"] + [name for name in dict.fromkeys(value) if name != "json"]
+
     return Manifest(path=path.resolve(), root=root, model=dict(model), calibration=calibration,
-                    evaluation=evaluation, metric=metric_name, targets=targets, output=output, raw=raw)
+                    evaluation=evaluation, metric=metric_name, targets=targets, output=output, raw=raw,
+                    reports=reports)
 
 
 def _target(check: _Validator, doc: _Document, entry: Any, path: tuple, metric, seen: set[str]) -> Target:

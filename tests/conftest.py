@@ -1,4 +1,5 @@
 """Shared fixtures: throwaway projects built from the shipped digits example."""
+import functools
 import json
 import os
 import shutil
@@ -35,8 +36,41 @@ def run_edgebuild(*args, cwd: Path, env: dict | None = None, timeout: int = 600)
                           text=True, timeout=timeout, env={**os.environ, **(env or {})})
 
 
+@functools.cache
+def report_schema() -> dict:
+    from importlib import resources
+
+    return json.loads(resources.files("edgebuild.schemas").joinpath("report.schema.json").read_text())
+
+
+def validate_report(path: Path) -> dict:
+    """Every report the suite reads is checked against the published schema."""
+    import jsonschema
+
+    report = json.loads(path.read_text())
+    jsonschema.validate(report, report_schema(), cls=jsonschema.Draft202012Validator)
+    return report
+
+
 def read_report(root: Path) -> dict:
-    return json.loads((root / "dist" / "report.json").read_text())
+    return validate_report(root / "dist" / "report.json")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def every_report_validates(tmp_path_factory):
+    """After the session, validate every report.json any test wrote, and say how many."""
+    yield
+    import jsonschema
+
+    reports = sorted(tmp_path_factory.getbasetemp().rglob("report.json"))
+    failures = []
+    for path in reports:
+        try:
+            validate_report(path)
+        except (jsonschema.ValidationError, ValueError) as exc:
+            failures.append(f"{path}: {str(exc).splitlines()[0]}")
+    print(f"\nreport.json files validated against the schema: {len(reports)}, invalid: {len(failures)}")
+    assert not failures, "\n".join(failures)
 
 
 @pytest.fixture(scope="session")

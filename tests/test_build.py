@@ -91,12 +91,12 @@ def test_changing_one_budget_reruns_only_that_target(built_copy):
     edit_manifest(built_copy, add_second_target)
     first = run_edgebuild("build", "--json", cwd=built_copy)
     assert first.returncode == 0, first.stderr
-    assert set(json.loads(first.stdout)["executed"]) == {"select:lowend", "package:lowend", "report"}
+    assert set(json.loads(first.stdout)["executed"]) == {"select:lowend", "package:lowend", "report", "lock"}
 
     edit_manifest(built_copy, lambda m: m["targets"][1]["budget"].update(size="40KB"))
     second = run_edgebuild("build", "--json", cwd=built_copy)
     assert second.returncode == 0, second.stderr
-    assert set(json.loads(second.stdout)["executed"]) == {"select:lowend", "package:lowend", "report"}
+    assert set(json.loads(second.stdout)["executed"]) == {"select:lowend", "package:lowend", "report", "lock"}
     assert read_report(built_copy)["targets"][1]["budget"]["size"] == 40_000
 
 

@@ -58,6 +58,11 @@ class Build:
         return self.manifest.output / target.name
 
     @property
+    def report_record(self) -> Path:
+        """Which report files the last report stage wrote, with their hashes."""
+        return self.state / "reports.json"
+
+    @property
     def staging(self) -> Path:
         return self.state / "staging"
 

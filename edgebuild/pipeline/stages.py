@@ -212,6 +212,7 @@ def evaluate(build: Build, backend_name: str, technique_name: str) -> None:
         "latency_ms": round(prediction.latency_ms, 4),
         "evaluated_by": prediction.runtime,
         "latency": prediction.details,
+        "layers": backend.weights(bundle),
     })
 
 
@@ -339,7 +340,52 @@ def report_data(build: Build) -> dict:
     }
 
 
-def write_reports(build: Build, reporters: list[str]) -> None:
-    data = report_data(build)
-    for name in reporters:
-        build.registry.reporters[name](data, build.manifest.output)
+def write_reports(build: Build, reporters: list[str], data: dict | None = None) -> None:
+    """Write each selected report format and record what was written, for the up-to-date check."""
+    data = report_data(build) if data is None else data
+    build.manifest.output.mkdir(parents=True, exist_ok=True)
+    written = [build.registry.reporters[name](data, build.manifest.output) for name in reporters]
+    files = {build.manifest.relative(p): sha256_file(p) for p in written}
+    try:
+        previous = read_json(build.report_record)["files"]
+    except (OSError, ValueError, KeyError):
+        previous = {}
+    for stale in set(previous) - set(files):  # a format dropped from `reports:` leaves no stale file
+        (build.manifest.root / stale).unlink(missing_ok=True)
+    atomic_write_json(build.report_record, {"files": files})
+
+
+def reports_are_intact(build: Build) -> bool:
+    try:
+        files = read_json(build.report_record)["files"]
+    except (OSError, ValueError, KeyError):
+        return False
+    return all((build.manifest.root / path).is_file() and sha256_file(build.manifest.root / path) == digest
+               for path, digest in files.items())
+
+
+def write_lock(build: Build) -> None:
+    """edgebuild.lock: sha256 of every input and every emitted bundle file, for `edgebuild check`."""
+    from .tasks import input_files
+
+    manifest = build.manifest
+    try:
+        previous = read_json(build.manifest.lock_file).get("targets", {})
+    except (OSError, ValueError):
+        previous = {}
+    targets = dict(previous)  # a --target build keeps the other targets' entries
+    for target in manifest.targets:
+        selection = read_json(build.selection(target))
+        files = read_json(build.packaged(target))["files"]
+        targets[target.name] = {
+            "status": selection["status"],
+            "technique": selection["chosen"]["technique"] if selection["chosen"] else None,
+            "files": {entry["path"]: entry["sha256"] for entry in files},
+        }
+    atomic_write_json(build.manifest.lock_file, {
+        "lock_version": 1,
+        "edgebuild_version": __version__,
+        "manifest": manifest.path.name,
+        "inputs": {manifest.relative(path): sha256_file(path) for path in input_files(build)},
+        "targets": {name: targets[name] for name in sorted(targets)},
+    })

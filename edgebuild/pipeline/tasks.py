@@ -15,8 +15,6 @@ from ..plugins import code_fingerprint
 from . import stages
 from .layout import Build
 
-REPORTERS = ["json", "md"]
-
 
 def model_sources(build: Build) -> list[Path]:
     """Files whose change must re-export the model.
@@ -28,7 +26,7 @@ def model_sources(build: Build) -> list[Path]:
     if manifest.model["source"] != "python":
         return [manifest.root / manifest.model["path"]]
     entry = (manifest.root / ENTRY_PATTERN.match(manifest.model["entry"])["file"]).resolve()
-    skip = {manifest.state_dir, manifest.output}
+    skip = {manifest.state_dir, manifest.output, manifest.lock_file}
     files = []
     for path in sorted(entry.parent.rglob("*")):
         if not path.is_file() or any(s == path or s in path.parents for s in skip):
@@ -113,11 +111,25 @@ def build_tasks(build: Build, wrap: Callable) -> list[dict]:
                            targets=[rel(build.packaged(target))],
                            code=(("packager", target.format), ("backend", target.format)),
                            uptodate=[(stages.packaged_is_intact, (build, target))]))
-    report_files = [rel(manifest.output / f) for f in ("report.json", "report.md")]
-    tasks.append(task("report", wrap("report", stages.write_reports), build, REPORTERS,
+    tasks.append(task("report", wrap("report", stages.write_reports), build, manifest.reports,
                        file_dep=[rel(build.selection(t)) for t in manifest.targets]
                        + [rel(build.packaged(t)) for t in manifest.targets] + [rel(build.model_meta)],
-                       targets=report_files,
-                       code=tuple(("reporter", name) for name in REPORTERS),
-                       config={"reporters": REPORTERS, "targets": [t.name for t in manifest.targets]}))
+                       targets=[rel(build.report_record)],
+                       code=tuple(("reporter", name) for name in manifest.reports),
+                       config={"reporters": manifest.reports, "targets": [t.name for t in manifest.targets]},
+                       uptodate=[(stages.reports_are_intact, (build,))]))
+    inputs = sorted({rel(p) for p in input_files(build)})
+    tasks.append(task("lock", wrap("lock", stages.write_lock), build,
+                      file_dep=inputs + [rel(build.packaged(t)) for t in manifest.targets],
+                      targets=[rel(manifest.lock_file)],
+                      config={"targets": [t.name for t in manifest.targets]}))
     return tasks
+
+
+def input_files(build: Build) -> list[Path]:
+    """Every file a build reads: the manifest, the model's files, the data."""
+    manifest = build.manifest
+    files = {manifest.path, manifest.evaluation, *model_sources(build)}
+    if manifest.calibration:
+        files.add(manifest.calibration)
+    return sorted(files)

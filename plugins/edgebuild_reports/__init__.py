@@ -1,13 +1,29 @@
-"""Built-in reporters: report.json (the machine-readable contract) and report.md (for a PR comment)."""
+"""Built-in reporters: report.json (the contract), report.md (PR comment), junit.xml (CI), report.html."""
 import json
 import os
 from pathlib import Path
 
-from jinja2 import Environment, PackageLoader, StrictUndefined
-
 from edgebuild.fsutil import atomic_write_text
 from edgebuild.hookspecs import hookimpl
 from edgebuild.units import format_size
+
+
+def candidate_reason(candidate: dict) -> str:
+    """Why a candidate was not chosen, in one line."""
+    if candidate["status"] == "skipped":
+        return f"skipped: {candidate['reason']}"
+    if candidate["status"] == "error":
+        error = candidate["error"]
+        return f"{error['stage']} failed: {error['message']}"
+    reasons = []
+    for failure in candidate.get("failed", []):
+        if failure["constraint"] in ("size", "download", "store"):
+            reasons.append(f"{failure['constraint']} {format_size(failure['actual'])} > {format_size(failure['limit'])}")
+        elif failure["constraint"] == "latency":
+            reasons.append(f"latency {failure['actual']:.3f} ms > {failure['limit']:.3f} ms")
+        else:
+            reasons.append(f"{failure['constraint']} {failure['actual']:.4f} < {failure['limit']:.4f}")
+    return "; ".join(reasons)
 
 
 def write_json(report: dict, output: Path) -> Path:
@@ -16,28 +32,10 @@ def write_json(report: dict, output: Path) -> Path:
     return path
 
 
-def _why(candidate: dict) -> str:
-    if candidate["status"] == "skipped":
-        return f"skipped: {candidate['reason']}"
-    if candidate["status"] == "error":
-        error = candidate["error"]
-        return f"{error['stage']} failed: {error['message']}".replace("|", "\\|")
-    reasons = []
-    for failure in candidate.get("failed", []):
-        if failure["constraint"] in ("size", "download"):
-            reasons.append(f"{failure['constraint']} {format_size(failure['actual'])} > {format_size(failure['limit'])}")
-        else:
-            reasons.append(f"{failure['constraint']} {failure['actual']:.4f} < {failure['limit']:.4f}")
-    return "; ".join(reasons)
-
-
 def render_markdown(report: dict) -> str:
-    environment = Environment(loader=PackageLoader("edgebuild_templates", ""), undefined=StrictUndefined,
-                              autoescape=False, trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
-    environment.filters["size"] = format_size
-    environment.filters["metric"] = lambda value: "n/a" if value is None else f"{value:.4f}"
-    environment.filters["why"] = _why
-    return environment.get_template("report.md.j2").render(report=report)
+    from .render import environment
+
+    return environment().get_template("report.md.j2").render(report=report)
 
 
 def write_markdown(report: dict, output: Path) -> Path:
@@ -53,5 +51,10 @@ def write_markdown(report: dict, output: Path) -> Path:
 
 @hookimpl
 def register_reporters(register):
+    from .html import write_html
+    from .junit import write_junit
+
     register("json", write_json)
     register("md", write_markdown)
+    register("junit", write_junit)
+    register("html", write_html)

@@ -131,6 +131,9 @@ class TFLiteBackend:
         return Prediction(outputs=np.concatenate(outputs), latency_ms=statistics.median(steady),
                           runtime=self.runtime(), details={"batch": batch, "threads": threads, "runs": len(steady)})
 
+    def weights(self, bundle: Path) -> list[dict]:
+        return weight_tensors(bundle)
+
     def describe(self, bundle: Path) -> dict:
         runner = self._interpreter(bundle).get_signature_runner(SIGNATURE)
 
@@ -144,6 +147,34 @@ class TFLiteBackend:
 
         return {"signature": SIGNATURE, "inputs": tensors(runner.get_input_details()),
                 "outputs": tensors(runner.get_output_details())}
+
+
+def short_tensor_name(name: str) -> str:
+    """'model.Net/torch.nn.modules.container.Sequential_classifier/torch.nn.modules.linear.Linear_1;1'
+    -> 'Sequential_classifier/Linear_1' (the module path the converter encodes)."""
+    first = next((part for part in name.split(";") if part), name)
+    parts = first.split("/")
+    parts = parts[1:] if len(parts) > 1 else parts
+    return "/".join(part.rsplit(".", 1)[-1] for part in parts)
+
+
+def weight_tensors(bundle: Path) -> list[dict]:
+    """Every constant tensor stored in the bundle, with the bytes it takes and how it is stored."""
+    from ai_edge_quantizer.utils import tfl_flatbuffer_utils as flatbuffer
+
+    model = flatbuffer.read_model(str(bundle))
+    tensors = []
+    for subgraph in model.subgraphs:
+        for tensor in subgraph.tensors:
+            buffer = model.buffers[tensor.buffer]
+            size = len(buffer.data) if buffer.data is not None else int(buffer.size or 0)
+            if size == 0:
+                continue
+            name = tensor.name.decode() if isinstance(tensor.name, bytes) else str(tensor.name)
+            dtype = flatbuffer.TENSOR_CODE_TO_TYPE.get(tensor.type, tensor.type)
+            tensors.append({"name": short_tensor_name(name), "dtype": str(getattr(dtype, "name", dtype)).lower(),
+                            "shape": [int(d) for d in tensor.shape], "bytes": size})
+    return sorted(tensors, key=lambda t: (-t["bytes"], t["name"]))
 
 
 def _quantize(array: np.ndarray, detail: dict) -> np.ndarray:

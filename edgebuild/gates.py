@@ -1,0 +1,135 @@
+"""Release gates that build nothing: `edgebuild check` (bundles vs lock and budgets) and
+`edgebuild report --baseline` (growth against an older report)."""
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import InputError
+from .fsutil import download_bytes, read_json, sha256_file
+from .manifest import Manifest
+from .units import format_size
+
+
+@dataclass
+class CheckResult:
+    ok: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+
+def _read_json_file(path: Path, label: str, what: str) -> dict:
+    if not path.is_file():
+        raise InputError(f"{what} not found; run `edgebuild build` first", file=label)
+    try:
+        return read_json(path)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InputError(f"{what} is not valid JSON ({exc})", file=label) from None
+
+
+def check_bundles(manifest: Manifest, input_files: list[Path], registry) -> CheckResult:
+    """Verify the built bundles against edgebuild.lock and the manifest's current budgets."""
+    result = CheckResult()
+    lock = _read_json_file(manifest.lock_file, manifest.relative(manifest.lock_file), "edgebuild.lock")
+    report_path = manifest.output / "report.json"
+    report = _read_json_file(report_path, manifest.relative(report_path), "report.json")
+    locked_inputs = lock.get("inputs", {})
+    for path in input_files:
+        name = manifest.relative(path)
+        if name not in locked_inputs:
+            result.problems.append(f"{name}: not in edgebuild.lock; the bundles were built from other inputs")
+        elif sha256_file(path) != locked_inputs[name]:
+            result.problems.append(f"{name}: changed since the bundles were built (sha256 differs from edgebuild.lock)")
+    reported = {t["name"]: t for t in report.get("targets", [])}
+    for target in manifest.targets:
+        entry = lock.get("targets", {}).get(target.name)
+        if entry is None or not entry["files"]:
+            result.problems.append(f"target {target.name}: no bundle in edgebuild.lock")
+            continue
+        intact = True
+        for name, digest in sorted(entry["files"].items()):
+            path = manifest.root / name
+            if not path.is_file():
+                result.problems.append(f"{name}: missing")
+                intact = False
+            elif (actual := sha256_file(path)) != digest:
+                result.problems.append(f"{name}: sha256 mismatch (lock {digest[:12]}…, file {actual[:12]}…)")
+                intact = False
+        if not intact:
+            continue
+        extension = registry.backends[target.format].extension
+        bundle_files = [manifest.root / n for n in entry["files"] if n.endswith(extension)]
+        bundle = bundle_files[0]
+        size = sum(p.stat().st_size for p in bundle.rglob("*") if p.is_file()) if bundle.is_dir() else bundle.stat().st_size
+        files = [p for p in bundle.rglob("*") if p.is_file()] if bundle.is_dir() else [bundle]
+        download = download_bytes(files, bundle.parent)
+        failures = []
+        if target.size is not None and size > target.size:
+            failures.append(f"size {format_size(size)} > budget {format_size(target.size)}")
+        if target.download is not None and download > target.download:
+            failures.append(f"download {format_size(download)} > budget {format_size(target.download)}")
+        chosen = (reported.get(target.name) or {}).get("chosen")
+        if chosen is None:
+            failures.append("report.json has no chosen candidate")
+        else:
+            metric = registry.metrics[manifest.metric]
+            baseline = reported[target.name]["baseline"]["metric"]
+            threshold = target.floor if target.floor is not None else (
+                baseline - target.max_drop if metric.higher_is_better else baseline + target.max_drop)
+            holds = chosen["metric"] >= threshold if metric.higher_is_better else chosen["metric"] <= threshold
+            if not holds:
+                failures.append(f"{manifest.metric} {chosen['metric']:.4f} misses the floor {threshold:.4f}")
+        if failures:
+            result.problems.append(f"target {target.name}: " + "; ".join(failures))
+        else:
+            result.ok.append(f"target {target.name}: {bundle.relative_to(manifest.root).as_posix()} "
+                             f"{format_size(size)} matches edgebuild.lock and its budgets")
+    return result
+
+
+def parse_percent(text: str) -> float:
+    value = text.strip().removesuffix("%")
+    try:
+        number = float(value)
+    except ValueError:
+        raise InputError(f"expected a percentage such as 5%, got {text!r}", field="--fail-on-growth") from None
+    if number < 0:
+        raise InputError(f"expected a percentage of at least 0, got {text!r}", field="--fail-on-growth")
+    return number
+
+
+def _delta(old, new) -> dict:
+    if old is None or new is None:
+        return {"old": old, "new": new, "delta": None, "percent": None}
+    percent = (new - old) / old * 100.0 if old else None
+    return {"old": old, "new": new, "delta": new - old, "percent": percent}
+
+
+def compare_reports(current: dict, baseline: dict, baseline_label: str) -> dict:
+    """Per-target deltas of chosen bytes, download bytes and metric against an older report."""
+    old_targets = {t["name"]: t for t in baseline.get("targets", [])}
+    rows = []
+    for target in current["targets"]:
+        old = (old_targets.get(target["name"]) or {}).get("chosen") or {}
+        new = target["chosen"] or {}
+        rows.append({"name": target["name"],
+                     "bytes": _delta(old.get("bytes"), new.get("bytes")),
+                     "download_bytes": _delta(old.get("download_bytes"), new.get("download_bytes")),
+                     "metric": _delta(old.get("metric"), new.get("metric"))})
+    return {"path": baseline_label, "targets": rows}
+
+
+def growth_violations(comparison: dict, limit_percent: float) -> list[str]:
+    problems = []
+    for row in comparison["targets"]:
+        for key, label in (("bytes", "bytes"), ("download_bytes", "download bytes")):
+            delta = row[key]
+            if delta["percent"] is not None and delta["percent"] > limit_percent:
+                problems.append(f"target {row['name']}: {label} grew {delta['percent']:.1f}% "
+                                f"({delta['old']} → {delta['new']}), limit {limit_percent:g}%")
+    return problems
+
+
+def load_report(path: Path, label: str) -> dict:
+    report = _read_json_file(path, label, "report")
+    if not isinstance(report, dict) or report.get("schema_version") != 1 or "targets" not in report:
+        raise InputError("not an edgebuild report.json (schema_version 1)", file=label)
+    return report
+

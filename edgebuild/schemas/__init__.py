@@ -1,0 +1,1 @@
+"""JSON Schemas of the files edgebuild publishes (report.json)."""

@@ -1,0 +1,21 @@
+"""The Jinja2 environment reports render with: shared filters, autoescaping for HTML/XML."""
+from functools import cache
+
+from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
+
+from edgebuild.units import format_size
+
+
+@cache
+def environment() -> Environment:
+    from . import candidate_reason
+
+    env = Environment(loader=PackageLoader("edgebuild_templates", ""), undefined=StrictUndefined,
+                      autoescape=select_autoescape(["html", "xml", "html.j2", "xml.j2"]),
+                      trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
+    env.filters["size"] = format_size
+    env.filters["metric"] = lambda value: "n/a" if value is None else f"{value:.4f}"
+    env.filters["why"] = candidate_reason
+    env.filters["signed"] = lambda value, digits=4: "n/a" if value is None else f"{value:+.{digits}f}"
+    env.filters["percent"] = lambda value: "n/a" if value is None else f"{value:+.1f}%"
+    return env
