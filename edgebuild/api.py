@@ -41,9 +41,9 @@ class CompressInput:
 
     fp32_bundle: Path
     exported_program: Path
-    calibration: Sequence[Mapping[str, np.ndarray]] | None
+    calibration: Sequence[tuple[np.ndarray, ...]] | None   # batch-of-one samples, inputs in argument order
     work_dir: Path
-    log: Path | None = None
+    options: dict = field(default_factory=dict)            # the variant's options (e.g. {"min_ios": 16})
 
 
 @dataclass
@@ -57,22 +57,32 @@ class Prediction:
 
 
 class Backend(Protocol):
-    """Converts an exported PyTorch program into one bundle format and runs bundles of that format."""
+    """Converts an exported PyTorch program into one bundle format and runs bundles of that format.
+
+    A bundle is a file (.tflite) or a folder (.mlpackage). Targets whose `variant` is the same
+    share one conversion and one set of candidates.
+    """
 
     name: str            # the manifest's `format:`
     platform: str        # devices of this platform may be targeted ("android", "ios")
-    extension: str       # bundle file suffix, with the dot
+    extension: str       # bundle suffix, with the dot
 
     def version(self) -> str:
         """Versions of the toolchain that affect output bytes (part of every cache key)."""
 
-    def convert(self, exported_program: Path, out: Path) -> None:
+    def variant(self, target) -> tuple[str, dict]:
+        """(key, options) of the conversion a target needs, e.g. ("coreml-ios16", {"min_ios": 16})."""
+
+    def skip_reason(self, technique: Technique, options: dict) -> str | None:
+        """Why a technique cannot run on this variant (e.g. "requires iOS 18, target min is iOS 16")."""
+
+    def convert(self, exported_program: Path, out: Path, options: dict) -> None:
         """Write the fp32 bundle for the exported program."""
 
     def compress(self, technique: Technique, source: CompressInput, out: Path) -> None:
         """Write the candidate bundle for `technique`."""
 
-    def predict(self, bundle: Path, inputs: Mapping[str, np.ndarray], *, threads: int) -> Prediction:
+    def predict(self, bundle: Path, inputs: Sequence[np.ndarray], *, threads: int) -> Prediction:
         """Run the bundle on every sample and measure host latency at batch 1."""
 
     def describe(self, bundle: Path) -> dict:
@@ -94,6 +104,19 @@ class PackageInput:
     target: Any                  # edgebuild.manifest.Target
     chosen: dict                 # the chosen candidate's report entry (technique, bytes, sha256, metric ...)
     backend: Backend
+
+
+class BackendBase:
+    """Defaults for the optional parts of the Backend protocol."""
+
+    def variant(self, target) -> tuple[str, dict]:
+        return self.name, {}
+
+    def skip_reason(self, technique: Technique, options: dict) -> str | None:
+        return None
+
+    def weights(self, bundle: Path) -> list[dict]:
+        return []
 
 
 Loader = Callable[[Mapping[str, Any], Path], tuple]

@@ -18,6 +18,54 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def bundle_files(path: Path) -> list[Path]:
+    """The files of a bundle: the file itself, or every file of a bundle folder (.mlpackage)."""
+    path = Path(path)
+    return sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+
+
+def bundle_sha256(path: Path) -> str:
+    """sha256 of a file, or of a folder's relative paths and contents."""
+    path = Path(path)
+    if not path.is_dir():
+        return sha256_file(path)
+    digest = hashlib.sha256()
+    for file in bundle_files(path):
+        digest.update(file.relative_to(path).as_posix().encode() + b"\0")
+        digest.update(sha256_file(file).encode())
+    return digest.hexdigest()
+
+
+def bundle_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in bundle_files(path))
+
+
+def bundle_download_bytes(path: Path) -> int:
+    return download_bytes(bundle_files(path), Path(path).parent)
+
+
+def remove_path(path: Path) -> None:
+    path = Path(path)
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def replace_path(source: Path, destination: Path) -> None:
+    """Move a finished file or folder into place (a folder replaces the old one whole)."""
+    if Path(source).is_dir():
+        if Path(destination).exists():
+            old = Path(destination).with_name(f".{Path(destination).name}.old-{os.getpid()}")
+            os.replace(destination, old)
+            os.replace(source, destination)
+            remove_path(old)
+        else:
+            os.replace(source, destination)
+    else:
+        os.replace(source, destination)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write via a temporary file in the same folder and rename: readers see old or new, never half."""
     path.parent.mkdir(parents=True, exist_ok=True)

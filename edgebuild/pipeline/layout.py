@@ -1,9 +1,19 @@
 """Where each stage keeps its state under `.edgebuild/`; one place, so tasks and stages agree."""
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from ..manifest import Manifest, Target
 from ..plugins import Registry
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One conversion of the model: a backend with options; targets that agree on it share candidates."""
+
+    key: str
+    backend: str
+    options: dict
 
 
 @dataclass
@@ -16,6 +26,22 @@ class Build:
     @property
     def state(self) -> Path:
         return self.manifest.state_dir
+
+    # variants
+    def variant(self, target: Target) -> Variant:
+        key, options = self.registry.backends[target.format].variant(target)
+        return Variant(key=key, backend=target.format, options=options)
+
+    @cached_property
+    def variants(self) -> dict[str, Variant]:
+        found = {}
+        for target in self.manifest.targets:
+            variant = self.variant(target)
+            found.setdefault(variant.key, variant)
+        return dict(sorted(found.items()))
+
+    def backends_in_use(self) -> list[str]:
+        return sorted({t.format for t in self.manifest.targets})
 
     # load / export
     @property
@@ -34,18 +60,24 @@ class Build:
     def baseline(self) -> Path:
         return self.state / "model" / "baseline.json"
 
-    # convert / compress / evaluate, per backend
-    def fp32_bundle(self, backend: str) -> Path:
-        return self.state / backend / f"fp32{self.registry.backends[backend].extension}"
+    # convert / compress / evaluate, per variant
+    def _extension(self, variant: str) -> str:
+        return self.registry.backends[self.variants[variant].backend].extension
 
-    def candidate_bundle(self, backend: str, technique: str) -> Path:
-        return self.state / backend / "candidates" / f"{technique}{self.registry.backends[backend].extension}"
+    def fp32_bundle(self, variant: str) -> Path:
+        return self.state / variant / f"fp32{self._extension(variant)}"
 
-    def candidate_record(self, backend: str, technique: str) -> Path:
-        return self.state / backend / "candidates" / f"{technique}.json"
+    def fp32_record(self, variant: str) -> Path:
+        return self.state / variant / "fp32.json"
 
-    def evaluation(self, backend: str, technique: str) -> Path:
-        return self.state / backend / "evaluations" / f"{technique}.json"
+    def candidate_bundle(self, variant: str, technique: str) -> Path:
+        return self.state / variant / "candidates" / f"{technique}{self._extension(variant)}"
+
+    def candidate_record(self, variant: str, technique: str) -> Path:
+        return self.state / variant / "candidates" / f"{technique}.json"
+
+    def evaluation(self, variant: str, technique: str) -> Path:
+        return self.state / variant / "evaluations" / f"{technique}.json"
 
     # select / package, per target
     def selection(self, target: Target) -> Path:
@@ -72,6 +104,3 @@ class Build:
 
     def log(self, task_name: str) -> Path:
         return self.state / "logs" / (task_name.replace(":", "-") + ".log")
-
-    def backends_in_use(self) -> list[str]:
-        return sorted({t.format for t in self.manifest.targets})

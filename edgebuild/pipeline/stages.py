@@ -10,11 +10,11 @@ import numpy as np
 
 from .. import __version__
 from .. import devices as device_catalog
-from ..api import CompressInput, PackageInput
+from ..api import CompressInput, PackageInput, Technique
 from ..data import Dataset, load_dataset
 from ..errors import EdgebuildError, InputError, ToolchainError
-from ..fsutil import (atomic_output, atomic_write_json, download_bytes, read_json, remove_dir, replace_dir,
-                      sha256_file)
+from ..fsutil import (atomic_output, atomic_write_json, bundle_bytes, bundle_files, bundle_download_bytes, bundle_sha256, read_json,
+                      remove_dir, remove_path, replace_dir, replace_path, sha256_file)
 from ..manifest import Target
 from .layout import Build
 
@@ -125,71 +125,89 @@ def baseline_metric(build: Build) -> None:
 
 # ---- convert / compress / evaluate ------------------------------------------------------------
 
-def convert(build: Build, backend_name: str) -> None:
-    backend = build.registry.backends[backend_name]
-    out = build.fp32_bundle(backend_name)
+def convert(build: Build, variant_key: str) -> None:
+    variant = build.variants[variant_key]
+    backend = build.registry.backends[variant.backend]
+    out = build.fp32_bundle(variant_key)
     temporary = atomic_output(out)
-    targets = ", ".join(t.name for t in build.manifest.targets if t.format == backend_name)
+    targets = ", ".join(t.name for t in build.manifest.targets if build.variant(t).key == variant_key)
     try:
-        backend.convert(build.exported_program, temporary)
-        os.replace(temporary, out)
+        backend.convert(build.exported_program, temporary, variant.options)
+        replace_path(temporary, out)
     except ToolchainError as exc:
         raise ToolchainError(exc.reason, stage=exc.stage, target=targets, op=exc.op) from exc
     except Exception as exc:
-        raise ToolchainError(f"{backend_name} conversion failed: {_first_line(exc)}", stage="convert",
+        raise ToolchainError(f"{variant.backend} conversion failed: {_first_line(exc)}", stage="convert",
                              target=targets) from exc
     finally:
-        temporary.unlink(missing_ok=True)
+        remove_path(temporary)
+    # Bundles may be folders (.mlpackage); doit tracks this record of their hash instead.
+    atomic_write_json(build.fp32_record(variant_key), {"sha256": bundle_sha256(out)})
 
 
-def compress(build: Build, backend_name: str, technique_name: str) -> None:
+def runnable_techniques(build: Build, variant_key: str) -> list[tuple[Technique, str | None]]:
+    """Every technique of the variant's backend, with the reason it is skipped (None: it runs)."""
+    variant = build.variants[variant_key]
+    backend = build.registry.backends[variant.backend]
+    result = []
+    for technique in build.registry.techniques_for(variant.backend):
+        reason = backend.skip_reason(technique, variant.options)
+        if reason is None and technique.needs_calibration and build.manifest.calibration is None:
+            reason = "needs data.calibration, which the manifest does not give"
+        result.append((technique, reason))
+    return result
+
+
+def compress(build: Build, variant_key: str, technique_name: str) -> None:
     """Build one candidate; a toolchain failure is recorded (and retried next build), not fatal."""
-    backend = build.registry.backends[backend_name]
-    technique = build.registry.techniques[(backend_name, technique_name)]
-    out = build.candidate_bundle(backend_name, technique_name)
-    record_path = build.candidate_record(backend_name, technique_name)
+    variant = build.variants[variant_key]
+    backend = build.registry.backends[variant.backend]
+    technique = build.registry.techniques[(variant.backend, technique_name)]
+    out = build.candidate_bundle(variant_key, technique_name)
+    record_path = build.candidate_record(variant_key, technique_name)
     calibration = None
     if technique.needs_calibration:
         calibration = _dataset(build, build.manifest.calibration, need_labels=False).samples(CALIBRATION_SAMPLES)
     temporary = atomic_output(out)
     try:
-        backend.compress(technique, CompressInput(fp32_bundle=build.fp32_bundle(backend_name),
+        backend.compress(technique, CompressInput(fp32_bundle=build.fp32_bundle(variant_key),
                                                   exported_program=build.exported_program,
-                                                  calibration=calibration, work_dir=out.parent), temporary)
-        os.replace(temporary, out)
-        record = {"technique": technique_name, "status": "ok", "sha256": sha256_file(out)}
+                                                  calibration=calibration, work_dir=out.parent,
+                                                  options=variant.options), temporary)
+        replace_path(temporary, out)
+        record = {"technique": technique_name, "status": "ok", "sha256": bundle_sha256(out)}
     except Exception as exc:
         error = exc if isinstance(exc, ToolchainError) else ToolchainError(
             f"{_first_line(exc)}", stage="compress", technique=technique_name)
         record = {"technique": technique_name, "status": "error", "error": error.to_record()}
-        out.unlink(missing_ok=True)
+        remove_path(out)
     finally:
-        temporary.unlink(missing_ok=True)
+        remove_path(temporary)
     atomic_write_json(record_path, record)
 
 
-def candidate_is_valid(build: Build, backend_name: str, technique_name: str) -> bool:
+def candidate_is_valid(build: Build, variant_key: str, technique_name: str) -> bool:
     """A cached candidate counts only if it built and its bytes still hash to what was recorded."""
-    record_path = build.candidate_record(backend_name, technique_name)
-    bundle = build.candidate_bundle(backend_name, technique_name)
+    bundle = build.candidate_bundle(variant_key, technique_name)
     try:
-        record = read_json(record_path)
+        record = read_json(build.candidate_record(variant_key, technique_name))
     except (OSError, ValueError):
         return False
-    return record.get("status") == "ok" and bundle.is_file() and sha256_file(bundle) == record.get("sha256")
+    return record.get("status") == "ok" and bundle.exists() and bundle_sha256(bundle) == record.get("sha256")
 
 
-def evaluate(build: Build, backend_name: str, technique_name: str) -> None:
-    """Run the candidate in its real runtime on the evaluation set; record metric, size and latency."""
-    backend = build.registry.backends[backend_name]
-    technique = build.registry.techniques[(backend_name, technique_name)]
-    record = read_json(build.candidate_record(backend_name, technique_name))
+def evaluate(build: Build, variant_key: str, technique_name: str) -> None:
+    """Run the candidate in its runtime on the evaluation set; record metric, size and latency."""
+    variant = build.variants[variant_key]
+    backend = build.registry.backends[variant.backend]
+    technique = build.registry.techniques[(variant.backend, technique_name)]
+    record = read_json(build.candidate_record(variant_key, technique_name))
     result = {"technique": technique_name, "description": technique.description}
+    destination = build.evaluation(variant_key, technique_name)
     if record["status"] != "ok":
-        atomic_write_json(build.evaluation(backend_name, technique_name),
-                          {**result, "status": "error", "error": record["error"]})
+        atomic_write_json(destination, {**result, "status": "error", "error": record["error"]})
         return
-    bundle = build.candidate_bundle(backend_name, technique_name)
+    bundle = build.candidate_bundle(variant_key, technique_name)
     metric = build.registry.metrics[build.manifest.metric]
     data = _dataset(build, build.manifest.evaluation, need_labels=metric.needs_labels)
     with np.load(build.reference) as stored:
@@ -197,22 +215,22 @@ def evaluate(build: Build, backend_name: str, technique_name: str) -> None:
     try:
         prediction = backend.predict(bundle, data.inputs, threads=LATENCY_THREADS)
         value = metric.compute(prediction.outputs, reference, data.labels)
+        layers = backend.weights(bundle)
     except Exception as exc:
         error = ToolchainError(_first_line(exc), stage="evaluate", technique=technique_name)
-        atomic_write_json(build.evaluation(backend_name, technique_name),
-                          {**result, "status": "error", "error": error.to_record()})
+        atomic_write_json(destination, {**result, "status": "error", "error": error.to_record()})
         return
-    atomic_write_json(build.evaluation(backend_name, technique_name), {
+    atomic_write_json(destination, {
         **result,
         "status": "ok",
-        "bytes": bundle.stat().st_size,
-        "download_bytes": download_bytes([bundle], bundle.parent),
+        "bytes": bundle_bytes(bundle),
+        "download_bytes": bundle_download_bytes(bundle),
         "sha256": record["sha256"],
         "metric": value,
         "latency_ms": round(prediction.latency_ms, 4),
         "evaluated_by": prediction.runtime,
         "latency": prediction.details,
-        "layers": backend.weights(bundle),
+        "layers": layers,
     })
 
 
@@ -237,12 +255,13 @@ def select(build: Build, target: Target) -> None:
     if store and target.delivery:
         store_limit = {"store": store[0], "delivery": target.delivery, "limit": store[1][target.delivery]}
     candidates = []
-    for technique in build.registry.techniques_for(target.format):
-        if technique.needs_calibration and manifest.calibration is None:
+    variant_key = build.variant(target).key
+    for technique, skip in runnable_techniques(build, variant_key):
+        if skip:
             candidates.append({"technique": technique.name, "description": technique.description,
-                               "status": "skipped", "reason": "needs data.calibration, which the manifest does not give"})
+                               "status": "skipped", "reason": skip})
             continue
-        evaluation = read_json(build.evaluation(target.format, technique.name))
+        evaluation = read_json(build.evaluation(variant_key, technique.name))
         if evaluation["status"] != "ok":
             candidates.append({**evaluation, "status": "error"})
             continue
@@ -299,14 +318,14 @@ def package(build: Build, target: Target) -> None:
     staged = build.staging / target.name
     shutil.rmtree(staged, ignore_errors=True)
     staged.mkdir(parents=True)
-    bundle = build.candidate_bundle(target.format, selection["chosen"]["technique"])
+    bundle = build.candidate_bundle(build.variant(target).key, selection["chosen"]["technique"])
     packager = build.registry.packagers[target.format]
     written = packager(PackageInput(bundle=bundle, directory=staged, model_name=build.manifest.model_name,
                                     model_description=build.manifest.model.get("description", ""),
                                     manifest_file=build.manifest.path.name, target=target,
                                     chosen=selection["chosen"], backend=build.registry.backends[target.format]))
-    files = [{"path": build.manifest.relative(destination / p.relative_to(staged)), "sha256": sha256_file(p),
-              "bytes": p.stat().st_size} for p in sorted(written)]
+    files = [{"path": build.manifest.relative(destination / f.relative_to(staged)), "sha256": sha256_file(f),
+              "bytes": f.stat().st_size} for p in sorted(written) for f in bundle_files(p)]
     replace_dir(staged, destination, build.trash)
     atomic_write_json(build.packaged(target), {"files": files})
 

@@ -72,35 +72,38 @@ def build_tasks(build: Build, wrap: Callable) -> list[dict]:
               targets=[rel(build.baseline)],
               code=(metric,), config={"metric": manifest.metric}),
     ]
-    for backend in build.backends_in_use():
-        tasks.append(task(f"convert:{backend}", wrap(f"convert:{backend}", stages.convert), build, backend,
-                           file_dep=[rel(build.exported_program)],
-                           targets=[rel(build.fp32_bundle(backend))],
-                           code=(("backend", backend),), config={"toolchain": toolchain[backend]}))
-        for technique in registry.techniques_for(backend):
-            if technique.needs_calibration and manifest.calibration is None:
-                continue  # select() reports it as skipped
-            key = f"{backend}:{technique.name}"
+    for key, variant in build.variants.items():
+        backend = variant.backend
+        tasks.append(task(f"convert:{key}", wrap(f"convert:{key}", stages.convert), build, key,
+                          file_dep=[rel(build.exported_program)],
+                          targets=[rel(build.fp32_record(key))],
+                          code=(("backend", backend),),
+                          config={"toolchain": toolchain[backend], "options": variant.options}))
+        for technique, skip in stages.runnable_techniques(build, key):
+            if skip:
+                continue  # select() reports it as skipped, with the reason
+            name = f"{key}:{technique.name}"
             calibration = [rel(manifest.calibration)] if technique.needs_calibration else []
             tasks.append(task(
-                f"compress:{key}", wrap(f"compress:{key}", stages.compress), build, backend, technique.name,
-                file_dep=[rel(build.fp32_bundle(backend))] + calibration,
-                targets=[rel(build.candidate_record(backend, technique.name))],
-                # A failed or tampered candidate is never up to date: it is rebuilt, not trusted.
+                f"compress:{name}", wrap(f"compress:{name}", stages.compress), build, key, technique.name,
+                file_dep=[rel(build.fp32_record(key))] + calibration,
+                targets=[rel(build.candidate_record(key, technique.name))],
                 code=(("backend", backend), ("technique", f"{backend}/{technique.name}")),
                 config={"recipe": technique.recipe, "toolchain": toolchain[backend]},
-                uptodate=[(stages.candidate_is_valid, (build, backend, technique.name))]))
+                # A failed or tampered candidate is never up to date: it is rebuilt, not trusted.
+                uptodate=[(stages.candidate_is_valid, (build, key, technique.name))]))
             tasks.append(task(
-                f"evaluate:{key}", wrap(f"evaluate:{key}", stages.evaluate), build, backend, technique.name,
-                file_dep=[rel(build.candidate_record(backend, technique.name)), rel(build.reference),
+                f"evaluate:{name}", wrap(f"evaluate:{name}", stages.evaluate), build, key, technique.name,
+                file_dep=[rel(build.candidate_record(key, technique.name)), rel(build.reference),
                           rel(manifest.evaluation)],
-                targets=[rel(build.evaluation(backend, technique.name))],
+                targets=[rel(build.evaluation(key, technique.name))],
                 code=(("backend", backend), metric),
                 config={"metric": manifest.metric, "threads": stages.LATENCY_THREADS},
-                uptodate=[(stages.candidate_is_valid, (build, backend, technique.name))]))
+                uptodate=[(stages.candidate_is_valid, (build, key, technique.name))]))
     for target in manifest.targets:
-        evaluations = [rel(build.evaluation(target.format, t.name)) for t in registry.techniques_for(target.format)
-                       if not (t.needs_calibration and manifest.calibration is None)]
+        key = build.variant(target).key
+        evaluations = [rel(build.evaluation(key, t.name)) for t, skip in stages.runnable_techniques(build, key)
+                       if not skip]
         tasks.append(task(f"select:{target.name}", wrap(f"select:{target.name}", stages.select), build, target,
                            file_dep=evaluations + [rel(build.baseline)],
                            targets=[rel(build.selection(target))],

@@ -11,7 +11,7 @@ from typing import Sequence
 
 import numpy as np
 
-from edgebuild.api import CompressInput, Prediction, Technique
+from edgebuild.api import BackendBase, CompressInput, Prediction, Technique
 from edgebuild.errors import ToolchainError
 
 SIGNATURE = "serving_default"
@@ -46,7 +46,7 @@ def _ordered(names) -> list[str]:
     return sorted(names, key=lambda n: [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", n)])
 
 
-class TFLiteBackend:
+class TFLiteBackend(BackendBase):
     name = "tflite"
     platform = "android"
     extension = ".tflite"
@@ -58,7 +58,7 @@ class TFLiteBackend:
     def runtime(self) -> str:
         return f"ai-edge-litert {_version('ai-edge-litert')} (XNNPACK, host CPU)"
 
-    def convert(self, exported_program: Path, out: Path) -> None:
+    def convert(self, exported_program: Path, out: Path, options: dict) -> None:
         import torch
         import litert_torch
 
