@@ -51,7 +51,7 @@ class Prediction:
     """A bundle run on a data set in the target runtime."""
 
     outputs: np.ndarray
-    latency_ms: float
+    latency_ms: float | None
     runtime: str
     details: dict = field(default_factory=dict)
 
@@ -82,8 +82,9 @@ class Backend(Protocol):
     def compress(self, technique: Technique, source: CompressInput, out: Path) -> None:
         """Write the candidate bundle for `technique`."""
 
-    def predict(self, bundle: Path, inputs: Sequence[np.ndarray], *, threads: int) -> Prediction:
-        """Run the bundle on every sample and measure host latency at batch 1."""
+    def predict(self, bundle: Path, inputs: Sequence[np.ndarray], *, threads: int,
+                exported_program: Path | None = None) -> Prediction:
+        """Run the bundle on every sample; measure host latency (None where it means nothing)."""
 
     def describe(self, bundle: Path) -> dict:
         """Input/output names, shapes, dtypes and quantization parameters of a bundle."""

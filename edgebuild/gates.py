@@ -4,7 +4,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import InputError
-from .fsutil import download_bytes, read_json, sha256_file
+from .fsutil import bundle_bytes, bundle_download_bytes, read_json, sha256_file
 from .manifest import Manifest
 from .units import format_size
 
@@ -54,12 +54,8 @@ def check_bundles(manifest: Manifest, input_files: list[Path], registry) -> Chec
                 intact = False
         if not intact:
             continue
-        extension = registry.backends[target.format].extension
-        bundle_files = [manifest.root / n for n in entry["files"] if n.endswith(extension)]
-        bundle = bundle_files[0]
-        size = sum(p.stat().st_size for p in bundle.rglob("*") if p.is_file()) if bundle.is_dir() else bundle.stat().st_size
-        files = [p for p in bundle.rglob("*") if p.is_file()] if bundle.is_dir() else [bundle]
-        download = download_bytes(files, bundle.parent)
+        bundle = manifest.root / entry["bundle"]
+        size, download = bundle_bytes(bundle), bundle_download_bytes(bundle)
         failures = []
         if target.size is not None and size > target.size:
             failures.append(f"size {format_size(size)} > budget {format_size(target.size)}")

@@ -22,10 +22,11 @@ LOCK_FILE = "edgebuild.lock"
 TOP_KEYS = {"version": True, "model": True, "data": True, "metric": False, "targets": True, "output": False,
             "reports": False}
 DEFAULT_REPORTS = ["json", "md", "junit", "html"]
-MODEL_KEYS = {"name": True, "source": True, "entry": False, "path": False, "description": False}
+MODEL_KEYS = {"name": True, "source": True, "entry": False, "path": False, "description": False, "version": False}
 DATA_KEYS = {"calibration": False, "evaluation": True}
 TARGET_KEYS = {"name": True, "format": True, "devices": True, "budget": False, "accuracy": True,
-               "delivery": False, "android": False}
+               "delivery": False, "android": False, "min_ios": False}
+MIN_IOS_RANGE = (15, 18)  # ML Programs need iOS 15; coremltools 9 knows deployment targets up to iOS 18
 ANDROID_KEYS = {"assets_dir": False, "kotlin_package": False}
 ANDROID_DEFAULTS = {"assets_dir": "models", "kotlin_package": "edgebuild.models"}
 ASSETS_DIR_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_-]*(/[A-Za-z0-9_][A-Za-z0-9_-]*)*$")
@@ -46,6 +47,7 @@ class Target:
     raw: dict = field(repr=False)
     delivery: str | None = None          # how the store delivers it (android: base | feature | asset-pack)
     android: dict = field(default_factory=dict)  # assets_dir, kotlin_package
+    min_ios: int | None = None           # ios: deployment target; default: the lowest iOS among devices
 
 
 @dataclass
@@ -231,8 +233,9 @@ def load_manifest(path: Path | str, registry: Registry) -> Manifest:
     model = check.mapping(raw["model"], ("model",), MODEL_KEYS)
     check.name(model["name"], ("model", "name"))
     source = check.choice(model["source"], ("model", "source"), list(registry.loaders), "model source")
-    if "description" in model:
-        check.string(model["description"], ("model", "description"))
+    for key in ("description", "version"):
+        if key in model:
+            check.string(model[key], ("model", key))
     if source == "python":
         if "entry" not in model:
             raise doc.error(("model",), "missing required key 'entry' (FILE.py:FUNCTION) for source 'python'")
@@ -353,5 +356,19 @@ def _target(check: _Validator, doc: _Document, entry: Any, path: tuple, metric, 
                 check.string(android[key], path + ("android", key))
                 if not pattern.match(android[key]):
                     raise doc.error(path + ("android", key), f"invalid value {android[key]!r} (for example {example!r})")
+    min_ios = None
+    if "min_ios" in entry:
+        if platform != "ios":
+            raise doc.error(path + ("min_ios",), f"only ios targets take min_ios; format {fmt!r} targets {platform}",
+                            at_key=True)
+        value = entry["min_ios"]
+        if isinstance(value, bool) or not isinstance(value, int) or not MIN_IOS_RANGE[0] <= value <= MIN_IOS_RANGE[1]:
+            raise doc.error(path + ("min_ios",), f"expected an iOS major version from {MIN_IOS_RANGE[0]} to "
+                                                 f"{MIN_IOS_RANGE[1]}, got {value!r}")
+        for device in devices:
+            if catalog[device]["ios"] < value:
+                raise doc.error(path + ("min_ios",), f"device {device!r} runs at most iOS {catalog[device]['ios']}; "
+                                                     f"min_ios {value} would exclude it")
+        min_ios = value
     return Target(name=name, format=fmt, devices=list(devices), size=size, download=download,
-                  max_drop=max_drop, floor=floor, raw=entry, delivery=delivery, android=android)
+                  max_drop=max_drop, floor=floor, raw=entry, delivery=delivery, android=android, min_ios=min_ios)

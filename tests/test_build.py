@@ -48,8 +48,8 @@ def run_tflite_outside_edgebuild(bundle: Path, x: np.ndarray) -> np.ndarray:
 
 def test_example_bundle_meets_budget_and_its_metric_reproduces(built_example):
     report = read_report(built_example)
-    (target,) = report["targets"]
-    assert target["status"] == "pass"
+    target = report["targets"][0]
+    assert target["name"] == "android" and target["status"] == "pass"
     chosen = target["chosen"]
     bundle = built_example / chosen["path"]
     assert bundle == built_example / "dist" / "android" / "digits.tflite"
@@ -93,18 +93,19 @@ def test_changing_one_budget_reruns_only_that_target(built_copy):
     assert first.returncode == 0, first.stderr
     assert set(json.loads(first.stdout)["executed"]) == {"select:lowend", "package:lowend", "report", "lock"}
 
-    edit_manifest(built_copy, lambda m: m["targets"][1]["budget"].update(size="40KB"))
+    edit_manifest(built_copy, lambda m: m["targets"][2]["budget"].update(size="40KB"))
     second = run_edgebuild("build", "--json", cwd=built_copy)
     assert second.returncode == 0, second.stderr
     assert set(json.loads(second.stdout)["executed"]) == {"select:lowend", "package:lowend", "report", "lock"}
-    assert read_report(built_copy)["targets"][1]["budget"]["size"] == 40_000
+    assert read_report(built_copy)["targets"][2]["budget"]["size"] == 40_000
 
 
 def test_impossible_budget_exits_1_with_reasons_per_candidate(built_copy):
     edit_manifest(built_copy, lambda m: m["targets"][0]["budget"].update(size="1KB"))
     result = run_edgebuild("build", cwd=built_copy)
     assert result.returncode == 1, result.stderr
-    (target,) = read_report(built_copy)["targets"]
+    target, ios = read_report(built_copy)["targets"]
+    assert ios["status"] == "pass"
     assert target["status"] == "fail" and target["chosen"] is None
     for candidate in target["candidates"]:
         size = next(f for f in candidate["failed"] if f["constraint"] == "size")
@@ -117,7 +118,7 @@ def test_floor_failures_name_limit_and_actual(built_copy):
     edit_manifest(built_copy, lambda m: m["targets"][0]["accuracy"].update({"max_drop": 0.0}) or
                   m["targets"][0]["budget"].update(size="30KB"))
     result = run_edgebuild("build", cwd=built_copy)
-    (target,) = read_report(built_copy)["targets"]
+    target = read_report(built_copy)["targets"][0]
     mse = next(c for c in target["candidates"] if c["technique"] == "int4-weight-only-mse")
     if mse["metric"] < target["baseline"]["metric"]:
         assert {"constraint": "accuracy", "limit": target["baseline"]["metric"], "actual": mse["metric"]} in mse["failed"]
@@ -174,8 +175,11 @@ def test_two_clean_builds_are_byte_identical(built_example, tmp_path):
     make_project(tmp_path)
     result = run_edgebuild("build", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    for name in ("dist/android/digits.tflite",):
-        assert sha256(tmp_path / name) == sha256(built_example / name)
+    files = sorted(p.relative_to(built_example) for p in (built_example / "dist").rglob("*")
+                   if p.is_file() and p.suffix not in (".json", ".md", ".xml", ".html"))
+    assert len(files) > 5 and any(".mlpackage" in str(p) for p in files)
+    for name in files:  # every bundle file, Core ML packages included
+        assert sha256(tmp_path / name) == sha256(built_example / name), name
 
     def without_timings(report):
         for target in report["targets"]:

@@ -52,7 +52,7 @@ def test_valid_manifest_passes(tmp_path, capsys):
     ("size: 60KB", "size: -5KB", "edgebuild.yaml:15:13: targets[0].budget.size: expected a size with a unit such as '40KB' or '2MiB', got '-5KB'"),
     ("max_drop: 0.01", "max_drop: 1.5", "edgebuild.yaml:17:17: targets[0].accuracy.max_drop: must be between 0.0 and 1.0, got 1.5"),
     ("max_drop: 0.01", "floor: high", "edgebuild.yaml:17:14: targets[0].accuracy.floor: expected a number, got a string 'high'"),
-    ("format: tflite", "format: tflight", "edgebuild.yaml:12:13: targets[0].format: unknown format 'tflight'; did you mean 'tflite'? (available: tflite)"),
+    ("format: tflite", "format: tflight", "edgebuild.yaml:12:13: targets[0].format: unknown format 'tflight'; did you mean 'tflite'? (available: coreml, tflite)"),
     ("metric: top1", "metric: top5", "edgebuild.yaml:9:9: metric: unknown metric 'top5'; did you mean 'top1'? (available: agreement, sqnr, top1)"),
     ("evaluation: examples/digits/eval.npz", "evaluation: examples/digits/missing.npz",
      "edgebuild.yaml:8:15: data.evaluation: file 'examples/digits/missing.npz' not found"),
@@ -150,3 +150,16 @@ def test_android_settings_default(tmp_path):
     manifest = load_manifest(make_project(tmp_path, GOOD), default_registry())
     assert manifest.targets[0].delivery == "base"
     assert manifest.targets[0].android == {"assets_dir": "models", "kotlin_package": "edgebuild.models"}
+
+
+def test_min_ios_cannot_exclude_a_listed_device(tmp_path, capsys):
+    text = GOOD.replace("output: dist\n", """\
+  - name: ios
+    format: coreml
+    devices: [iphone-15, iphone-x]
+    min_ios: 17
+    accuracy: {floor: 0.9}
+""")
+    code, err = validate(tmp_path, text, capsys)
+    assert (code, err) == (2, "edgebuild.yaml:21:14: targets[1].min_ios: device 'iphone-x' runs at most iOS 16; "
+                              "min_ios 17 would exclude it")

@@ -30,7 +30,9 @@ class Build:
     # variants
     def variant(self, target: Target) -> Variant:
         key, options = self.registry.backends[target.format].variant(target)
-        return Variant(key=key, backend=target.format, options=options)
+        # Backends that embed model metadata (Core ML) read it from here; it is part of the cache key.
+        model = {k: self.manifest.model.get(k) for k in ("name", "description", "version")}
+        return Variant(key=key, backend=target.format, options={**options, "model": model})
 
     @cached_property
     def variants(self) -> dict[str, Variant]:

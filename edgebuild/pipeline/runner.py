@@ -14,8 +14,8 @@ from doit.doit_cmd import DoitMain
 from rich.console import Console
 
 from ..errors import EdgebuildError, InputError, ToolchainError
-from ..fsutil import read_json
 from .layout import Build
+from .stages import target_summary
 from .tasks import build_tasks
 
 HEAVY_STAGES = ("export", "reference", "convert", "compress", "evaluate")
@@ -204,9 +204,5 @@ def _append_traceback(log: Path) -> None:
 
 def read_targets(build: Build) -> list[dict]:
     """Selections that exist for the manifest's targets (a fatal stage error leaves some missing)."""
-    selections = []
-    for target in build.manifest.targets:
-        path = build.selection(target)
-        if path.is_file():
-            selections.append(read_json(path))
-    return selections
+    summaries = [target_summary(build, target) for target in build.manifest.targets]
+    return [summary for summary in summaries if summary is not None]

@@ -213,7 +213,8 @@ def evaluate(build: Build, variant_key: str, technique_name: str) -> None:
     with np.load(build.reference) as stored:
         reference = stored["outputs"]
     try:
-        prediction = backend.predict(bundle, data.inputs, threads=LATENCY_THREADS)
+        prediction = backend.predict(bundle, data.inputs, threads=LATENCY_THREADS,
+                                     exported_program=build.exported_program)
         value = metric.compute(prediction.outputs, reference, data.labels)
         layers = backend.weights(bundle)
     except Exception as exc:
@@ -227,7 +228,7 @@ def evaluate(build: Build, variant_key: str, technique_name: str) -> None:
         "download_bytes": bundle_download_bytes(bundle),
         "sha256": record["sha256"],
         "metric": value,
-        "latency_ms": round(prediction.latency_ms, 4),
+        "latency_ms": None if prediction.latency_ms is None else round(prediction.latency_ms, 4),
         "evaluated_by": prediction.runtime,
         "latency": prediction.details,
         "layers": layers,
@@ -326,8 +327,12 @@ def package(build: Build, target: Target) -> None:
                                     chosen=selection["chosen"], backend=build.registry.backends[target.format]))
     files = [{"path": build.manifest.relative(destination / f.relative_to(staged)), "sha256": sha256_file(f),
               "bytes": f.stat().st_size} for p in sorted(written) for f in bundle_files(p)]
+    extension = build.registry.backends[target.format].extension
+    bundle_path = next((p for p in sorted(written) if p.name.endswith(extension)), None)
     replace_dir(staged, destination, build.trash)
-    atomic_write_json(build.packaged(target), {"files": files})
+    atomic_write_json(build.packaged(target), {
+        "bundle": build.manifest.relative(destination / bundle_path.relative_to(staged)) if bundle_path else None,
+        "files": files})
 
 
 def packaged_is_intact(build: Build, target: Target) -> bool:
@@ -355,8 +360,20 @@ def report_data(build: Build) -> dict:
         "metric": {"name": metric.name, "description": metric.description, "unit": metric.unit,
                    "higher_is_better": metric.higher_is_better},
         "toolchain": {name: build.registry.backends[name].version() for name in build.backends_in_use()},
-        "targets": [read_json(build.selection(t)) for t in manifest.targets],
+        "targets": [target_summary(build, t) for t in manifest.targets],
     }
+
+
+def target_summary(build: Build, target: Target) -> dict | None:
+    """A target's selection, with the chosen bundle's path as its packager laid it out."""
+    if not build.selection(target).is_file():
+        return None
+    summary = read_json(build.selection(target))
+    if summary["chosen"] is not None and build.packaged(target).is_file():
+        bundle = read_json(build.packaged(target)).get("bundle")
+        if bundle:
+            summary["chosen"]["path"] = bundle
+    return summary
 
 
 def write_reports(build: Build, reporters: list[str], data: dict | None = None) -> None:
@@ -395,11 +412,12 @@ def write_lock(build: Build) -> None:
     targets = dict(previous)  # a --target build keeps the other targets' entries
     for target in manifest.targets:
         selection = read_json(build.selection(target))
-        files = read_json(build.packaged(target))["files"]
+        packaged = read_json(build.packaged(target))
         targets[target.name] = {
             "status": selection["status"],
             "technique": selection["chosen"]["technique"] if selection["chosen"] else None,
-            "files": {entry["path"]: entry["sha256"] for entry in files},
+            "bundle": packaged.get("bundle"),
+            "files": {entry["path"]: entry["sha256"] for entry in packaged["files"]},
         }
     atomic_write_json(build.manifest.lock_file, {
         "lock_version": 1,

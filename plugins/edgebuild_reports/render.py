@@ -17,5 +17,6 @@ def environment() -> Environment:
     env.filters["metric"] = lambda value: "n/a" if value is None else f"{value:.4f}"
     env.filters["why"] = candidate_reason
     env.filters["signed"] = lambda value, digits=4: "n/a" if value is None else f"{value:+.{digits}f}"
+    env.filters["ms"] = lambda value: "not measured" if value is None else f"{value:.3f} ms"
     env.filters["percent"] = lambda value: "n/a" if value is None else f"{value:+.1f}%"
     return env

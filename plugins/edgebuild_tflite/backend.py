@@ -103,7 +103,8 @@ class TFLiteBackend(BackendBase):
         signature = self._interpreter(bundle).get_signature_list()[SIGNATURE]
         return _ordered(signature["inputs"])
 
-    def predict(self, bundle: Path, inputs: Sequence[np.ndarray], *, threads: int = 1) -> Prediction:
+    def predict(self, bundle: Path, inputs: Sequence[np.ndarray], *, threads: int = 1,
+                exported_program: Path | None = None) -> Prediction:
         """Run every sample through the bundle at its exported batch size; latency is the median invoke."""
         interpreter = self._interpreter(bundle, threads)
         runner = interpreter.get_signature_runner(SIGNATURE)

@@ -1,0 +1,356 @@
+"""Core ML backend: coremltools converts torch.export programs to ML Programs and compresses them.
+
+On Linux, Core ML cannot run a model. Candidates are then evaluated by a *weights-exact torch
+simulation*: the exported PyTorch program with every parameter replaced by the value the bundle
+stores (decompressed exactly as the runtime materialises it). Activations run in float32, so
+float16 compute and activation quantization are not simulated; reports say so.
+"""
+import importlib.metadata
+import json
+import re
+import shutil
+import statistics
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from edgebuild import devices
+from edgebuild.api import BackendBase, CompressInput, Prediction, Technique
+from edgebuild.errors import ToolchainError
+
+MODEL_FILE = Path("Data") / "com.apple.CoreML" / "model.mlmodel"
+DEBUG_FILES = ("executorch_debug_handle_mapping.json",)  # conversion debug data, never read at run time
+VOLATILE_METADATA = ("com.github.apple.coremltools.conversion_date",)
+SIMULATION = "weights-exact torch simulation"
+_OP_PATTERNS = (re.compile(r"convert function for op '([^']+)' not implemented"),
+                re.compile(r"Unsupported fx node (\S+)"),
+                re.compile(r"op '([^']+)' is not supported"),
+                re.compile(r"Unsupported op[^:]*: '?([\w.:]+)"))
+
+
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "missing"
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0][:300]}" if lines else type(exc).__name__
+
+
+def unsupported_op(exc: BaseException) -> str | None:
+    for pattern in _OP_PATTERNS:
+        match = pattern.search(str(exc))
+        if match:
+            return match.group(1).strip(".,")
+    return None
+
+
+def can_predict() -> bool:
+    """Core ML prediction exists on macOS only."""
+    return sys.platform == "darwin"
+
+
+def _deployment_target(min_ios: int):
+    import coremltools as ct
+
+    return getattr(ct.target, f"iOS{min_ios}")
+
+
+class CoreMLBackend(BackendBase):
+    name = "coreml"
+    platform = "ios"
+    extension = ".mlpackage"
+
+    def version(self) -> str:
+        return f"coremltools {_version('coremltools')}, torch {_version('torch')}, scikit-learn {_version('scikit-learn')}"
+
+    def variant(self, target) -> tuple[str, dict]:
+        catalog = devices.catalog()
+        min_ios = target.min_ios or min(catalog[d]["ios"] for d in target.devices)
+        return f"coreml-ios{min_ios}", {"min_ios": min_ios}
+
+    def skip_reason(self, technique: Technique, options: dict) -> str | None:
+        required = technique.recipe["requires_ios"]
+        if required > options["min_ios"]:
+            return f"requires iOS {required}, target min is iOS {options['min_ios']}"
+        if technique.recipe.get("needs_prediction") and not can_predict():
+            return "calibrating activations runs Core ML prediction, which exists on macOS only"
+        return None
+
+    # ---- convert / compress ----------------------------------------------------------------------
+
+    def _convert(self, exported_program: Path, out: Path, options: dict, precision: str) -> None:
+        import coremltools as ct
+        import torch
+
+        program = torch.export.load(str(exported_program))
+        try:
+            # The default decomposition table also lowers ops Core ML lacks (e.g. per-channel PReLU).
+            # Linear stays whole: Core ML has it, and its weight keeps the torch parameter's name
+            # and layout, which the weights-exact simulation maps back by name.
+            table = torch.export.default_decompositions()
+            table.pop(torch.ops.aten.linear.default, None)
+            program = program.run_decompositions(table)
+            model = ct.convert(program, convert_to="mlprogram", minimum_deployment_target=_deployment_target(options["min_ios"]),
+                               compute_precision=getattr(ct.precision, precision), skip_model_load=True)
+        except Exception as exc:
+            op = unsupported_op(exc)
+            reason = f"coremltools cannot convert op {op}" if op else f"coremltools failed: {_first_line(exc)}"
+            raise ToolchainError(reason, stage="convert", op=op) from exc
+        model.save(str(out))
+        normalize_package(out, options.get("model", {}))
+
+    def convert(self, exported_program: Path, out: Path, options: dict) -> None:
+        self._convert(exported_program, out, options, "FLOAT16")
+
+    def compress(self, technique: Technique, source: CompressInput, out: Path) -> None:
+        settings = technique.recipe["compress"]
+        if settings is None:
+            shutil.copytree(source.fp32_bundle, out)
+            return
+        if settings["kind"] == "float32":
+            self._convert(source.exported_program, out, source.options, "FLOAT32")
+            return
+        import coremltools as ct
+        import coremltools.optimize.coreml as optimize
+
+        base = ct.models.MLModel(str(source.fp32_bundle), skip_model_load=True)
+        try:
+            if settings["kind"] == "palettize":
+                config = optimize.OpPalettizerConfig(mode="kmeans", nbits=settings["nbits"],
+                                                     granularity=settings["granularity"],
+                                                     group_size=settings.get("group_size", 32), weight_threshold=0)
+                model = optimize.palettize_weights(base, optimize.OptimizationConfig(global_config=config))
+            elif settings["kind"] == "linear":
+                config = optimize.OpLinearQuantizerConfig(mode=settings["mode"], dtype=settings["dtype"],
+                                                          granularity=settings["granularity"],
+                                                          block_size=settings.get("block_size", 32), weight_threshold=0)
+                model = optimize.linear_quantize_weights(base, optimize.OptimizationConfig(global_config=config))
+            elif settings["kind"] == "w8a8":
+                activation = optimize.experimental.OpActivationLinearQuantizerConfig(mode="linear_symmetric")
+                names = [i.name for i in base.get_spec().description.input]
+                samples = [dict(zip(names, sample)) for sample in source.calibration or []]
+                model = optimize.experimental.linear_quantize_activations(
+                    base, optimize.OptimizationConfig(global_config=activation), sample_data=samples)
+                weights = optimize.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8", weight_threshold=0)
+                model = optimize.linear_quantize_weights(model, optimize.OptimizationConfig(global_config=weights))
+            else:
+                raise ValueError(f"unknown compression kind {settings['kind']!r}")
+        except Exception as exc:
+            raise ToolchainError(f"coremltools.optimize failed: {_first_line(exc)}", stage="compress",
+                                 technique=technique.name) from exc
+        model.save(str(out))
+        normalize_package(out, None)
+
+    # ---- evaluate ----------------------------------------------------------------------------------
+
+    def runtime(self) -> str:
+        if can_predict():
+            return f"Core ML {_version('coremltools')} MLModel.predict (macOS host)"
+        return f"{SIMULATION} (coremltools {_version('coremltools')} decompressed weights, float32 activations)"
+
+    def predict(self, bundle: Path, inputs: Sequence[np.ndarray], *, threads: int = 1,
+                exported_program: Path | None = None) -> Prediction:
+        if can_predict():
+            return self._predict_core_ml(bundle, inputs)
+        import torch
+
+        module, missing = simulated_module(bundle, exported_program)
+        batch = _example_batch(exported_program)
+        outputs = []
+        with torch.no_grad():
+            for start in range(0, len(inputs[0]), batch):
+                chunk = []
+                for array in inputs:
+                    part = array[start:start + batch]
+                    if len(part) < batch:
+                        part = np.concatenate([part, np.repeat(part[-1:], batch - len(part), axis=0)])
+                    chunk.append(torch.from_numpy(np.ascontiguousarray(part)))
+                result = module(*chunk)
+                result = result[0] if isinstance(result, (tuple, list)) else result
+                outputs.append(result.float().numpy()[:min(batch, len(inputs[0]) - start)])
+        details = {"simulated": True, "activations": "float32", "unmapped_parameters": missing}
+        runtime = self.runtime()
+        if missing:  # say plainly that this evaluation is not weights-exact
+            runtime = (f"torch simulation, NOT weights-exact: {len(missing)} parameter(s) not found in the bundle "
+                       f"kept their float32 values ({', '.join(missing[:5])}{', …' if len(missing) > 5 else ''})")
+        # Host latency of a simulation says nothing about a phone: not reported.
+        return Prediction(outputs=np.concatenate(outputs), latency_ms=None, runtime=runtime, details=details)
+
+    def _predict_core_ml(self, bundle: Path, inputs: Sequence[np.ndarray]) -> Prediction:
+        import coremltools as ct
+
+        model = ct.models.MLModel(str(bundle))
+        spec = model.get_spec().description
+        in_names = [i.name for i in spec.input]
+        out_name = spec.output[0].name
+        outputs, timings = [], []
+        for i in range(len(inputs[0])):
+            feed = {name: array[i:i + 1] for name, array in zip(in_names, inputs)}
+            begin = time.perf_counter()
+            result = model.predict(feed)
+            timings.append((time.perf_counter() - begin) * 1000.0)
+            outputs.append(np.asarray(result[out_name], dtype=np.float32)[0])
+        steady = timings[min(3, len(timings) - 1):]
+        return Prediction(outputs=np.stack(outputs), latency_ms=statistics.median(steady), runtime=self.runtime(),
+                          details={"simulated": False, "runs": len(steady)})
+
+    def describe(self, bundle: Path) -> dict:
+        from coremltools.proto import Model_pb2
+
+        spec = Model_pb2.Model()
+        spec.ParseFromString((bundle / MODEL_FILE).read_bytes())
+
+        def features(items):
+            return [{"name": f.name, "shape": [int(d) for d in f.type.multiArrayType.shape],
+                     "dtype": Model_pb2.ArrayFeatureType.ArrayDataType.Name(f.type.multiArrayType.dataType).lower()}
+                    for f in items]
+
+        return {"inputs": features(spec.description.input), "outputs": features(spec.description.output),
+                "specification_version": spec.specificationVersion}
+
+    def weights(self, bundle: Path) -> list[dict]:
+        """Stored weight tensors with the bytes each takes in weight.bin and how it is compressed."""
+        rows = []
+        for op in _weight_ops(bundle):
+            arrays = [v.val for v in op.inputs.values() if isinstance(getattr(v, "val", None), np.ndarray)]
+            stored = sum(a.nbytes for a in arrays)
+            if op.op_type == "const":
+                value = op.outputs[0].val
+                if not isinstance(value, np.ndarray) or value.size < 2 or value.dtype.kind != "f":
+                    continue
+                stored, kind, shape = value.nbytes, str(value.dtype), list(value.shape)
+            else:
+                kind, shape = _compression_kind(op), [int(d) for d in op.outputs[0].shape]
+            rows.append({"name": _parameter_key(op.name), "dtype": kind, "shape": shape, "bytes": int(stored)})
+        return sorted(rows, key=lambda r: (-r["bytes"], r["name"]))
+
+
+# ---- package normalisation ---------------------------------------------------------------------
+
+def normalize_package(package: Path, model: dict | None) -> None:
+    """Make an .mlpackage byte-identical across builds and carry the manifest's metadata.
+
+    coremltools names package items with random UUIDs and stamps the conversion date; both are
+    replaced by values derived from the content.
+    """
+    from coremltools.proto import Model_pb2
+
+    for name in DEBUG_FILES:
+        (package / name).unlink(missing_ok=True)
+    spec_path = package / MODEL_FILE
+    spec = Model_pb2.Model()
+    spec.ParseFromString(spec_path.read_bytes())
+    for key in VOLATILE_METADATA:
+        if key in spec.description.metadata.userDefined:
+            del spec.description.metadata.userDefined[key]
+    if model is not None:
+        metadata = spec.description.metadata
+        metadata.shortDescription = model.get("description") or model.get("name", "")
+        metadata.versionString = str(model.get("version") or "")
+        metadata.author = "edgebuild"
+        for feature in list(spec.description.input) + list(spec.description.output):
+            array = feature.type.multiArrayType
+            dtype = Model_pb2.ArrayFeatureType.ArrayDataType.Name(array.dataType).lower()
+            feature.shortDescription = f"{dtype} tensor of shape {list(array.shape)}"
+    spec_path.write_bytes(spec.SerializeToString(deterministic=True))
+
+    manifest_path = package / "Manifest.json"
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    renamed = {}
+    entries = {}
+    for identifier, entry in manifest["itemInfoEntries"].items():
+        stable = str(uuid.uuid5(uuid.NAMESPACE_URL, "edgebuild:" + entry["path"])).upper()
+        renamed[identifier] = stable
+        entries[stable] = entry
+    manifest["itemInfoEntries"] = dict(sorted(entries.items()))
+    manifest["rootModelIdentifier"] = renamed[manifest["rootModelIdentifier"]]
+    manifest_path.write_text(json.dumps(manifest, indent=4, sort_keys=True) + "\n", encoding="utf-8")
+
+
+# ---- weights-exact simulation ------------------------------------------------------------------
+
+def _program(bundle: Path):
+    import coremltools as ct
+    from coremltools.converters.mil.frontend.milproto.load import load
+
+    model = ct.models.MLModel(str(bundle), skip_model_load=True)
+    spec = model.get_spec()
+    return load(spec, specification_version=spec.specificationVersion, file_weights_dir=model.weights_dir)
+
+
+def _weight_ops(bundle: Path) -> list:
+    program = _program(bundle)
+    return [op for function in program.functions.values() for op in function.operations
+            if op.op_type == "const" or op.op_type.startswith("constexpr_")]
+
+
+_SUFFIXES = ("_to_fp16", "_to_fp32", "_palettized", "_quantized", "_affine_quantized", "_dequantized")
+
+
+def _parameter_key(op_name: str) -> str:
+    """'p_features_0_weight_to_fp16_palettized' -> 'features_0_weight'."""
+    name = op_name.removeprefix("p_")
+    changed = True
+    while changed:
+        changed = False
+        for suffix in _SUFFIXES:
+            if name.endswith(suffix):
+                name, changed = name[: -len(suffix)], True
+    return name
+
+
+def _compression_kind(op) -> str:
+    if op.op_type == "constexpr_lut_to_dense":
+        bits = int(np.log2(op.inputs["lut"].val.shape[-2] if op.inputs["lut"].val.ndim > 1 else op.inputs["lut"].val.size))
+        return f"palettized {bits}-bit"
+    if op.op_type in ("constexpr_affine_dequantize", "constexpr_blockwise_shift_scale"):
+        data = op.inputs.get("quantized_data") or op.inputs.get("data")
+        return f"linear {np.dtype(data.val.dtype).name}" if data is not None else op.op_type
+    return op.op_type
+
+
+def bundle_weights(bundle: Path) -> dict[str, np.ndarray]:
+    """Every float weight the bundle stores, decompressed as Core ML materialises it at load time."""
+    weights = {}
+    for op in _weight_ops(bundle):
+        if op.op_type == "const":
+            value = op.outputs[0].val
+        else:
+            value = op.materialized_val_inference()
+        if isinstance(value, np.ndarray) and value.dtype.kind == "f" and value.size > 1:
+            weights[_parameter_key(op.name)] = value
+    return weights
+
+
+def _example_batch(exported_program: Path) -> int:
+    meta = json.loads((exported_program.parent / "model.json").read_text())
+    return int(meta["inputs"][0]["shape"][0]) or 1
+
+
+def simulated_module(bundle: Path, exported_program: Path):
+    """The exported program's module with each parameter set to the bundle's stored value.
+
+    Returns (module, names of parameters the bundle does not store under a matching name/shape).
+    """
+    import torch
+
+    module = torch.export.load(str(exported_program)).module()
+    stored = bundle_weights(bundle)
+    state = module.state_dict()
+    missing = []
+    with torch.no_grad():
+        for name, tensor in state.items():
+            value = stored.get(name.replace(".", "_"))
+            if value is None or tuple(value.shape) != tuple(tensor.shape):
+                missing.append(name)
+                continue
+            tensor.copy_(torch.from_numpy(value.astype(np.float32)))
+    return module, missing

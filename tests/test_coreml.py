@@ -1,0 +1,150 @@
+"""Core ML targets: iOS-gated techniques, weights-exact simulation on Linux, Swift package output."""
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from tests.conftest import read_report, run_edgebuild
+
+pytestmark = pytest.mark.slow
+
+
+def ios_target(report: dict) -> dict:
+    return next(t for t in report["targets"] if t["name"] == "ios")
+
+
+def mil_ops(package: Path):
+    """The weight-holding ops of an .mlpackage, read with coremltools (no edgebuild code)."""
+    import coremltools as ct
+    from coremltools.converters.mil.frontend.milproto.load import load
+
+    model = ct.models.MLModel(str(package), skip_model_load=True)
+    spec = model.get_spec()
+    program = load(spec, specification_version=spec.specificationVersion, file_weights_dir=model.weights_dir)
+    return spec, [op for f in program.functions.values() for op in f.operations]
+
+
+def test_ios_output_is_a_swift_package_holding_the_chosen_compressed_model(built_example):
+    target = ios_target(read_report(built_example))
+    chosen = target["chosen"]
+    assert target["status"] == "pass" and chosen["technique"].startswith("palettize-")
+    package = built_example / "dist" / "ios"
+    bundle = built_example / chosen["path"]
+    assert bundle == package / "Sources" / "DigitsModel" / "Resources" / "digits.mlpackage"
+    assert chosen["bytes"] == sum(p.stat().st_size for p in bundle.rglob("*") if p.is_file()) <= 40_000
+
+    manifest = (package / "Package.swift").read_text()
+    assert manifest.startswith("// swift-tools-version:5.9")
+    assert 'platforms: [.iOS(.v16)]' in manifest
+    assert '.process("Resources/digits.mlpackage")' in manifest
+    swift = (package / "Sources" / "DigitsModel" / "DigitsModel.swift").read_text()
+    assert "public enum DigitsModel" in swift and 'forResource: "digits", withExtension: "mlmodelc"' in swift
+
+    spec, ops = mil_ops(bundle)
+    # Typed names in Swift are the model's real input and output names.
+    for feature in list(spec.description.input) + list(spec.description.output):
+        assert f'= "{feature.name}"' in swift
+    # Metadata from the manifest is written into the Core ML model itself.
+    assert spec.description.metadata.shortDescription.startswith("Handwritten digit classifier")
+    assert spec.description.metadata.versionString == "1.0"
+    assert spec.description.input[0].shortDescription == "float32 tensor of shape [1, 1, 8, 8]"
+    # The weights are compressed as the report says: every weight is a lookup table of 2^bits entries.
+    bits = int(re.match(r"palettize-(\d)bit", chosen["technique"]).group(1))
+    luts = [op for op in ops if op.op_type == "constexpr_lut_to_dense"]
+    assert len(luts) == 4  # two convolutions, two linear layers
+    assert all(op.inputs["lut"].val.size == 2 ** bits for op in luts)
+
+
+def test_ios16_devices_never_get_ios17_or_ios18_techniques(built_example):
+    target = ios_target(read_report(built_example))
+    by_name = {c["technique"]: c for c in target["candidates"]}
+    for name in ("palettize-3bit", "palettize-4bit-grouped16", "int4-block32"):
+        assert by_name[name]["status"] == "skipped"
+        assert by_name[name]["reason"] == "requires iOS 18, target min is iOS 16"
+    assert by_name["w8a8"]["reason"] == "requires iOS 17, target min is iOS 16"
+    built = {p.name for p in (built_example / ".edgebuild" / "coreml-ios16" / "candidates").iterdir()}
+    assert not any(n.startswith(("palettize-3bit", "int4-block32", "palettize-4bit-grouped16", "w8a8")) for n in built)
+    evaluated = [c for c in target["candidates"] if c["status"] in ("pass", "fail")]
+    assert len(evaluated) == 7
+    assert all(c["evaluated_by"].startswith("weights-exact torch simulation") for c in evaluated)
+    assert all(c["latency_ms"] is None for c in evaluated)
+
+
+def test_simulated_weights_equal_the_bundles_decompressed_weights(built_example):
+    import coremltools as ct
+    from coremltools.optimize.coreml import decompress_weights, get_weights_metadata
+    from edgebuild_coreml.backend import simulated_module
+
+    exported = built_example / ".edgebuild" / "model" / "exported.pt2"
+    for technique in ("palettize-4bit", "int8-linear", "palettize-2bit", "fp16"):
+        package = built_example / ".edgebuild" / "coreml-ios16" / "candidates" / f"{technique}.mlpackage"
+        module, missing = simulated_module(package, exported)
+        assert missing == []
+        decompressed = get_weights_metadata(decompress_weights(ct.models.MLModel(str(package), skip_model_load=True)),
+                                            weight_threshold=0)
+        state = module.state_dict()
+        for name, tensor in state.items():
+            key = next(k for k in decompressed if k.startswith("p_" + name.replace(".", "_")))
+            np.testing.assert_array_equal(tensor.numpy(), decompressed[key].val.astype(np.float32),
+                                          err_msg=f"{technique}: {name}")
+
+
+PRELU_MODEL = '''
+import torch
+
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(1, 8, 3, padding=1)
+        self.act = torch.nn.PReLU(8)          # per-channel PReLU: converts only after decomposition
+        self.head = torch.nn.Linear(8 * 8 * 8, 10)
+
+    def forward(self, x):
+        return self.head(self.act(self.conv(x)).flatten(1))
+
+def build():
+    return Net().eval(), (torch.zeros(1, 1, 8, 8),)
+'''
+
+ERFINV_MODEL = '''
+import torch
+
+class Net(torch.nn.Module):
+    def forward(self, x):
+        return torch.special.erfinv(x * 0.5)
+
+def build():
+    return Net().eval(), (torch.zeros(1, 1, 8, 8),)
+'''
+
+
+def ios_project(root: Path, source: str) -> Path:
+    (root / "net").mkdir()
+    (root / "net" / "model.py").write_text(source)
+    x = np.random.default_rng(0).uniform(0, 1, (16, 1, 8, 8)).astype(np.float32)
+    np.savez(root / "net" / "eval.npz", x=x)
+    (root / "edgebuild.yaml").write_text(yaml.safe_dump({
+        "version": 1, "model": {"name": "net", "source": "python", "entry": "net/model.py:build"},
+        "data": {"evaluation": "net/eval.npz"}, "metric": "agreement",
+        "targets": [{"name": "ios", "format": "coreml", "devices": ["iphone-12"], "accuracy": {"floor": 0.5}}],
+    }, sort_keys=False))
+    return root
+
+
+def test_per_channel_prelu_model_converts(tmp_path):
+    result = run_edgebuild("build", cwd=ios_project(tmp_path, PRELU_MODEL))
+    assert result.returncode == 0, result.stderr
+    target = read_report(tmp_path)["targets"][0]
+    assert target["chosen"] is not None
+    assert {c["technique"] for c in target["candidates"] if c["status"] == "skipped"} == {"w8a8"}  # iOS 18 device
+
+
+def test_op_core_ml_cannot_express_exits_3_naming_it(tmp_path):
+    result = run_edgebuild("build", cwd=ios_project(tmp_path, ERFINV_MODEL))
+    assert result.returncode == 3
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "stage convert, target ios: coremltools cannot convert op erfinv")
+    assert "Traceback" not in result.stderr
