@@ -66,10 +66,16 @@ def replace_path(source: Path, destination: Path) -> None:
         os.replace(source, destination)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write via a temporary file in the same folder and rename: readers see old or new, never half."""
+def atomic_write_bytes(path: Path, data: bytes, temp_dir: Path | None = None) -> None:
+    """Write via a temporary file and rename: readers see old or new, never half.
+
+    The temporary file sits in `temp_dir` (same file system) when given, so a crash leaves no
+    stray file next to `path`.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    folder = temp_dir or path.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    temporary = folder / f".{path.name}.tmp-{os.getpid()}"
     with open(temporary, "wb") as handle:
         handle.write(data)
         handle.flush()
@@ -77,12 +83,12 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     os.replace(temporary, path)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
+def atomic_write_text(path: Path, text: str, temp_dir: Path | None = None) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"), temp_dir)
 
 
-def atomic_write_json(path: Path, value) -> None:
-    atomic_write_text(path, json.dumps(value, indent=2, sort_keys=False, allow_nan=False) + "\n")
+def atomic_write_json(path: Path, value, temp_dir: Path | None = None) -> None:
+    atomic_write_text(path, json.dumps(value, indent=2, sort_keys=False, allow_nan=False) + "\n", temp_dir)
 
 
 def read_json(path: Path):

@@ -2,6 +2,7 @@
 import contextlib
 import fcntl
 import os
+import shutil
 import sys
 import time
 import traceback
@@ -10,15 +11,42 @@ from pathlib import Path
 from typing import Callable
 
 from doit.cmd_base import ModuleTaskLoader
+from doit.dependency import SqliteDB
 from doit.doit_cmd import DoitMain
 from rich.console import Console
 
 from ..errors import EdgebuildError, InputError, ToolchainError
+from ..fsutil import remove_path
 from .layout import Build
 from .stages import target_summary
 from .tasks import build_tasks
 
 HEAVY_STAGES = ("export", "reference", "convert", "compress", "evaluate")
+
+
+class DurableSqliteDB(SqliteDB):
+    """doit's sqlite3 state, committed after every change instead of once at the end.
+
+    A build killed halfway (CI timeout, SIGKILL) keeps the record of every stage it finished,
+    so the next build reuses them; sqlite's journal keeps the file consistent at any moment.
+    """
+
+    desc = "sqlite3, committed per change"
+
+    def __init__(self, name, codec, *, module_name=None):
+        super().__init__(name, codec, module_name=module_name)
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=NORMAL")
+
+    def set(self, task_id, dependency, value):
+        super().set(task_id, dependency, value)
+        self._conn.execute("insert or replace into doit values (?,?)", (task_id, self.codec.encode(self._cache[task_id])))
+        self._conn.commit()
+        self._dirty.discard(task_id)
+
+    def remove(self, task_id):
+        super().remove(task_id)
+        self._conn.commit()
 
 
 @dataclass
@@ -176,23 +204,33 @@ def run_pipeline(build: Build, *, console: Console, wait: bool = True) -> RunRes
     namespace = {
         "task_edgebuild": task_edgebuild,
         "DOIT_CONFIG": {
-            "dep_file": str(build.state / "doit.json"),
-            "backend": "json",
+            "dep_file": str(build.state / "doit.sqlite"),
+            "backend": "edgebuild-sqlite",
             "reporter": _make_reporter(result, console),
             "continue": True,  # a failing stage of one backend must not stop the others
             "verbosity": 0,
         },
     }
     with project_lock(build, wait, console):
+        _clear_leftovers(build)
         cwd = os.getcwd()
         try:
             os.chdir(build.manifest.root)
-            code = DoitMain(ModuleTaskLoader(namespace)).run(["run"])
+            backends = {"BACKEND": {"edgebuild-sqlite": f"{__name__}:DurableSqliteDB"}}
+            code = DoitMain(ModuleTaskLoader(namespace), extra_config=backends).run(["run"])
         finally:
             os.chdir(cwd)
     if code == 3:  # doit could not even start (an invalid task graph): that is our bug, say so
         raise ToolchainError("doit refused the task graph (see messages above)", stage="task graph")
     return result
+
+
+def _clear_leftovers(build: Build) -> None:
+    """Remove what a killed build left half-done: staging and trash folders, temporary files."""
+    for folder in (build.staging, build.trash):
+        shutil.rmtree(folder, ignore_errors=True)
+    for leftover in build.state.rglob(".*.tmp-*"):
+        remove_path(leftover)
 
 
 def _append_traceback(log: Path) -> None:

@@ -85,7 +85,8 @@ def export_model(build: Build) -> None:
     torch.export.save(program, str(temporary))
     os.replace(temporary, build.exported_program)
     atomic_write_json(build.model_meta, {"name": manifest.model_name, "inputs": inputs, "outputs": outputs,
-                                         "parameters": parameters, "torch": torch.__version__})
+                                         "parameters": parameters, "torch": torch.__version__,
+                                         "sha256": sha256_file(build.exported_program)})
 
 
 def _dataset(build: Build, path: Path, *, need_labels: bool) -> Dataset:
@@ -186,14 +187,21 @@ def compress(build: Build, variant_key: str, technique_name: str) -> None:
     atomic_write_json(record_path, record)
 
 
-def candidate_is_valid(build: Build, variant_key: str, technique_name: str) -> bool:
-    """A cached candidate counts only if it built and its bytes still hash to what was recorded."""
-    bundle = build.candidate_bundle(variant_key, technique_name)
+def output_is_intact(record_path: Path, output: Path) -> bool:
+    """A cached output counts only if its stage succeeded and its bytes still hash to the record.
+
+    Used as a doit `uptodate` check: a failed, deleted or corrupted output is rebuilt, not trusted.
+    """
     try:
-        record = read_json(build.candidate_record(variant_key, technique_name))
+        record = read_json(record_path)
     except (OSError, ValueError):
         return False
-    return record.get("status") == "ok" and bundle.exists() and bundle_sha256(bundle) == record.get("sha256")
+    return record.get("status", "ok") == "ok" and output.exists() and bundle_sha256(output) == record.get("sha256")
+
+
+def candidate_is_valid(build: Build, variant_key: str, technique_name: str) -> bool:
+    return output_is_intact(build.candidate_record(variant_key, technique_name),
+                            build.candidate_bundle(variant_key, technique_name))
 
 
 def evaluate(build: Build, variant_key: str, technique_name: str) -> None:
@@ -379,8 +387,18 @@ def target_summary(build: Build, target: Target) -> dict | None:
 def write_reports(build: Build, reporters: list[str], data: dict | None = None) -> None:
     """Write each selected report format and record what was written, for the up-to-date check."""
     data = report_data(build) if data is None else data
-    build.manifest.output.mkdir(parents=True, exist_ok=True)
-    written = [build.registry.reporters[name](data, build.manifest.output) for name in reporters]
+    output = build.manifest.output
+    output.mkdir(parents=True, exist_ok=True)
+    # Reporters write into staging; each finished file is then renamed into `output`, so a crash
+    # never leaves a half-written or temporary file there.
+    staged = build.staging / "reports"
+    shutil.rmtree(staged, ignore_errors=True)
+    staged.mkdir(parents=True)
+    written = []
+    for name in reporters:
+        path = build.registry.reporters[name](data, staged)
+        os.replace(path, output / path.name)
+        written.append(output / path.name)
     files = {build.manifest.relative(p): sha256_file(p) for p in written}
     try:
         previous = read_json(build.report_record)["files"]
@@ -419,7 +437,7 @@ def write_lock(build: Build) -> None:
             "bundle": packaged.get("bundle"),
             "files": {entry["path"]: entry["sha256"] for entry in packaged["files"]},
         }
-    atomic_write_json(build.manifest.lock_file, {
+    atomic_write_json(build.manifest.lock_file, temp_dir=build.staging, value={
         "lock_version": 1,
         "edgebuild_version": __version__,
         "manifest": manifest.path.name,

@@ -63,7 +63,8 @@ def build_tasks(build: Build, wrap: Callable) -> list[dict]:
         task("export", wrap("export", stages.export_model), build,
               file_dep=[rel(p) for p in model_sources(build)],
               targets=[rel(build.exported_program), rel(build.model_meta)],
-              code=(("loader", manifest.model["source"]),), config={"model": manifest.model}),
+              code=(("loader", manifest.model["source"]),), config={"model": manifest.model},
+              uptodate=[(stages.output_is_intact, (build.model_meta, build.exported_program))]),
         task("reference", wrap("reference", stages.reference_outputs), build,
               file_dep=[rel(build.exported_program), rel(build.model_meta), rel(manifest.evaluation)],
               targets=[rel(build.reference)]),
@@ -78,7 +79,8 @@ def build_tasks(build: Build, wrap: Callable) -> list[dict]:
                           file_dep=[rel(build.exported_program)],
                           targets=[rel(build.fp32_record(key))],
                           code=(("backend", backend),),
-                          config={"toolchain": toolchain[backend], "options": variant.options}))
+                          config={"toolchain": toolchain[backend], "options": variant.options},
+                          uptodate=[(stages.output_is_intact, (build.fp32_record(key), build.fp32_bundle(key)))]))
         for technique, skip in stages.runnable_techniques(build, key):
             if skip:
                 continue  # select() reports it as skipped, with the reason
