@@ -170,7 +170,7 @@ class _Validator:
                 raise self.doc.error(path + (key,), f"unknown key{hint}", at_key=True)
         for key, required in keys.items():
             if required and key not in value:
-                raise self.doc.error(path, f"missing required key '{key}'")
+                raise self.doc.error(path + (key,), "required key is missing")
         return value
 
     def string(self, value: Any, path: tuple) -> str:
@@ -238,7 +238,7 @@ def load_manifest(path: Path | str, registry: Registry) -> Manifest:
             check.string(model[key], ("model", key))
     if source == "python":
         if "entry" not in model:
-            raise doc.error(("model",), "missing required key 'entry' (FILE.py:FUNCTION) for source 'python'")
+            raise doc.error(("model", "entry"), "required key is missing: source 'python' takes entry: FILE.py:FUNCTION")
         entry = check.string(model["entry"], ("model", "entry"))
         match = ENTRY_PATTERN.match(entry)
         if not match:
@@ -248,7 +248,7 @@ def load_manifest(path: Path | str, registry: Registry) -> Manifest:
         raise doc.error(("model", "entry"), f"'entry' is for source 'python'; source {source!r} takes 'path'", at_key=True)
     if source != "python":
         if "path" not in model:
-            raise doc.error(("model",), f"missing required key 'path' for source {source!r}")
+            raise doc.error(("model", "path"), f"required key is missing: source {source!r} takes path: FILE")
         check.project_path(model["path"], ("model", "path"), must_exist=True)
 
     data = check.mapping(raw["data"], ("data",), DATA_KEYS)

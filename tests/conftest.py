@@ -10,7 +10,17 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests import figures
+from tests.figures import record_figure
+
 REPO = Path(__file__).resolve().parents[1]
+
+
+def pytest_terminal_summary(terminalreporter):
+    if figures.FIGURES:
+        terminalreporter.section("edgebuild figures")
+        for line in figures.FIGURES:
+            terminalreporter.write_line(line)
 EXAMPLE = REPO / "examples" / "digits"
 
 
@@ -69,7 +79,7 @@ def every_report_validates(tmp_path_factory):
             validate_report(path)
         except (jsonschema.ValidationError, ValueError) as exc:
             failures.append(f"{path}: {str(exc).splitlines()[0]}")
-    print(f"\nreport.json files validated against the schema: {len(reports)}, invalid: {len(failures)}")
+    record_figure(f"report.json files validated against the published schema: {len(reports)}, invalid: {len(failures)}")
     assert not failures, "\n".join(failures)
 
 

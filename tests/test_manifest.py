@@ -79,7 +79,7 @@ def test_bad_manifest_is_one_exact_line(tmp_path, capsys, old, new, expected):
 
 def test_missing_required_key_points_at_parent(tmp_path, capsys):
     code, err = validate(tmp_path, GOOD.replace("  name: digits\n", ""), capsys)
-    assert (code, err) == (2, "edgebuild.yaml:3:3: model: missing required key 'name'")
+    assert (code, err) == (2, "edgebuild.yaml:3:3: model.name: required key is missing")
 
 
 def test_duplicate_target_names(tmp_path, capsys):
