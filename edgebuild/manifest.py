@@ -135,8 +135,15 @@ def read_yaml(path: Path, label: str) -> tuple[Any, _Document]:
         loader.dispose()
 
 
+_PLAIN_TAGS = {yaml.MappingNode: "tag:yaml.org,2002:map", yaml.SequenceNode: "tag:yaml.org,2002:seq"}
+
+
 def _construct(loader: yaml.SafeLoader, node: yaml.Node, path: tuple, doc: _Document) -> Any:
     doc.value_marks[path] = node.start_mark
+    if type(node) in _PLAIN_TAGS and node.tag != _PLAIN_TAGS[type(node)]:
+        # Like yaml.safe_load: no tag may construct objects (e.g. !!python/object/apply).
+        raise yaml.constructor.ConstructorError(None, None, f"could not determine a constructor for the tag {node.tag!r}",
+                                                node.start_mark)
     if isinstance(node, yaml.MappingNode):
         loader.flatten_mapping(node)  # resolve YAML merge keys (<<) the way safe_load would
         result = {}

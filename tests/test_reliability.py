@@ -1,0 +1,257 @@
+"""Reliability and safety: corrupt inputs, unsafe inputs, SIGKILL at random points, concurrent
+builds, toolchain failures. Each prints its figure at the end of the suite."""
+import hashlib
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from xml.etree import ElementTree
+
+import numpy as np
+import pytest
+import yaml
+
+from tests.conftest import make_project, read_report, record_figure, run_edgebuild, validate_report
+from tests.test_plugins import install_fake_distribution
+
+pytestmark = pytest.mark.slow
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def bundle_files(root: Path) -> dict[str, str]:
+    """Every file of every target folder under dist/, with its hash."""
+    dist = root / "dist"
+    return {p.relative_to(dist).as_posix(): sha256(p) for p in sorted(dist.rglob("*"))
+            if p.is_file() and p.parent != dist}
+
+
+# ---- corrupt and unsafe inputs ------------------------------------------------------------------
+
+def torch_export_project(root: Path, archive: bytes) -> None:
+    (root / "net").mkdir()
+    (root / "net" / "model.pt2").write_bytes(archive)
+    np.savez(root / "net" / "eval.npz", x=np.zeros((4, 1, 8, 8), np.float32))
+    (root / "edgebuild.yaml").write_text(yaml.safe_dump({
+        "version": 1, "model": {"name": "net", "source": "torch-export", "path": "net/model.pt2"},
+        "data": {"evaluation": "net/eval.npz"}, "metric": "agreement",
+        "targets": [{"name": "android", "format": "tflite", "devices": ["pixel-8"], "accuracy": {"floor": 0.9}}]}))
+
+
+def exported_digits_archive(tmp_path: Path) -> bytes:
+    import torch
+
+    sys.path.insert(0, str(make_project(tmp_path / "src").parent / "examples" / "digits"))
+    try:
+        from model import build
+    finally:
+        sys.path.pop(0)
+    model, example = build()
+    torch.export.save(torch.export.export(model, example), str(tmp_path / "digits.pt2"))
+    return (tmp_path / "digits.pt2").read_bytes()
+
+
+def test_truncated_torch_export_archive_exits_2_naming_it(tmp_path):
+    archive = exported_digits_archive(tmp_path)
+    project = tmp_path / "project"
+    project.mkdir()
+    torch_export_project(project, archive[: len(archive) // 2])
+    result = run_edgebuild("build", cwd=project)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("net/model.pt2: not a readable torch.export archive")
+    assert "Traceback" not in result.stderr and not (project / "dist").exists()
+
+
+@pytest.mark.parametrize("write, message", [
+    (lambda p: p.write_bytes(p.read_bytes()[:200]), "examples/digits/eval.npz: not a readable .npz file"),
+    (lambda p: np.savez(p, x=np.zeros((0, 1, 8, 8), np.float32), y=np.zeros(0, int)),
+     "examples/digits/eval.npz: array 'x' holds no samples"),
+    (lambda p: np.savez(p, x=np.array([["a"] * 64] * 3).reshape(3, 1, 8, 8), y=np.zeros(3, int)),
+     "examples/digits/eval.npz: array 'x' has dtype <U1; expected numbers"),
+    (lambda p: np.savez(p, x=np.full((3, 1, 8, 8), np.inf, np.float32), y=np.zeros(3, int)),
+     "examples/digits/eval.npz: array 'x' holds 192 NaN or infinite values"),
+    (lambda p: np.savez(p, x=np.zeros((3, 1, 8, 8), np.float32)),
+     "examples/digits/eval.npz: missing array 'y' (labels) needed by the metric"),
+    (lambda p: np.savez(p, x=np.array([{"a": 1}] * 3, dtype=object), y=np.zeros(3, int)),
+     "examples/digits/eval.npz: not a readable .npz file (Object arrays cannot be loaded when allow_pickle=False)"),
+])
+def test_corrupt_evaluation_data_exits_2_naming_the_file(built_copy, write, message):
+    write(built_copy / "examples" / "digits" / "eval.npz")
+    result = run_edgebuild("build", cwd=built_copy)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(message)
+    assert "Traceback" not in result.stderr
+
+
+def test_yaml_code_execution_tags_are_refused(tmp_path):
+    path = make_project(tmp_path)
+    path.write_text(path.read_text().replace("metric: top1", "metric: !!python/object/apply:os.system ['touch pwned']"))
+    result = run_edgebuild("validate", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.startswith("edgebuild.yaml:12:9: invalid YAML: could not determine a constructor")
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_symlinks_cannot_smuggle_paths_out_of_the_project(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    shutil.copy(make_project(tmp_path / "src").parent / "examples" / "digits" / "eval.npz", outside / "eval.npz")
+    project = tmp_path / "project"
+    make_project(project)
+    (project / "linked").symlink_to(outside)
+    manifest = yaml.safe_load((project / "edgebuild.yaml").read_text())
+    manifest["data"]["evaluation"] = "linked/eval.npz"
+    (project / "edgebuild.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
+    result = run_edgebuild("validate", cwd=project)
+    assert result.returncode == 2
+    assert "data.evaluation: path 'linked/eval.npz' is outside the project folder" in result.stderr
+    record_figure("unsafe inputs refused: YAML code tags, paths and symlinks escaping the project, pickled arrays "
+                  "(with test_manifest/test_fuzz_manifest covering ../ and absolute paths)")
+
+
+# ---- crash safety -----------------------------------------------------------------------------------
+
+def test_sigkill_at_random_points_never_leaves_partial_output(built_copy):
+    rng = random.Random(20261127)
+    reference = bundle_files(built_copy)
+    per_target = {}
+    for name in reference:
+        per_target.setdefault(name.split("/")[0], set()).add(name)
+    manifest_path = built_copy / "edgebuild.yaml"
+    manifest = yaml.safe_load(manifest_path.read_text())
+    trials, killed_mid_run, partial = 24, 0, 0
+    for trial in range(trials):
+        action = trial % 4
+        if action == 0:
+            for variant in ("tflite", "coreml-ios16"):
+                records = sorted((built_copy / ".edgebuild" / variant / "candidates").glob("*.json"))
+                if records:  # a killed cold build may not have made any yet
+                    rng.choice(records).unlink()
+        elif action == 1:
+            manifest["targets"][0]["budget"]["size"] = "60KB" if trial % 8 == 1 else "50KB"
+            manifest_path.write_text(yaml.safe_dump(manifest, sort_keys=False))
+        elif action == 2:
+            (built_copy / ".edgebuild" / "model" / "reference.npz").unlink(missing_ok=True)
+        else:
+            shutil.rmtree(built_copy / ".edgebuild")  # cold rebuild
+        process = subprocess.Popen([sys.executable, "-m", "edgebuild", "build"], cwd=built_copy,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        time.sleep(rng.uniform(0.3, 6.0 if action == 3 else 2.5))
+        if process.poll() is None:
+            killed_mid_run += 1
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+        dist = built_copy / "dist"
+        leftovers = [p for p in dist.rglob("*") if ".tmp-" in p.name or ".old-" in p.name] if dist.exists() else []
+        current = bundle_files(built_copy) if dist.exists() else {}
+        for target, names in per_target.items():
+            present = {n for n in current if n.split("/")[0] == target}
+            # A target folder is the previous complete bundle or absent: never a mix, never a stray file.
+            if present and (present != names or any(current[n] != reference[n] for n in present)):
+                partial += 1
+        partial += len(leftovers)
+        for name in ("report.json",):
+            if (dist / name).exists():
+                validate_report(dist / name)
+        if (dist / "junit.xml").exists():
+            ElementTree.parse(dist / "junit.xml")
+    record_figure(f"SIGKILL trials: {trials} ({killed_mid_run} killed mid-build), partial files or folders "
+                  f"found in output: {partial}")
+    assert partial == 0
+    assert killed_mid_run >= 20
+
+    manifest["targets"][0]["budget"]["size"] = "60KB"
+    manifest_path.write_text(yaml.safe_dump(manifest, sort_keys=False))
+    final = run_edgebuild("build", cwd=built_copy)
+    assert final.returncode == 0, final.stderr
+    assert bundle_files(built_copy) == reference
+    again = run_edgebuild("build", "--json", cwd=built_copy)
+    assert json.loads(again.stdout)["executed"] == []
+
+
+def test_corrupted_cache_entry_is_detected_and_rebuilt(built_copy):
+    candidate = built_copy / ".edgebuild" / "tflite" / "candidates" / "int8-dynamic.tflite"
+    data = bytearray(candidate.read_bytes())
+    data[len(data) // 2] ^= 0x55
+    candidate.write_bytes(bytes(data))
+    weights = built_copy / ".edgebuild" / "coreml-ios16" / "candidates" / "palettize-6bit.mlpackage" / "Data" / \
+        "com.apple.CoreML" / "weights" / "weight.bin"
+    weights.write_bytes(weights.read_bytes()[:-10])
+    result = run_edgebuild("build", "--json", cwd=built_copy)
+    assert result.returncode == 0, result.stderr
+    executed = set(json.loads(result.stdout)["executed"])
+    # Both candidates are rebuilt; they come out byte-identical, so their evaluations stay valid.
+    assert {"compress:tflite:int8-dynamic", "compress:coreml-ios16:palettize-6bit"} <= executed
+    assert not any(s.startswith(("convert", "export")) for s in executed)
+    assert run_edgebuild("check", cwd=built_copy).returncode == 0
+    record_figure(f"corrupted cache entries rebuilt: 2 of 2 (reran {len(executed)} stages, no conversion)")
+
+
+# ---- concurrency ---------------------------------------------------------------------------------------
+
+def test_two_builds_at_once_both_end_valid_and_no_wait_names_the_holder(built_copy):
+    shutil.rmtree(built_copy / ".edgebuild")
+    first = subprocess.Popen([sys.executable, "-m", "edgebuild", "build"], cwd=built_copy,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lock = built_copy / ".edgebuild" / "lock"
+    deadline = time.monotonic() + 60
+    while not (lock.exists() and lock.read_text().startswith("pid")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    second = subprocess.Popen([sys.executable, "-m", "edgebuild", "build"], cwd=built_copy,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    refused = run_edgebuild("build", "--no-wait", cwd=built_copy)
+    assert refused.returncode == 2
+    assert refused.stderr.strip() == (f"edgebuild.yaml: another build (pid {first.pid}) holds .edgebuild/lock; "
+                                      "retry later or drop --no-wait")
+    out_first, err_first = first.communicate(timeout=600)
+    out_second, err_second = second.communicate(timeout=600)
+    assert first.returncode == 0, err_first
+    assert second.returncode == 0, err_second
+    assert "waiting for another build" in err_second
+    read_report(built_copy)
+    assert run_edgebuild("check", cwd=built_copy).returncode == 0
+    record_figure("concurrent builds: 2 started together, both exit 0 with valid output; --no-wait exits 2 naming the pid")
+
+
+# ---- toolchain failures ----------------------------------------------------------------------------------
+
+BROKEN_PLUGIN = '''
+from edgebuild.api import Technique
+from edgebuild.hookspecs import hookimpl
+
+@hookimpl
+def register_techniques(register):
+    register(Technique(name="int3-broken", backend="tflite", description="a recipe the quantizer rejects",
+                       recipe=[{"regex": ".*", "operation": "*", "algorithm_key": "no_such_algorithm",
+                                "op_config": {"weight_tensor_config": {"num_bits": 8, "symmetric": True,
+                                              "granularity": "CHANNELWISE", "dtype": "INT"},
+                                              "compute_precision": "INTEGER", "explicit_dequantize": False}}]))
+'''
+
+
+def test_quantizer_failure_exits_3_and_the_other_candidates_still_run(built_copy, tmp_path):
+    site = tmp_path / "site"
+    site.mkdir()
+    install_fake_distribution(site, "edgebuild_broken")
+    (site / "edgebuild_broken.py").write_text(BROKEN_PLUGIN)
+    result = run_edgebuild("build", cwd=built_copy, env={"PYTHONPATH": str(site)})
+    assert result.returncode == 3
+    line = next(l for l in result.stderr.splitlines() if l.startswith("error") and "int3-broken" in l)
+    assert line == ("error stage compress, target android, technique int3-broken: ai-edge-quantizer failed: "
+                    "ValueError: Unsupported algorithm key: no_such_algorithm.")
+    report = read_report(built_copy)
+    android = report["targets"][0]
+    broken = next(c for c in android["candidates"] if c["technique"] == "int3-broken")
+    assert broken["status"] == "error" and broken["error"]["stage"] == "compress"
+    assert android["status"] == "pass" and android["chosen"]["technique"] == "int4-weight-only"
+    assert sum(c["status"] in ("pass", "fail") for c in android["candidates"]) == 9
+    record_figure("toolchain failure: a quantizer error exits 3 naming stage, target and technique; "
+                  "9 other candidates still evaluated and reported")
