@@ -22,3 +22,13 @@ def test_bad_sizes_say_why(bad, reason):
 def test_format_size_uses_decimal_units():
     assert format_size(27424) == "27.4 KB"
     assert format_size(999) == "999 B"
+
+
+def test_generated_string_literals_are_escaped():
+    from edgebuild.codegen import code_environment
+
+    kotlin = code_environment("kotlin", "android").filters["literal"]
+    swift = code_environment("swift", "ios").filters["literal"]
+    hostile = 'a"b\\c$d\n'
+    assert kotlin(hostile) == 'a\\"b\\\\c\\$d\\n'
+    assert swift(hostile) == 'a\\"b\\\\c$d\\n'

@@ -5,10 +5,10 @@ import shutil
 from pathlib import Path
 
 import yaml
-from jinja2 import Environment, PackageLoader, StrictUndefined
 
 from edgebuild import __version__
 from edgebuild.api import PackageInput, Technique
+from edgebuild.codegen import code_environment
 from edgebuild.fsutil import bundle_sha256
 from edgebuild.hookspecs import hookimpl
 
@@ -53,8 +53,7 @@ def package_coreml(job: PackageInput) -> list[Path]:
         "outputs": [{**t, "swift_name": swift_identifier(t["name"])} for t in description["outputs"]],
         "swift": {"module": module},
     }
-    environment = Environment(loader=PackageLoader("edgebuild_templates", "ios"), undefined=StrictUndefined,
-                              trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True, autoescape=False)
+    environment = code_environment("swift", "ios")
     swift = {"module": module}
     (job.directory / "Package.swift").write_text(
         environment.get_template("Package.swift.j2").render(meta=meta, swift=swift), encoding="utf-8")

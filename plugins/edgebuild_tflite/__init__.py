@@ -2,10 +2,9 @@
 import json
 import shutil
 
-from jinja2 import Environment, PackageLoader, StrictUndefined
-
 from edgebuild import __version__
 from edgebuild.api import PackageInput
+from edgebuild.codegen import code_environment
 from edgebuild.fsutil import sha256_file
 from edgebuild.hookspecs import hookimpl
 
@@ -44,10 +43,9 @@ def package_tflite(job: PackageInput) -> list:
     }
     metadata = job.directory / f"{job.model_name}.json"
     metadata.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-    environment = Environment(loader=PackageLoader("edgebuild_templates", "android"), undefined=StrictUndefined,
-                              trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True, autoescape=False)
     source = job.directory / kotlin["file"]
-    source.write_text(environment.get_template("Model.kt.j2").render(meta=meta, kotlin=kotlin), encoding="utf-8")
+    template = code_environment("kotlin", "android").get_template("Model.kt.j2")
+    source.write_text(template.render(meta=meta, kotlin=kotlin), encoding="utf-8")
     return [bundle, metadata, source]
 
 
