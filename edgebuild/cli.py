@@ -188,12 +188,12 @@ def _packaged_files(build, target_name: str) -> list[str]:
 
 
 def _nearest(target: dict) -> str:
-    """The failing candidate closest to passing: fewest failed constraints, then smallest."""
-    judged = [c for c in target["candidates"] if c["status"] == "fail"]
-    if not judged:
+    """The failing candidate closest to passing, as select() chose it."""
+    nearest = target.get("nearest")
+    if not nearest:
         return "none built"
-    best = min(judged, key=lambda c: (len(c["failed"]), c["bytes"], c["technique"]))
-    return f"{best['technique']} ({_reason(best)})"
+    candidate = next(c for c in target["candidates"] if c["technique"] == nearest["technique"])
+    return f"{nearest['technique']} ({_reason(candidate)})"
 
 
 def _report_formats(names: list[str], registry) -> list[str]:

@@ -33,3 +33,8 @@ def register_packagers(register):
 @hookspec
 def register_reporters(register):
     """Register reporters: register(name, write) producing one report file from the build result."""
+
+
+@hookspec
+def register_search_strategies(register):
+    """Register mixed-precision search strategies: register(name, strategy) for `search.strategy`."""

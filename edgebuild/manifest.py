@@ -20,7 +20,7 @@ STATE_DIR = ".edgebuild"
 LOCK_FILE = "edgebuild.lock"
 
 TOP_KEYS = {"version": True, "model": True, "data": True, "metric": False, "targets": True, "output": False,
-            "reports": False}
+            "reports": False, "search": False}
 DEFAULT_REPORTS = ["json", "md", "junit", "html"]
 MODEL_KEYS = {"name": True, "source": True, "entry": False, "path": False, "description": False, "version": False}
 DATA_KEYS = {"calibration": False, "evaluation": True}
@@ -31,7 +31,9 @@ ANDROID_KEYS = {"assets_dir": False, "kotlin_package": False}
 ANDROID_DEFAULTS = {"assets_dir": "models", "kotlin_package": "edgebuild.models"}
 ASSETS_DIR_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_-]*(/[A-Za-z0-9_][A-Za-z0-9_-]*)*$")
 KOTLIN_PACKAGE_PATTERN = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)*$")
-BUDGET_KEYS = {"size": False, "download": False}
+BUDGET_KEYS = {"size": False, "download": False, "latency_ms": False}
+SEARCH_KEYS = {"strategy": False, "max_evaluations": False, "max_time": False, "precisions": False, "techniques": False}
+SEARCH_DEFAULTS = {"strategy": "sensitivity", "max_evaluations": 12, "max_time": 600.0}
 ACCURACY_KEYS = {"max_drop": False, "floor": False}
 
 
@@ -48,6 +50,7 @@ class Target:
     delivery: str | None = None          # how the store delivers it (android: base | feature | asset-pack)
     android: dict = field(default_factory=dict)  # assets_dir, kotlin_package
     min_ios: int | None = None           # ios: deployment target; default: the lowest iOS among devices
+    latency_ms: float | None = None      # host-measured median latency budget (single thread)
 
 
 @dataclass
@@ -62,6 +65,7 @@ class Manifest:
     output: Path
     raw: dict = field(repr=False)
     reports: list[str] = field(default_factory=lambda: list(DEFAULT_REPORTS))
+    search: dict = field(default_factory=lambda: dict(SEARCH_DEFAULTS))
 
     @property
     def model_name(self) -> str:
@@ -206,6 +210,15 @@ class _Validator:
             raise self.doc.error(path, f"must be between {low} and {high}, got {value}")
         return float(value)
 
+    def duration(self, value: Any, path: tuple) -> float:
+        """Seconds: a number, or a string like '90s', '5m', '1h'."""
+        if isinstance(value, str):
+            match = re.match(r"^\s*(\d+(?:\.\d+)?)\s*([smh])\s*$", value)
+            if not match:
+                raise self.doc.error(path, f"expected a duration such as 90s, 5m or 1h, got {value!r}")
+            value = float(match[1]) * {"s": 1, "m": 60, "h": 3600}[match[2]]
+        return self.number(value, path, 1.0, 7 * 24 * 3600.0)
+
     def size(self, value: Any, path: tuple) -> int:
         try:
             return parse_size(value)
@@ -295,9 +308,33 @@ def load_manifest(path: Path | str, registry: Registry) -> Manifest:
         # report.json is the contract `check` and `report` read: always written.
         reports = ["json"] + [name for name in dict.fromkeys(value) if name != "json"]
 
+    search = dict(SEARCH_DEFAULTS)
+    if "search" in raw:
+        block = check.mapping(raw["search"], ("search",), SEARCH_KEYS)
+        if "strategy" in block:
+            search["strategy"] = check.choice(block["strategy"], ("search", "strategy"), list(registry.strategies),
+                                              "search strategy")
+        if "max_evaluations" in block:
+            value = block["max_evaluations"]
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 100_000:
+                raise doc.error(("search", "max_evaluations"), f"expected a whole number from 1 to 100000, got {value!r}")
+            search["max_evaluations"] = value
+        if "max_time" in block:
+            search["max_time"] = check.duration(block["max_time"], ("search", "max_time"))
+        for key in ("precisions", "techniques"):
+            if key in block:
+                items = block[key]
+                if not isinstance(items, list) or not items:
+                    raise doc.error(("search", key), f"expected a non-empty list of names, got {_typename(items)}")
+                known = ({"fp16", "int8", "int4"} if key == "precisions"
+                         else {name for (_, name) in registry.techniques})
+                for i, item in enumerate(items):
+                    check.choice(item, ("search", key, i), sorted(known), key.rstrip("s"))
+                search[key] = list(items)
+
     return Manifest(path=path.resolve(), root=root, model=dict(model), calibration=calibration,
                     evaluation=evaluation, metric=metric_name, targets=targets, output=output, raw=raw,
-                    reports=reports)
+                    reports=reports, search=search)
 
 
 def _target(check: _Validator, doc: _Document, entry: Any, path: tuple, metric, seen: set[str]) -> Target:
@@ -323,13 +360,15 @@ def _target(check: _Validator, doc: _Document, entry: Any, path: tuple, metric, 
             raise doc.error(path + ("devices", j),
                             f"device {device!r} is an {catalog[device]['platform']} device; format {fmt!r} targets {platform}")
 
-    size = download = None
+    size = download = latency_ms = None
     if "budget" in entry:
         budget = check.mapping(entry["budget"], path + ("budget",), BUDGET_KEYS)
         if "size" in budget:
             size = check.size(budget["size"], path + ("budget", "size"))
         if "download" in budget:
             download = check.size(budget["download"], path + ("budget", "download"))
+        if "latency_ms" in budget:
+            latency_ms = check.number(budget["latency_ms"], path + ("budget", "latency_ms"), 0.001, 3_600_000.0)
 
     accuracy = check.mapping(entry["accuracy"], path + ("accuracy",), ACCURACY_KEYS)
     if ("max_drop" in accuracy) == ("floor" in accuracy):
@@ -378,4 +417,5 @@ def _target(check: _Validator, doc: _Document, entry: Any, path: tuple, metric, 
                                                      f"min_ios {value} would exclude it")
         min_ios = value
     return Target(name=name, format=fmt, devices=list(devices), size=size, download=download,
-                  max_drop=max_drop, floor=floor, raw=entry, delivery=delivery, android=android, min_ios=min_ios)
+                  max_drop=max_drop, floor=floor, raw=entry, delivery=delivery, android=android, min_ios=min_ios,
+                  latency_ms=latency_ms)

@@ -31,6 +31,7 @@ class Registry:
     metrics: dict[str, Metric] = field(default_factory=dict)
     packagers: dict = field(default_factory=dict)
     reporters: dict = field(default_factory=dict)
+    strategies: dict = field(default_factory=dict)
     origin: dict[tuple[str, str], str] = field(default_factory=dict)  # (kind, name) -> plugin name
     plugins: list[dict] = field(default_factory=list)
 
@@ -58,6 +59,7 @@ def collect(pm: pluggy.PluginManager) -> Registry:
         "register_metrics": keyed("metric", registry.metrics, lambda m: (m.name, m)),
         "register_packagers": keyed("packager", registry.packagers, lambda fmt, p: (fmt, p)),
         "register_reporters": keyed("reporter", registry.reporters, lambda name, r: (name, r)),
+        "register_search_strategies": keyed("strategy", registry.strategies, lambda name, s: (name, s)),
     }
     for hook_name, register_for in hooks.items():
         # get_hookimpls() is in registration order: a later plugin overrides an earlier one's names.

@@ -163,3 +163,27 @@ def test_min_ios_cannot_exclude_a_listed_device(tmp_path, capsys):
     code, err = validate(tmp_path, text, capsys)
     assert (code, err) == (2, "edgebuild.yaml:21:14: targets[1].min_ios: device 'iphone-x' runs at most iOS 16; "
                               "min_ios 17 would exclude it")
+
+
+@pytest.mark.parametrize("block, expected", [
+    ("search: {strategy: greedy}", "edgebuild.yaml:19:20: search.strategy: unknown search strategy 'greedy' "
+                                   "(available: exhaustive, sensitivity, uniform)"),
+    ("search: {max_evaluations: 0}", "edgebuild.yaml:19:27: search.max_evaluations: expected a whole number from 1 to 100000, got 0"),
+    ("search: {max_time: soon}", "edgebuild.yaml:19:20: search.max_time: expected a duration such as 90s, 5m or 1h, got 'soon'"),
+    ("search: {precisions: [int3]}", "edgebuild.yaml:19:23: search.precisions[0]: unknown precision 'int3'; did you "
+                                     "mean 'int8'? (available: fp16, int4, int8)"),
+    ("search: {techniques: [int9-magic]}", "edgebuild.yaml:19:23: search.techniques[0]: unknown technique 'int9-magic'"),
+])
+def test_search_block_is_validated(tmp_path, capsys, block, expected):
+    code, err = validate(tmp_path, GOOD + block + "\n", capsys)
+    assert code == 2 and err.startswith(expected), err
+
+
+def test_search_settings_parse(tmp_path):
+    from edgebuild.manifest import load_manifest
+    from edgebuild.plugins import default_registry
+
+    text = GOOD + "search: {strategy: exhaustive, max_time: 5m, precisions: [fp16, int4]}\n"
+    manifest = load_manifest(make_project(tmp_path, text), default_registry())
+    assert manifest.search == {"strategy": "exhaustive", "max_evaluations": 12, "max_time": 300.0,
+                               "precisions": ["fp16", "int4"]}

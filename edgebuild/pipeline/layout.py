@@ -85,6 +85,12 @@ class Build:
     def selection(self, target: Target) -> Path:
         return self.state / "targets" / target.name / "selection.json"
 
+    def search_record(self, target: Target) -> Path:
+        return self.state / "targets" / target.name / "search.json"
+
+    def search_bundle(self, target: Target) -> Path:
+        return self.state / "targets" / target.name / f"mixed{self._extension(self.variant(target).key)}"
+
     def packaged(self, target: Target) -> Path:
         return self.state / "targets" / target.name / "packaged.json"
 

@@ -21,7 +21,7 @@ from .layout import Build
 from .stages import target_summary
 from .tasks import build_tasks
 
-HEAVY_STAGES = ("export", "reference", "convert", "compress", "evaluate")
+HEAVY_STAGES = ("export", "reference", "convert", "compress", "evaluate", "search")
 
 
 class DurableSqliteDB(SqliteDB):

@@ -151,8 +151,11 @@ def runnable_techniques(build: Build, variant_key: str) -> list[tuple[Technique,
     variant = build.variants[variant_key]
     backend = build.registry.backends[variant.backend]
     result = []
+    allowed = build.manifest.search.get("techniques")
     for technique in build.registry.techniques_for(variant.backend):
         reason = backend.skip_reason(technique, variant.options)
+        if reason is None and allowed is not None and technique.name not in allowed:
+            reason = "not in search.techniques"
         if reason is None and technique.needs_calibration and build.manifest.calibration is None:
             reason = "needs data.calibration, which the manifest does not give"
         result.append((technique, reason))
@@ -204,6 +207,24 @@ def candidate_is_valid(build: Build, variant_key: str, technique_name: str) -> b
                             build.candidate_bundle(variant_key, technique_name))
 
 
+def evaluate_bundle(build: Build, backend, bundle: Path) -> dict:
+    """Run a bundle in its runtime on the evaluation set: metric, bytes, download bytes, latency."""
+    metric = build.registry.metrics[build.manifest.metric]
+    data = _dataset(build, build.manifest.evaluation, need_labels=metric.needs_labels)
+    with np.load(build.reference) as stored:
+        reference = stored["outputs"]
+    prediction = backend.predict(bundle, data.inputs, threads=LATENCY_THREADS, exported_program=build.exported_program)
+    return {
+        "bytes": bundle_bytes(bundle),
+        "download_bytes": bundle_download_bytes(bundle),
+        "metric": metric.compute(prediction.outputs, reference, data.labels),
+        "latency_ms": None if prediction.latency_ms is None else round(prediction.latency_ms, 4),
+        "evaluated_by": prediction.runtime,
+        "latency": prediction.details,
+        "layers": backend.weights(bundle),
+    }
+
+
 def evaluate(build: Build, variant_key: str, technique_name: str) -> None:
     """Run the candidate in its runtime on the evaluation set; record metric, size and latency."""
     variant = build.variants[variant_key]
@@ -215,75 +236,79 @@ def evaluate(build: Build, variant_key: str, technique_name: str) -> None:
     if record["status"] != "ok":
         atomic_write_json(destination, {**result, "status": "error", "error": record["error"]})
         return
-    bundle = build.candidate_bundle(variant_key, technique_name)
-    metric = build.registry.metrics[build.manifest.metric]
-    data = _dataset(build, build.manifest.evaluation, need_labels=metric.needs_labels)
-    with np.load(build.reference) as stored:
-        reference = stored["outputs"]
     try:
-        prediction = backend.predict(bundle, data.inputs, threads=LATENCY_THREADS,
-                                     exported_program=build.exported_program)
-        value = metric.compute(prediction.outputs, reference, data.labels)
-        layers = backend.weights(bundle)
+        measured = evaluate_bundle(build, backend, build.candidate_bundle(variant_key, technique_name))
+    except EdgebuildError:
+        raise
     except Exception as exc:
         error = ToolchainError(_first_line(exc), stage="evaluate", technique=technique_name)
         atomic_write_json(destination, {**result, "status": "error", "error": error.to_record()})
         return
-    atomic_write_json(destination, {
-        **result,
-        "status": "ok",
-        "bytes": bundle_bytes(bundle),
-        "download_bytes": bundle_download_bytes(bundle),
-        "sha256": record["sha256"],
-        "metric": value,
-        "latency_ms": None if prediction.latency_ms is None else round(prediction.latency_ms, 4),
-        "evaluated_by": prediction.runtime,
-        "latency": prediction.details,
-        "layers": layers,
-    })
+    atomic_write_json(destination, {**result, "status": "ok", "sha256": record["sha256"], **measured})
 
 
-# ---- select / package / report ----------------------------------------------------------------
+# ---- search / select / package / report -------------------------------------------------------
 
-def _threshold(target: Target, baseline: float | None, higher_is_better: bool) -> float:
+def target_threshold(build: Build, target: Target) -> float:
+    """The metric a candidate must reach: the floor, or the fp32 baseline less max_drop."""
     if target.floor is not None:
         return target.floor
-    return baseline - target.max_drop if higher_is_better else baseline + target.max_drop
+    baseline = read_json(build.baseline)["value"]
+    higher = build.registry.metrics[build.manifest.metric].higher_is_better
+    return baseline - target.max_drop if higher else baseline + target.max_drop
+
+
+def store_limit(build: Build, target: Target) -> dict | None:
+    """A store's hard download limit; it applies even when the manifest's own budget is larger."""
+    store = device_catalog.store_for(build.registry.backends[target.format].platform)
+    if store and target.delivery:
+        return {"store": store[0], "delivery": target.delivery, "limit": store[1][target.delivery]}
+    return None
+
+
+def candidate_verdict(build: Build, target: Target, evaluation: dict, threshold: float) -> list[dict]:
+    """Every constraint an evaluated candidate breaks, with its limit and actual value."""
+    failed = []
+    if target.size is not None and evaluation["bytes"] > target.size:
+        failed.append({"constraint": "size", "limit": target.size, "actual": evaluation["bytes"]})
+    if target.download is not None and evaluation["download_bytes"] > target.download:
+        failed.append({"constraint": "download", "limit": target.download, "actual": evaluation["download_bytes"]})
+    store = store_limit(build, target)
+    if store and evaluation["download_bytes"] > store["limit"]:
+        failed.append({"constraint": "store", "limit": store["limit"], "actual": evaluation["download_bytes"]})
+    if target.latency_ms is not None and evaluation["latency_ms"] is not None and evaluation["latency_ms"] > target.latency_ms:
+        failed.append({"constraint": "latency", "limit": target.latency_ms, "actual": evaluation["latency_ms"]})
+    higher = build.registry.metrics[build.manifest.metric].higher_is_better
+    if not (evaluation["metric"] >= threshold if higher else evaluation["metric"] <= threshold):
+        failed.append({"constraint": "accuracy", "limit": threshold, "actual": evaluation["metric"]})
+    return failed
 
 
 def select(build: Build, target: Target) -> None:
     """The smallest candidate meeting every budget and the floor; ties go to the better metric."""
+    from .search import pareto_front, search_runs
+
     manifest = build.manifest
     metric = build.registry.metrics[manifest.metric]
-    baseline = read_json(build.baseline)["value"]
-    threshold = _threshold(target, baseline, metric.higher_is_better)
+    threshold = target_threshold(build, target)
     backend = build.registry.backends[target.format]
-    # A store's hard download limit applies even when the manifest's own budget is larger.
-    store = device_catalog.store_for(backend.platform)
-    store_limit = None
-    if store and target.delivery:
-        store_limit = {"store": store[0], "delivery": target.delivery, "limit": store[1][target.delivery]}
     candidates = []
     variant_key = build.variant(target).key
+    evaluations = []
     for technique, skip in runnable_techniques(build, variant_key):
         if skip:
             candidates.append({"technique": technique.name, "description": technique.description,
                                "status": "skipped", "reason": skip})
-            continue
-        evaluation = read_json(build.evaluation(variant_key, technique.name))
+        else:
+            evaluations.append(read_json(build.evaluation(variant_key, technique.name)))
+    search = read_json(build.search_record(target)) if search_runs(build, target) else None
+    if search and search.get("candidate"):
+        evaluations.append(search["candidate"])
+    for evaluation in evaluations:
         if evaluation["status"] != "ok":
             candidates.append({**evaluation, "status": "error"})
             continue
-        failed = []
-        if target.size is not None and evaluation["bytes"] > target.size:
-            failed.append({"constraint": "size", "limit": target.size, "actual": evaluation["bytes"]})
-        if target.download is not None and evaluation["download_bytes"] > target.download:
-            failed.append({"constraint": "download", "limit": target.download, "actual": evaluation["download_bytes"]})
-        if store_limit and evaluation["download_bytes"] > store_limit["limit"]:
-            failed.append({"constraint": "store", "limit": store_limit["limit"], "actual": evaluation["download_bytes"]})
-        holds = evaluation["metric"] >= threshold if metric.higher_is_better else evaluation["metric"] <= threshold
-        if not holds:
-            failed.append({"constraint": "accuracy", "limit": threshold, "actual": evaluation["metric"]})
+        failed = candidate_verdict(build, target, evaluation, threshold)
         candidates.append({**evaluation, "status": "fail" if failed else "pass", "failed": failed})
 
     passing = [c for c in candidates if c["status"] == "pass"]
@@ -298,26 +323,43 @@ def select(build: Build, target: Target) -> None:
             comparisons.append({"technique": technique.name, "compared_with": technique.compare_with,
                                 "knob": technique.knob, "metric_delta": this["metric"] - other["metric"],
                                 "bytes_delta": this["bytes"] - other["bytes"]})
-    atomic_write_json(build.selection(target), {
+    judged = [c for c in candidates if c["status"] in ("pass", "fail")]
+    selection = {
         "name": target.name,
         "format": target.format,
         "devices": target.devices,
         "status": "pass" if chosen else "fail",
-        "budget": {"size": target.size, "download": target.download},
-        "store": store_limit,
+        "budget": {"size": target.size, "download": target.download, "latency_ms": target.latency_ms},
+        "store": store_limit(build, target),
         "accuracy": {"max_drop": target.max_drop, "floor": target.floor, "threshold": threshold},
-        "baseline": {"metric": baseline},
+        "baseline": {"metric": read_json(build.baseline)["value"]},
         "chosen": None if chosen is None else {
             "technique": chosen["technique"], "path": manifest.relative(bundle_path), "bytes": chosen["bytes"],
             "download_bytes": chosen["download_bytes"], "metric": chosen["metric"],
             "latency_ms": chosen["latency_ms"], "sha256": chosen["sha256"]},
         "candidates": candidates,
         "comparisons": comparisons,
-    })
+        "pareto_front": [{"technique": c["technique"], "bytes": c["bytes"], "metric": c["metric"]}
+                         for c in pareto_front(judged, metric.higher_is_better)],
+    }
+    if chosen is None and judged:
+        # Nothing fits: the candidate closest to passing (smallest relative violation, summed
+        # over the constraints it breaks), and by how much each constraint blocks it.
+        nearest = min(judged, key=lambda c: (sum(abs(f["actual"] - f["limit"]) / max(abs(f["limit"]), 1e-12)
+                                                 for f in c["failed"]), c["bytes"], c["technique"]))
+        selection["nearest"] = {"technique": nearest["technique"], "blocked_by": [
+            {**f, "by": abs(f["actual"] - f["limit"])} for f in nearest["failed"]]}
+    if search is not None:
+        selection["search"] = {k: search[k] for k in ("strategy", "precisions", "layers", "evaluations",
+                                                      "max_evaluations", "seconds", "notes", "chosen")}
+        selection["search"]["evaluated"] = search["evaluated"]
+    atomic_write_json(build.selection(target), selection)
 
 
 def package(build: Build, target: Target) -> None:
     """Swap the chosen bundle into `output/<target>/`; a failing target leaves no bundle behind."""
+    from .search import MIXED
+
     selection = read_json(build.selection(target))
     destination = build.target_output(target)
     if selection["chosen"] is None:
@@ -327,7 +369,9 @@ def package(build: Build, target: Target) -> None:
     staged = build.staging / target.name
     shutil.rmtree(staged, ignore_errors=True)
     staged.mkdir(parents=True)
-    bundle = build.candidate_bundle(build.variant(target).key, selection["chosen"]["technique"])
+    technique = selection["chosen"]["technique"]
+    bundle = build.search_bundle(target) if technique == MIXED else build.candidate_bundle(build.variant(target).key,
+                                                                                            technique)
     packager = build.registry.packagers[target.format]
     written = packager(PackageInput(bundle=bundle, directory=staged, model_name=build.manifest.model_name,
                                     model_description=build.manifest.model.get("description", ""),

@@ -12,7 +12,7 @@ from doit.tools import config_changed
 
 from ..manifest import ENTRY_PATTERN
 from ..plugins import code_fingerprint
-from . import stages
+from . import search, stages
 from .layout import Build
 
 
@@ -106,6 +106,17 @@ def build_tasks(build: Build, wrap: Callable) -> list[dict]:
         key = build.variant(target).key
         evaluations = [rel(build.evaluation(key, t.name)) for t, skip in stages.runnable_techniques(build, key)
                        if not skip]
+        if search.search_runs(build, target):
+            data = [rel(manifest.evaluation)] + ([rel(manifest.calibration)] if manifest.calibration else [])
+            tasks.append(task(
+                f"search:{target.name}", wrap(f"search:{target.name}", search.run_search), build, target,
+                file_dep=[rel(build.fp32_record(key)), rel(build.reference), rel(build.baseline)] + data,
+                targets=[rel(build.search_record(target))],
+                code=(("backend", target.format), ("strategy", manifest.search["strategy"]), metric),
+                config={"search": manifest.search, "target": target.raw, "metric": manifest.metric,
+                        "toolchain": toolchain[target.format]},
+                uptodate=[(search.search_is_intact, (build, target))]))
+            evaluations.append(rel(build.search_record(target)))
         tasks.append(task(f"select:{target.name}", wrap(f"select:{target.name}", stages.select), build, target,
                            file_dep=evaluations + [rel(build.baseline)],
                            targets=[rel(build.selection(target))],

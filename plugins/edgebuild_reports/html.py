@@ -3,22 +3,12 @@ import math
 from pathlib import Path
 
 from edgebuild.fsutil import atomic_write_text
+from edgebuild.pipeline.search import pareto_front
 from edgebuild.units import format_size
 
 from .render import environment
 
 WIDTH, HEIGHT, PAD = 640, 360, 56
-
-
-def pareto_front(points: list[dict], higher_is_better: bool) -> list[dict]:
-    """Candidates no other candidate beats on both bytes (smaller) and metric."""
-    sign = 1 if higher_is_better else -1
-    front, best = [], -math.inf
-    for point in sorted(points, key=lambda p: (p["bytes"], -sign * p["metric"])):
-        if sign * point["metric"] > best:
-            front.append(point)
-            best = sign * point["metric"]
-    return front
 
 
 def scatter(target: dict, higher_is_better: bool) -> dict:

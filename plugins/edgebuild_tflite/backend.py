@@ -135,6 +135,20 @@ class TFLiteBackend(BackendBase):
     def weights(self, bundle: Path) -> list[dict]:
         return weight_tensors(bundle)
 
+    # ---- mixed precision ----------------------------------------------------------------------
+
+    def layers(self, fp32_bundle: Path, options: dict) -> list[dict]:
+        return weighted_layers(fp32_bundle)
+
+    def precisions(self, options: dict) -> dict[str, int]:
+        """Precision name -> bits, highest first."""
+        return {name: bits for name, (bits, _) in PRECISIONS.items()}
+
+    def mixed_technique(self, assignment: dict[str, str], layers: list[dict], name: str) -> Technique:
+        return Technique(name=name, backend=self.name, description="mixed precision: " + ", ".join(
+            f"{layer['name']} {assignment[layer['name']]}" for layer in layers if layer["name"] in assignment),
+            recipe=compile_assignment(assignment, layers))
+
     def describe(self, bundle: Path) -> dict:
         runner = self._interpreter(bundle).get_signature_runner(SIGNATURE)
 
@@ -148,6 +162,67 @@ class TFLiteBackend(BackendBase):
 
         return {"signature": SIGNATURE, "inputs": tensors(runner.get_input_details()),
                 "outputs": tensors(runner.get_output_details())}
+
+
+WEIGHTED_OPS = {"FULLY_CONNECTED", "CONV_2D", "DEPTHWISE_CONV_2D", "TRANSPOSE_CONV", "BATCH_MATMUL",
+                "EMBEDDING_LOOKUP", "CONV_3D"}
+
+# Per-layer precisions for the mixed-precision search, highest first: (bits, ai-edge-quantizer rule).
+PRECISIONS = {
+    "fp16": (16, {"algorithm_key": "float_casting",
+                  "op_config": {"weight_tensor_config": {"num_bits": 16, "dtype": "FLOAT"},
+                                "compute_precision": "FLOAT", "explicit_dequantize": True}}),
+    "int8": (8, {"algorithm_key": "min_max_uniform_quantize",
+                 "op_config": {"weight_tensor_config": {"num_bits": 8, "symmetric": True, "granularity": "CHANNELWISE",
+                                                        "dtype": "INT"},
+                               "compute_precision": "FLOAT", "explicit_dequantize": True}}),
+    "int4": (4, {"algorithm_key": "min_max_uniform_quantize",
+                 "op_config": {"weight_tensor_config": {"num_bits": 4, "symmetric": True, "granularity": "CHANNELWISE",
+                                                        "dtype": "INT"},
+                               "compute_precision": "FLOAT", "explicit_dequantize": True}}),
+}
+
+
+def weighted_layers(bundle: Path) -> list[dict]:
+    """Ops with a constant weight tensor: name, op, scope (what recipe regexes match), parameter count."""
+    from ai_edge_quantizer.utils import tfl_flatbuffer_utils as flatbuffer
+
+    model = flatbuffer.read_model(str(bundle))
+    subgraph = model.subgraphs[0]
+    layers = []
+    for op in subgraph.operators:
+        op_name = str(flatbuffer.TFL_OP_CODE_TO_NAME.get(model.operatorCodes[op.opcodeIndex].builtinCode, ""))
+        op_name = op_name.rsplit(".", 1)[-1]
+        if op_name not in WEIGHTED_OPS or len(op.inputs) < 2 or op.inputs[1] < 0:
+            continue
+        weight = subgraph.tensors[op.inputs[1]]
+        buffer = model.buffers[weight.buffer]
+        if buffer.data is None and not buffer.size:
+            continue
+        name = weight.name.decode() if isinstance(weight.name, bytes) else str(weight.name)
+        layers.append({"name": short_tensor_name(name), "op": op_name,
+                       "scope": flatbuffer.get_op_scope(op, subgraph.tensors),
+                       "params": int(np.prod(weight.shape))})
+    # Unique, stable names: two ops may share a module path.
+    seen = {}
+    for layer in layers:
+        count = seen.get(layer["name"], 0)
+        seen[layer["name"]] = count + 1
+        if count:
+            layer["name"] = f"{layer['name']}#{count}"
+    return layers
+
+
+def compile_assignment(assignment: dict[str, str], layers: list[dict]) -> list[dict]:
+    """One ai-edge-quantizer rule per layer: the assignment as recipe data."""
+    rules = []
+    for layer in layers:
+        precision = assignment.get(layer["name"])
+        if precision is None:
+            continue
+        _, rule = PRECISIONS[precision]
+        rules.append({"regex": "^" + re.escape(layer["scope"]) + "$", "operation": "*", **rule})
+    return rules
 
 
 def short_tensor_name(name: str) -> str:

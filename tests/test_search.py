@@ -1,0 +1,165 @@
+"""Mixed-precision search: found where no uniform recipe fits, explained where nothing fits."""
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from tests.conftest import REPO, read_report, run_edgebuild
+
+pytestmark = pytest.mark.slow
+
+MANIFEST = {
+    "version": 1,
+    "model": {"name": "outliers", "source": "python", "entry": "examples/outliers/model.py:build"},
+    "data": {"calibration": "examples/outliers/calib.npz", "evaluation": "examples/outliers/eval.npz"},
+    "metric": "agreement",
+    "targets": [{"name": "android", "format": "tflite", "devices": ["pixel-8"], "budget": {"size": "40KB"},
+                 "accuracy": {"floor": 0.85}}],
+    "reports": ["json", "md", "html"],
+}
+
+
+def outliers_project(root: Path, **changes) -> Path:
+    shutil.copytree(REPO / "examples" / "outliers", root / "examples" / "outliers",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    manifest = json.loads(json.dumps(MANIFEST))
+    for key, value in changes.items():
+        if key == "target":
+            manifest["targets"][0].update(value)
+        else:
+            manifest[key] = value
+    (root / "edgebuild.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
+    return root
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory) -> Path:
+    root = outliers_project(tmp_path_factory.mktemp("outliers"))
+    result = run_edgebuild("build", cwd=root)
+    assert result.returncode == 0, result.stderr
+    return root
+
+
+def test_search_finds_a_mixed_assignment_when_no_uniform_recipe_fits(searched):
+    target = read_report(searched)["targets"][0]
+    uniform = [c for c in target["candidates"] if c["technique"] != "mixed-precision"]
+    assert uniform and all(c["status"] == "fail" for c in uniform)
+    chosen = target["chosen"]
+    assert chosen["technique"] == "mixed-precision" and chosen["bytes"] <= 40_000
+    search = target["search"]
+    assert search["strategy"] == "sensitivity"
+    assert search["chosen"]["assignment"] == {"Linear_wide": "int4", "Linear_head": "fp16"}
+    assert 1 <= search["evaluations"] <= search["max_evaluations"]
+    # Sensitivity table: the head breaks at 8 bits, the wide layer holds at 4.
+    layers = {layer["name"]: layer["sensitivity_db"] for layer in search["layers"]}
+    assert layers["Linear_head"]["int8"] < 15 < layers["Linear_wide"]["int4"]
+    log = {entry["layer"]: entry for entry in search["chosen"]["decision_log"]}
+    assert log["Linear_wide"]["stored_as"] == "int4" and log["Linear_head"]["stored_as"] == "float16"
+    wide = next(layer for layer in search["layers"] if layer["name"] == "Linear_wide")
+    assert log["Linear_wide"]["bytes_saved"] == 32768 * 4 - wide["stored_bytes"]["int4"]
+    # 4 bits per weight, plus a float32 scale and an int64 zero point for each of the 512 output channels.
+    assert 16384 <= wide["stored_bytes"]["int4"] <= 16384 + 512 * 12 + 512
+
+    # The shipped bundle, run outside edgebuild, agrees with fp32 as the report says.
+    from ai_edge_litert.interpreter import Interpreter
+    import torch
+    import sys
+
+    sys.path.insert(0, str(searched / "examples" / "outliers"))
+    try:
+        from model import build
+    finally:
+        sys.path.pop(0)
+    net, _ = build()
+    x = np.load(searched / "examples" / "outliers" / "eval.npz")["x"]
+    with torch.no_grad():
+        expected = net(torch.from_numpy(x)).argmax(1).numpy()
+    interpreter = Interpreter(model_path=str(searched / chosen["path"]))
+    interpreter.allocate_tensors()
+    (inp,), (out,) = interpreter.get_input_details(), interpreter.get_output_details()
+    got = []
+    for row in x:
+        interpreter.set_tensor(inp["index"], row[None])
+        interpreter.invoke()
+        got.append(interpreter.get_tensor(out["index"])[0].argmax())
+    assert abs(float(np.mean(np.array(got) == expected)) - chosen["metric"]) <= 0.001
+    html = (searched / "dist" / "report.html").read_text()
+    assert "Mixed-precision decisions" in html and "Linear_head" in html
+
+
+def test_nothing_fits_names_the_pareto_front_nearest_candidate_and_the_gap(searched, tmp_path):
+    root = tmp_path / "p"
+    shutil.copytree(searched, root)
+    manifest = yaml.safe_load((root / "edgebuild.yaml").read_text())
+    manifest["targets"][0]["budget"]["size"] = "20KB"
+    (root / "edgebuild.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
+    result = run_edgebuild("build", cwd=root)
+    assert result.returncode == 1
+    target = read_report(root)["targets"][0]
+    assert target["status"] == "fail" and target["pareto_front"]
+    front_bytes = [p["bytes"] for p in target["pareto_front"]]
+    assert front_bytes == sorted(front_bytes)
+    nearest = target["nearest"]
+    assert nearest["blocked_by"] and all(b["by"] > 0 for b in nearest["blocked_by"])
+    assert f"nearest: {nearest['technique']} (" in result.stderr.strip().splitlines()[-1]
+    assert "the smallest assignment holding the floor still fails: size" in " ".join(target["search"]["notes"])
+
+
+def test_exhaustive_audit_evaluates_the_whole_grid_and_agrees(searched, tmp_path):
+    root = tmp_path / "p"
+    shutil.copytree(searched, root)
+    manifest = yaml.safe_load((root / "edgebuild.yaml").read_text())
+    manifest["search"] = {"strategy": "exhaustive", "max_evaluations": 100}
+    (root / "edgebuild.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
+    result = run_edgebuild("build", cwd=root)
+    assert result.returncode == 0, result.stderr
+    target = read_report(root)["targets"][0]
+    assert target["search"]["evaluations"] == 9  # 3 precisions ** 2 layers
+    sensitivity_choice = read_report(searched)["targets"][0]["chosen"]["bytes"]
+    assert target["chosen"]["bytes"] == sensitivity_choice
+
+
+def test_uniform_strategy_runs_no_search(searched, tmp_path):
+    root = tmp_path / "p"
+    shutil.copytree(searched, root)
+    manifest = yaml.safe_load((root / "edgebuild.yaml").read_text())
+    manifest["search"] = {"strategy": "uniform"}
+    (root / "edgebuild.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
+    result = run_edgebuild("build", "--json", cwd=root)
+    assert result.returncode == 1
+    assert not any(stage.startswith("search") for stage in json.loads(result.stdout)["executed"])
+    assert "search" not in read_report(root)["targets"][0]
+
+
+def test_latency_budget_is_measured_not_assumed(searched, tmp_path):
+    root = tmp_path / "p"
+    shutil.copytree(searched, root)
+    manifest = yaml.safe_load((root / "edgebuild.yaml").read_text())
+    manifest["targets"][0]["budget"]["latency_ms"] = 0.001
+    (root / "edgebuild.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
+    result = run_edgebuild("build", cwd=root)
+    assert result.returncode == 1
+    target = read_report(root)["targets"][0]
+    for candidate in target["candidates"]:
+        latency = next(f for f in candidate["failed"] if f["constraint"] == "latency")
+        assert latency["limit"] == 0.001 and latency["actual"] == candidate["latency_ms"] > 0.001
+
+
+def test_budget_change_reuses_sensitivity_and_evaluations(searched, tmp_path):
+    root = tmp_path / "p"
+    shutil.copytree(searched, root)
+    table = root / ".edgebuild" / "tflite" / "sensitivity.json"
+    before = table.stat().st_mtime_ns
+    cached = len(list((root / ".edgebuild" / "tflite" / "search").glob("*.json")))
+    manifest = yaml.safe_load((root / "edgebuild.yaml").read_text())
+    manifest["targets"][0]["budget"]["size"] = "39KB"
+    (root / "edgebuild.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
+    result = run_edgebuild("build", "--json", cwd=root)
+    assert result.returncode == 0, result.stderr
+    executed = json.loads(result.stdout)["executed"]
+    assert "search:android" in executed and not any(s.startswith(("compress", "evaluate", "convert")) for s in executed)
+    assert table.stat().st_mtime_ns == before
+    assert len(list((root / ".edgebuild" / "tflite" / "search").glob("*.json"))) == cached
