@@ -326,8 +326,8 @@ def load_manifest(path: Path | str, registry: Registry) -> Manifest:
                 items = block[key]
                 if not isinstance(items, list) or not items:
                     raise doc.error(("search", key), f"expected a non-empty list of names, got {_typename(items)}")
-                known = ({"fp16", "int8", "int4"} if key == "precisions"
-                         else {name for (_, name) in registry.techniques})
+                known = ({p for b in registry.backends.values() if hasattr(b, "precisions") for p in b.precisions()}
+                         if key == "precisions" else {name for (_, name) in registry.techniques})
                 for i, item in enumerate(items):
                     check.choice(item, ("search", key, i), sorted(known), key.rstrip("s"))
                 search[key] = list(items)

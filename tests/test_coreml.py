@@ -29,7 +29,7 @@ def mil_ops(package: Path):
 def test_ios_output_is_a_swift_package_holding_the_chosen_compressed_model(built_example):
     target = ios_target(read_report(built_example))
     chosen = target["chosen"]
-    assert target["status"] == "pass" and chosen["technique"].startswith("palettize-")
+    assert target["status"] == "pass" and chosen["technique"] in ("mixed-precision", "palettize-4bit", "palettize-6bit")
     package = built_example / "dist" / "ios"
     bundle = built_example / chosen["path"]
     assert bundle == package / "Sources" / "DigitsModel" / "Resources" / "digits.mlpackage"
@@ -50,11 +50,16 @@ def test_ios_output_is_a_swift_package_holding_the_chosen_compressed_model(built
     assert spec.description.metadata.shortDescription.startswith("Handwritten digit classifier")
     assert spec.description.metadata.versionString == "1.0"
     assert spec.description.input[0].shortDescription == "float32 tensor of shape [1, 1, 8, 8]"
-    # The weights are compressed as the report says: every weight is a lookup table of 2^bits entries.
-    bits = int(re.match(r"palettize-(\d)bit", chosen["technique"]).group(1))
-    luts = [op for op in ops if op.op_type == "constexpr_lut_to_dense"]
-    assert len(luts) == 4  # two convolutions, two linear layers
-    assert all(op.inputs["lut"].val.size == 2 ** bits for op in luts)
+    # The weights are compressed as the report says: each weight is a lookup table of 2^bits entries.
+    if chosen["technique"] == "mixed-precision":
+        wanted = {d["layer"]: d["precision"] for d in target["search"]["chosen"]["decision_log"]}
+    else:
+        bits = re.match(r"palettize-(\d)bit", chosen["technique"]).group(1)
+        wanted = {name: f"pal{bits}" for name in ("features_0_weight", "features_2_weight", "classifier_1_weight",
+                                                  "classifier_3_weight")}
+    luts = {op.name.removeprefix("p_").split("_to_fp16")[0]: op.inputs["lut"].val.size
+            for op in ops if op.op_type == "constexpr_lut_to_dense"}
+    assert luts == {name: 2 ** int(p.removeprefix("pal")) for name, p in wanted.items() if p != "fp16"}
 
 
 def test_ios16_devices_never_get_ios17_or_ios18_techniques(built_example):
@@ -67,7 +72,7 @@ def test_ios16_devices_never_get_ios17_or_ios18_techniques(built_example):
     built = {p.name for p in (built_example / ".edgebuild" / "coreml-ios16" / "candidates").iterdir()}
     assert not any(n.startswith(("palettize-3bit", "int4-block32", "palettize-4bit-grouped16", "w8a8")) for n in built)
     evaluated = [c for c in target["candidates"] if c["status"] in ("pass", "fail")]
-    assert len(evaluated) == 7
+    assert len(evaluated) == 8  # 7 uniform techniques that run on iOS 16, and the mixed-precision search's pick
     assert all(c["evaluated_by"].startswith("weights-exact torch simulation") for c in evaluated)
     assert all(c["latency_ms"] is None for c in evaluated)
 

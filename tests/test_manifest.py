@@ -171,7 +171,7 @@ def test_min_ios_cannot_exclude_a_listed_device(tmp_path, capsys):
     ("search: {max_evaluations: 0}", "edgebuild.yaml:19:27: search.max_evaluations: expected a whole number from 1 to 100000, got 0"),
     ("search: {max_time: soon}", "edgebuild.yaml:19:20: search.max_time: expected a duration such as 90s, 5m or 1h, got 'soon'"),
     ("search: {precisions: [int3]}", "edgebuild.yaml:19:23: search.precisions[0]: unknown precision 'int3'; did you "
-                                     "mean 'int8'? (available: fp16, int4, int8)"),
+                                     "mean 'int8'? (available: fp16, int4, int8, pal2, pal3, pal4, pal6, pal8)"),
     ("search: {techniques: [int9-magic]}", "edgebuild.yaml:19:23: search.techniques[0]: unknown technique 'int9-magic'"),
 ])
 def test_search_block_is_validated(tmp_path, capsys, block, expected):

@@ -20,7 +20,7 @@ from .layout import Build
 
 MIXED = "mixed-precision"
 SENSITIVITY_SAMPLES = 64
-SENSITIVITY_FORMAT = 3       # bump when the table's meaning changes, so old caches are not reused
+SENSITIVITY_FORMAT = 4       # bump when the table's meaning changes, so old caches are not reused
 
 
 def _digest(*parts) -> str:
@@ -112,6 +112,8 @@ def sensitivity_table(build: Build, target: Target, layers: list[dict], precisio
     work.mkdir(parents=True, exist_ok=True)
     table, stored_bytes = {}, {}
     fp32_size = bundle_bytes(fp32)
+    # Bytes per weight in the reference conversion (Core ML's is float16).
+    reference_width = getattr(backend, "reference_bytes_per_weight", 4)
     for layer in layers:
         table[layer["name"]], stored_bytes[layer["name"]] = {}, {}
         for precision in precisions:
@@ -126,7 +128,7 @@ def sensitivity_table(build: Build, target: Target, layers: list[dict], precisio
                 table[layer["name"]][precision] = stored_bytes[layer["name"]][precision] = None
                 continue
             # What this layer really costs at this precision, scales and zero points included.
-            stored_bytes[layer["name"]][precision] = bundle_bytes(bundle) - fp32_size + layer["params"] * 4
+            stored_bytes[layer["name"]][precision] = bundle_bytes(bundle) - fp32_size + layer["params"] * reference_width
             outputs = backend.predict(bundle, inputs, threads=1, exported_program=build.exported_program).outputs
             table[layer["name"]][precision] = round(_sqnr_db(outputs, reference), 3)
     remove_path(work)
@@ -155,7 +157,8 @@ def run_search(build: Build, target: Target) -> None:
     table = measured["db"]
     notes = []
     fp32_bytes = bundle_bytes(build.fp32_bundle(variant.key))
-    base = max(0, fp32_bytes - sum(layer["params"] * 4 for layer in layers))
+    reference_width = getattr(backend, "reference_bytes_per_weight", 4)
+    base = max(0, fp32_bytes - sum(layer["params"] * reference_width for layer in layers))
     metric = build.registry.metrics[build.manifest.metric]
     threshold = target_threshold(build, target)
     cache_dir = build.state / variant.key / "search"

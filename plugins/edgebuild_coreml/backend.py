@@ -67,6 +67,7 @@ class CoreMLBackend(BackendBase):
     name = "coreml"
     platform = "ios"
     extension = ".mlpackage"
+    reference_bytes_per_weight = 2  # the conversion every candidate starts from is float16
 
     def version(self) -> str:
         return f"coremltools {_version('coremltools')}, torch {_version('torch')}, scikit-learn {_version('scikit-learn')}"
@@ -133,6 +134,14 @@ class CoreMLBackend(BackendBase):
                                                           granularity=settings["granularity"],
                                                           block_size=settings.get("block_size", 32), weight_threshold=0)
                 model = optimize.linear_quantize_weights(base, optimize.OptimizationConfig(global_config=config))
+            elif settings["kind"] == "mixed":
+                if settings["ops"]:
+                    per_op = {op: optimize.OpPalettizerConfig(mode="kmeans", nbits=bits, granularity="per_tensor",
+                                                              weight_threshold=0)
+                              for op, bits in settings["ops"].items()}
+                    model = optimize.palettize_weights(base, optimize.OptimizationConfig(op_name_configs=per_op))
+                else:
+                    model = base
             elif settings["kind"] == "w8a8":
                 activation = optimize.experimental.OpActivationLinearQuantizerConfig(mode="linear_symmetric")
                 names = [i.name for i in base.get_spec().description.input]
@@ -148,6 +157,34 @@ class CoreMLBackend(BackendBase):
                                  technique=technique.name) from exc
         model.save(str(out))
         normalize_package(out, None)
+
+    # ---- mixed precision --------------------------------------------------------------------------
+
+    def layers(self, fp32_bundle: Path, options: dict) -> list[dict]:
+        """Weight tensors (2-D and up) of the float16 conversion; `scope` is the const op palettization targets."""
+        layers = []
+        for op in _weight_ops(fp32_bundle):
+            value = op.outputs[0].val if op.op_type == "const" else None
+            if isinstance(value, np.ndarray) and value.dtype.kind == "f" and value.ndim >= 2:
+                layers.append({"name": _parameter_key(op.name), "op": "const", "scope": op.name,
+                               "params": int(value.size)})
+        return layers
+
+    def precisions(self, options: dict | None = None) -> dict[str, int]:
+        """Float16, then k-means palettization by falling bits; 3-bit needs iOS 18."""
+        choices = {"fp16": 16, "pal8": 8, "pal6": 6, "pal4": 4, "pal3": 3, "pal2": 2}
+        if options is not None and options.get("min_ios", 18) < 18:
+            del choices["pal3"]
+        return choices
+
+    def mixed_technique(self, assignment: dict[str, str], layers: list[dict], name: str) -> Technique:
+        bits = self.precisions()
+        ops = {layer["scope"]: bits[assignment[layer["name"]]] for layer in layers
+               if assignment.get(layer["name"], "fp16") != "fp16"}
+        return Technique(name=name, backend=self.name, description="mixed precision: " + ", ".join(
+            f"{layer['name']} {assignment[layer['name']]}" for layer in layers if layer["name"] in assignment),
+            recipe={"requires_ios": 16, "compress": {"kind": "mixed", "ops": dict(sorted(ops.items()))},
+                    "needs_prediction": False})
 
     # ---- evaluate ----------------------------------------------------------------------------------
 

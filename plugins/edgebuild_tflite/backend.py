@@ -140,7 +140,7 @@ class TFLiteBackend(BackendBase):
     def layers(self, fp32_bundle: Path, options: dict) -> list[dict]:
         return weighted_layers(fp32_bundle)
 
-    def precisions(self, options: dict) -> dict[str, int]:
+    def precisions(self, options: dict | None = None) -> dict[str, int]:
         """Precision name -> bits, highest first."""
         return {name: bits for name, (bits, _) in PRECISIONS.items()}
 
