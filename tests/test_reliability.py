@@ -48,12 +48,13 @@ def torch_export_project(root: Path, archive: bytes) -> None:
 def exported_digits_archive(tmp_path: Path) -> bytes:
     import torch
 
-    sys.path.insert(0, str(make_project(tmp_path / "src").parent / "examples" / "digits"))
-    try:
-        from model import build
-    finally:
-        sys.path.pop(0)
-    model, example = build()
+    import importlib.util
+
+    path = make_project(tmp_path / "src").parent / "examples" / "digits" / "model.py"
+    spec = importlib.util.spec_from_file_location("digits_model", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    model, example = module.build()
     torch.export.save(torch.export.export(model, example), str(tmp_path / "digits.pt2"))
     return (tmp_path / "digits.pt2").read_bytes()
 
@@ -251,7 +252,7 @@ def test_quantizer_failure_exits_3_and_the_other_candidates_still_run(built_copy
     android = report["targets"][0]
     broken = next(c for c in android["candidates"] if c["technique"] == "int3-broken")
     assert broken["status"] == "error" and broken["error"]["stage"] == "compress"
-    assert android["status"] == "pass" and android["chosen"]["technique"] == "int4-weight-only"
-    assert sum(c["status"] in ("pass", "fail") for c in android["candidates"]) == 9
+    assert android["status"] == "pass" and android["chosen"]["technique"] in ("mixed-precision", "int4-weight-only")
+    assert sum(c["status"] in ("pass", "fail") for c in android["candidates"]) == 10  # 9 uniform + the search's pick
     record_figure("toolchain failure: a quantizer error exits 3 naming stage, target and technique; "
-                  "9 other candidates still evaluated and reported")
+                  "the other 10 candidates still evaluated and reported")

@@ -64,16 +64,15 @@ def test_search_finds_a_mixed_assignment_when_no_uniform_recipe_fits(searched):
     assert 16384 <= wide["stored_bytes"]["int4"] <= 16384 + 512 * 12 + 512
 
     # The shipped bundle, run outside edgebuild, agrees with fp32 as the report says.
-    from ai_edge_litert.interpreter import Interpreter
-    import torch
-    import sys
+    import importlib.util
 
-    sys.path.insert(0, str(searched / "examples" / "outliers"))
-    try:
-        from model import build
-    finally:
-        sys.path.pop(0)
-    net, _ = build()
+    import torch
+    from ai_edge_litert.interpreter import Interpreter
+
+    spec = importlib.util.spec_from_file_location("outliers_model", searched / "examples" / "outliers" / "model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    net, _ = module.build()
     x = np.load(searched / "examples" / "outliers" / "eval.npz")["x"]
     with torch.no_grad():
         expected = net(torch.from_numpy(x)).argmax(1).numpy()

@@ -292,24 +292,21 @@ def select(build: Build, target: Target) -> None:
     metric = build.registry.metrics[manifest.metric]
     threshold = target_threshold(build, target)
     backend = build.registry.backends[target.format]
-    candidates = []
     variant_key = build.variant(target).key
-    evaluations = []
+    entries = []  # in technique order, the search's pick last
     for technique, skip in runnable_techniques(build, variant_key):
-        if skip:
-            candidates.append({"technique": technique.name, "description": technique.description,
-                               "status": "skipped", "reason": skip})
-        else:
-            evaluations.append(read_json(build.evaluation(variant_key, technique.name)))
+        entries.append({"technique": technique.name, "description": technique.description, "status": "skipped",
+                        "reason": skip} if skip else read_json(build.evaluation(variant_key, technique.name)))
     search = read_json(build.search_record(target)) if search_runs(build, target) else None
     if search and search.get("candidate"):
-        evaluations.append(search["candidate"])
-    for evaluation in evaluations:
-        if evaluation["status"] != "ok":
-            candidates.append({**evaluation, "status": "error"})
+        entries.append(search["candidate"])
+    candidates = []
+    for entry in entries:
+        if entry["status"] in ("skipped", "error"):
+            candidates.append(entry)
             continue
-        failed = candidate_verdict(build, target, evaluation, threshold)
-        candidates.append({**evaluation, "status": "fail" if failed else "pass", "failed": failed})
+        failed = candidate_verdict(build, target, entry, threshold)
+        candidates.append({**entry, "status": "fail" if failed else "pass", "failed": failed})
 
     passing = [c for c in candidates if c["status"] == "pass"]
     sign = -1 if metric.higher_is_better else 1
