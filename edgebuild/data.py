@@ -75,3 +75,32 @@ def load_dataset(path: Path, label: str, model_inputs: list[dict], *, need_label
         if labels.ndim != 1 or len(labels) != len(inputs[0]) or labels.dtype.kind not in "iu":
             raise fail(f"array 'y' must be {len(inputs[0])} integer labels, got shape {labels.shape} dtype {labels.dtype}")
     return Dataset(inputs=tuple(inputs), labels=labels)
+
+
+def padded_batches(inputs: tuple[np.ndarray, ...], batch: int):
+    """Yield (arrays, rows): slices of exactly `batch` samples, for models exported with a fixed
+    batch size; the last one is padded by repeating its final sample, and `rows` says how many
+    of its outputs are real."""
+    total = len(inputs[0])
+    for start in range(0, total, batch):
+        chunk = []
+        for array in inputs:
+            part = array[start:start + batch]
+            if len(part) < batch:
+                part = np.concatenate([part, np.repeat(part[-1:], batch - len(part), axis=0)])
+            chunk.append(np.ascontiguousarray(part))
+        yield chunk, min(batch, total - start)
+
+
+def run_torch_module(module, inputs: tuple[np.ndarray, ...], batch: int) -> np.ndarray:
+    """First output of a torch module over a data set, at the batch size it was exported with."""
+    import torch
+
+    outputs = []
+    with torch.no_grad():
+        for chunk, rows in padded_batches(inputs, batch):
+            result = module(*(torch.from_numpy(part) for part in chunk))
+            if isinstance(result, (tuple, list)):
+                result = result[0]
+            outputs.append(result.detach().float().numpy()[:rows])
+    return np.concatenate(outputs)

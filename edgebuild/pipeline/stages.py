@@ -11,7 +11,7 @@ import numpy as np
 from .. import __version__
 from .. import devices as device_catalog
 from ..api import CompressInput, PackageInput, Technique
-from ..data import Dataset, load_dataset
+from ..data import Dataset, load_dataset, run_torch_module
 from ..errors import EdgebuildError, InputError, ToolchainError
 from ..fsutil import (atomic_output, atomic_write_json, bundle_bytes, bundle_files, bundle_download_bytes, bundle_sha256, read_json,
                       remove_dir, remove_path, replace_dir, replace_path, sha256_file)
@@ -29,27 +29,6 @@ def _first_line(exc: BaseException) -> str:
 
 def _torch_dtype_name(dtype) -> str:
     return str(dtype).removeprefix("torch.")
-
-
-def _run_torch(module, inputs: tuple[np.ndarray, ...], batch: int) -> np.ndarray:
-    """Run a torch module over a data set at the batch size it was exported with."""
-    import torch
-
-    outputs = []
-    total = len(inputs[0])
-    with torch.no_grad():
-        for start in range(0, total, batch):
-            chunk = []
-            for array in inputs:
-                part = array[start:start + batch]
-                if len(part) < batch:
-                    part = np.concatenate([part, np.repeat(part[-1:], batch - len(part), axis=0)])
-                chunk.append(torch.from_numpy(np.ascontiguousarray(part)))
-            result = module(*chunk)
-            if isinstance(result, (tuple, list)):
-                result = result[0]
-            outputs.append(result.detach().float().numpy()[:min(batch, total - start)])
-    return np.concatenate(outputs)
 
 
 # ---- load / export ---------------------------------------------------------------------------
@@ -101,7 +80,7 @@ def reference_outputs(build: Build) -> None:
     data = _dataset(build, build.manifest.evaluation, need_labels=False)
     program = torch.export.load(str(build.exported_program))
     batch = int(read_json(build.model_meta)["inputs"][0]["shape"][0]) or 1
-    outputs = _run_torch(program.module(), data.inputs, batch)
+    outputs = run_torch_module(program.module(), data.inputs, batch)
     temporary = atomic_output(build.reference)
     np.savez(temporary, outputs=outputs)
     os.replace(temporary, build.reference)

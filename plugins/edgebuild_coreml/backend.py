@@ -20,6 +20,7 @@ import numpy as np
 
 from edgebuild import devices
 from edgebuild.api import BackendBase, CompressInput, Prediction, Technique
+from edgebuild.data import run_torch_module
 from edgebuild.errors import ToolchainError
 
 MODEL_FILE = Path("Data") / "com.apple.CoreML" / "model.mlmodel"
@@ -197,29 +198,15 @@ class CoreMLBackend(BackendBase):
                 exported_program: Path | None = None) -> Prediction:
         if can_predict():
             return self._predict_core_ml(bundle, inputs)
-        import torch
-
         module, missing = simulated_module(bundle, exported_program)
-        batch = _example_batch(exported_program)
-        outputs = []
-        with torch.no_grad():
-            for start in range(0, len(inputs[0]), batch):
-                chunk = []
-                for array in inputs:
-                    part = array[start:start + batch]
-                    if len(part) < batch:
-                        part = np.concatenate([part, np.repeat(part[-1:], batch - len(part), axis=0)])
-                    chunk.append(torch.from_numpy(np.ascontiguousarray(part)))
-                result = module(*chunk)
-                result = result[0] if isinstance(result, (tuple, list)) else result
-                outputs.append(result.float().numpy()[:min(batch, len(inputs[0]) - start)])
+        outputs = run_torch_module(module, tuple(inputs), _example_batch(exported_program))
         details = {"simulated": True, "activations": "float32", "unmapped_parameters": missing}
         runtime = self.runtime()
         if missing:  # say plainly that this evaluation is not weights-exact
             runtime = (f"torch simulation, NOT weights-exact: {len(missing)} parameter(s) not found in the bundle "
                        f"kept their float32 values ({', '.join(missing[:5])}{', …' if len(missing) > 5 else ''})")
         # Host latency of a simulation says nothing about a phone: not reported.
-        return Prediction(outputs=np.concatenate(outputs), latency_ms=None, runtime=runtime, details=details)
+        return Prediction(outputs=outputs, latency_ms=None, runtime=runtime, details=details)
 
     def _predict_core_ml(self, bundle: Path, inputs: Sequence[np.ndarray]) -> Prediction:
         import coremltools as ct

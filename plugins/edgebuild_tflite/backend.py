@@ -12,6 +12,7 @@ from typing import Sequence
 import numpy as np
 
 from edgebuild.api import BackendBase, CompressInput, Prediction, Technique
+from edgebuild.data import padded_batches
 from edgebuild.errors import ToolchainError
 
 SIGNATURE = "serving_default"
@@ -113,19 +114,12 @@ class TFLiteBackend(BackendBase):
         in_names = _ordered(in_details)
         out_names = _ordered(out_details)
         batch = int(in_details[in_names[0]]["shape"][0]) or 1
-        total = len(inputs[0])
         outputs, timings = [], []
-        for start in range(0, total, batch):
-            feed = {}
-            for name, array in zip(in_names, inputs):
-                chunk = array[start:start + batch]
-                if len(chunk) < batch:  # pad the last partial batch; padded rows are dropped below
-                    chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - len(chunk), axis=0)])
-                feed[name] = _quantize(chunk, in_details[name])
+        for chunk, rows in padded_batches(tuple(inputs), batch):
+            feed = {name: _quantize(part, in_details[name]) for name, part in zip(in_names, chunk)}
             begin = time.perf_counter()
             result = runner(**feed)
             timings.append((time.perf_counter() - begin) * 1000.0)
-            rows = min(batch, total - start)
             outputs.append(_dequantize(result[out_names[0]], out_details[out_names[0]])[:rows])
         # The first invokes pay for allocation and XNNPACK packing; they are not steady-state latency.
         steady = timings[min(3, len(timings) - 1):]
