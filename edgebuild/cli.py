@@ -118,9 +118,10 @@ def cmd_build(args, console: Console) -> int:
     build = Build(manifest, registry)
     result = run_pipeline(build, console=console, wait=not args.no_wait)
 
-    if result.executed:
+    if result.executed or result.failed:
         heavy = [s for s in result.executed if s.split(":")[0] in ("export", "convert", "compress", "evaluate")]
-        console.print(f"ran {len(result.executed)} stage(s), {len(result.up_to_date)} up to date"
+        failed = f", {len(result.failed)} failed ({', '.join(result.failed)})" if result.failed else ""
+        console.print(f"ran {len(result.executed)} stage(s), {len(result.up_to_date)} up to date{failed}"
                       f"{'' if heavy else ' (no conversion or evaluation rerun)'}", highlight=False)
     else:
         console.print(f"nothing changed: all {len(result.up_to_date)} stages up to date; "
@@ -169,6 +170,7 @@ def cmd_build(args, console: Console) -> int:
             "exit_code": code,
             "report": manifest.relative(report) if report.is_file() else None,
             "executed": result.executed,
+            "failed": result.failed,
             "up_to_date": len(result.up_to_date),
             "errors": [str(e) for e in result.errors],
             "targets": [{"name": t["name"], "status": t["status"], "chosen": t["chosen"],

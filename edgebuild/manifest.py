@@ -23,9 +23,13 @@ TOP_KEYS = {"version": True, "model": True, "data": True, "metric": False, "targ
             "reports": False, "search": False}
 DEFAULT_REPORTS = ["json", "md", "junit", "html"]
 MODEL_KEYS = {"name": True, "source": True, "entry": False, "path": False, "description": False, "version": False}
-DATA_KEYS = {"calibration": False, "evaluation": True}
+DATA_KEYS = {"calibration": False, "evaluation": True, "train": False}
 TARGET_KEYS = {"name": True, "format": True, "devices": True, "budget": False, "accuracy": True,
-               "delivery": False, "android": False, "min_ios": False}
+               "delivery": False, "android": False, "min_ios": False, "qat": False}
+QAT_KEYS = {"mode": False, "trainable": False, "epochs": False, "max_steps": False, "learning_rate": False,
+            "max_time": False, "loss": False}
+QAT_DEFAULTS = {"mode": "auto", "trainable": "all", "epochs": 60, "max_steps": 20_000, "learning_rate": 3e-3,
+                "max_time": 1800.0, "loss": "distill"}
 MIN_IOS_RANGE = (15, 18)  # ML Programs need iOS 15; coremltools 9 knows deployment targets up to iOS 18
 ANDROID_KEYS = {"assets_dir": False, "kotlin_package": False}
 ANDROID_DEFAULTS = {"assets_dir": "models", "kotlin_package": "edgebuild.models"}
@@ -51,6 +55,7 @@ class Target:
     android: dict = field(default_factory=dict)  # assets_dir, kotlin_package
     min_ios: int | None = None           # ios: deployment target; default: the lowest iOS among devices
     latency_ms: float | None = None      # host-measured median latency budget (single thread)
+    qat: dict | None = None              # quantization-aware training settings; None: off
 
 
 @dataclass
@@ -65,6 +70,7 @@ class Manifest:
     output: Path
     raw: dict = field(repr=False)
     reports: list[str] = field(default_factory=lambda: list(DEFAULT_REPORTS))
+    train: Path | None = None
     search: dict = field(default_factory=lambda: dict(SEARCH_DEFAULTS))
 
     @property
@@ -276,6 +282,7 @@ def load_manifest(path: Path | str, registry: Registry) -> Manifest:
     calibration = None
     if "calibration" in data:
         calibration = check.project_path(data["calibration"], ("data", "calibration"), must_exist=True)
+    train = check.project_path(data["train"], ("data", "train"), must_exist=True) if "train" in data else None
 
     metric_name = check.choice(raw.get("metric", "top1"), ("metric",), list(registry.metrics), "metric")
     metric = registry.metrics[metric_name]
@@ -334,7 +341,7 @@ def load_manifest(path: Path | str, registry: Registry) -> Manifest:
 
     return Manifest(path=path.resolve(), root=root, model=dict(model), calibration=calibration,
                     evaluation=evaluation, metric=metric_name, targets=targets, output=output, raw=raw,
-                    reports=reports, search=search)
+                    reports=reports, search=search, train=train)
 
 
 def _target(check: _Validator, doc: _Document, entry: Any, path: tuple, metric, seen: set[str]) -> Target:
@@ -416,6 +423,43 @@ def _target(check: _Validator, doc: _Document, entry: Any, path: tuple, metric, 
                 raise doc.error(path + ("min_ios",), f"device {device!r} runs at most iOS {catalog[device]['ios']}; "
                                                      f"min_ios {value} would exclude it")
         min_ios = value
+    qat = None
+    if "qat" in entry:
+        qat = _qat_settings(check, doc, entry["qat"], path + ("qat",), fmt)
     return Target(name=name, format=fmt, devices=list(devices), size=size, download=download,
                   max_drop=max_drop, floor=floor, raw=entry, delivery=delivery, android=android, min_ios=min_ios,
-                  latency_ms=latency_ms)
+                  latency_ms=latency_ms, qat=qat)
+
+
+def _qat_settings(check: _Validator, doc: _Document, value: Any, path: tuple, fmt: str) -> dict | None:
+    """`qat: off | auto | always`, or a mapping with `mode` and training settings."""
+    if isinstance(value, bool) and value is False:  # YAML reads a bare `off` as false
+        return None
+    block = {"mode": value} if isinstance(value, str) else check.mapping(value, path, QAT_KEYS)
+    settings = dict(QAT_DEFAULTS)
+    mode = check.choice(block.get("mode", "auto"), path + (("mode",) if isinstance(value, dict) else ()),
+                        ["off", "auto", "always"], "qat mode")
+    if mode == "off":
+        return None
+    if fmt != "tflite":
+        raise doc.error(path, f"quantization-aware training is available for tflite targets; format {fmt!r} "
+                              "has no QAT path in this edgebuild", at_key=True)
+    settings["mode"] = mode
+    if "trainable" in block:
+        trainable = check.string(block["trainable"], path + ("trainable",))
+        if trainable != "all" and not re.match(r"^last:[1-9]\d*$", trainable):
+            raise doc.error(path + ("trainable",), f"expected 'all' or 'last:N', got {trainable!r}")
+        settings["trainable"] = trainable
+    for key, low, high in (("epochs", 1, 10_000), ("max_steps", 1, 10_000_000)):
+        if key in block:
+            number = block[key]
+            if isinstance(number, bool) or not isinstance(number, int) or not low <= number <= high:
+                raise doc.error(path + (key,), f"expected a whole number from {low} to {high}, got {number!r}")
+            settings[key] = number
+    if "learning_rate" in block:
+        settings["learning_rate"] = check.number(block["learning_rate"], path + ("learning_rate",), 1e-8, 1.0)
+    if "max_time" in block:
+        settings["max_time"] = check.duration(block["max_time"], path + ("max_time",))
+    if "loss" in block:
+        settings["loss"] = check.choice(block["loss"], path + ("loss",), ["distill", "cross_entropy"], "loss")
+    return settings

@@ -187,3 +187,26 @@ def test_search_settings_parse(tmp_path):
     manifest = load_manifest(make_project(tmp_path, text), default_registry())
     assert manifest.search == {"strategy": "exhaustive", "max_evaluations": 12, "max_time": 300.0,
                                "precisions": ["fp16", "int4"]}
+
+
+@pytest.mark.parametrize("extra, expected", [
+    ("    qat: sometimes\n", "edgebuild.yaml:18:10: targets[0].qat: unknown qat mode 'sometimes'"),
+    ("    qat: {trainable: first:2}\n", "edgebuild.yaml:18:22: targets[0].qat.trainable: expected 'all' or 'last:N', got 'first:2'"),
+    ("    qat: {epochs: 0}\n", "edgebuild.yaml:18:19: targets[0].qat.epochs: expected a whole number from 1 to 10000, got 0"),
+])
+def test_qat_settings_are_validated(tmp_path, capsys, extra, expected):
+    code, err = validate(tmp_path, GOOD.replace("output: dist\n", extra), capsys)
+    assert code == 2 and err.startswith(expected), err
+
+
+def test_qat_is_refused_for_core_ml_targets(tmp_path, capsys):
+    text = GOOD.replace("output: dist\n", """\
+  - name: ios
+    format: coreml
+    devices: [iphone-15]
+    accuracy: {floor: 0.9}
+    qat: always
+""")
+    code, err = validate(tmp_path, text, capsys)
+    assert code == 2 and err.startswith("edgebuild.yaml:22:5: targets[1].qat: quantization-aware training is "
+                                        "available for tflite targets"), err

@@ -91,6 +91,12 @@ class Build:
     def search_bundle(self, target: Target) -> Path:
         return self.state / "targets" / target.name / f"mixed{self._extension(self.variant(target).key)}"
 
+    def qat_record(self, target: Target) -> Path:
+        return self.state / "targets" / target.name / "qat.json"
+
+    def qat_bundle(self, target: Target) -> Path:
+        return self.state / "targets" / target.name / f"qat{self._extension(self.variant(target).key)}"
+
     def packaged(self, target: Target) -> Path:
         return self.state / "targets" / target.name / "packaged.json"
 

@@ -21,7 +21,7 @@ from .layout import Build
 from .stages import target_summary
 from .tasks import build_tasks
 
-HEAVY_STAGES = ("export", "reference", "convert", "compress", "evaluate", "search")
+HEAVY_STAGES = ("export", "reference", "convert", "compress", "evaluate", "search", "qat")
 
 
 class DurableSqliteDB(SqliteDB):
@@ -53,6 +53,7 @@ class DurableSqliteDB(SqliteDB):
 class RunResult:
     executed: list[str] = field(default_factory=list)
     up_to_date: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
     errors: list[EdgebuildError] = field(default_factory=list)
 
 
@@ -137,6 +138,7 @@ def _make_reporter(result: RunResult, console: Console):
                 console.print(f"  [green]done[/green] {_stage_name(task.name)} ({elapsed:.1f}s)", highlight=False)
 
         def add_failure(self, task, fail):
+            result.failed.append(_stage_name(task.name))
             console.print(f"  [red]failed[/red] {_stage_name(task.name)}", highlight=False)
 
         def skip_uptodate(self, task):

@@ -279,6 +279,9 @@ def select(build: Build, target: Target) -> None:
     search = read_json(build.search_record(target)) if search_runs(build, target) else None
     if search and search.get("candidate"):
         entries.append(search["candidate"])
+    trained = read_json(build.qat_record(target)) if target.qat is not None else None
+    if trained and trained.get("candidate"):
+        entries.append(trained["candidate"])
     candidates = []
     for entry in entries:
         if entry["status"] in ("skipped", "error"):
@@ -325,6 +328,8 @@ def select(build: Build, target: Target) -> None:
                                                  for f in c["failed"]), c["bytes"], c["technique"]))
         selection["nearest"] = {"technique": nearest["technique"], "blocked_by": [
             {**f, "by": abs(f["actual"] - f["limit"])} for f in nearest["failed"]]}
+    if trained is not None:
+        selection["qat"] = {k: v for k, v in trained.items() if k != "candidate"}
     if search is not None:
         selection["search"] = {k: search[k] for k in ("strategy", "precisions", "layers", "evaluations",
                                                       "max_evaluations", "seconds", "notes", "chosen")}
@@ -334,6 +339,7 @@ def select(build: Build, target: Target) -> None:
 
 def package(build: Build, target: Target) -> None:
     """Swap the chosen bundle into `output/<target>/`; a failing target leaves no bundle behind."""
+    from .qat import QAT_PREFIX
     from .search import MIXED
 
     selection = read_json(build.selection(target))
@@ -346,8 +352,12 @@ def package(build: Build, target: Target) -> None:
     shutil.rmtree(staged, ignore_errors=True)
     staged.mkdir(parents=True)
     technique = selection["chosen"]["technique"]
-    bundle = build.search_bundle(target) if technique == MIXED else build.candidate_bundle(build.variant(target).key,
-                                                                                            technique)
+    if technique == MIXED:
+        bundle = build.search_bundle(target)
+    elif technique.startswith(QAT_PREFIX):
+        bundle = build.qat_bundle(target)
+    else:
+        bundle = build.candidate_bundle(build.variant(target).key, technique)
     packager = build.registry.packagers[target.format]
     written = packager(PackageInput(bundle=bundle, directory=staged, model_name=build.manifest.model_name,
                                     model_description=build.manifest.model.get("description", ""),

@@ -12,7 +12,7 @@ from doit.tools import config_changed
 
 from ..manifest import ENTRY_PATTERN
 from ..plugins import code_fingerprint
-from . import search, stages
+from . import qat, search, stages
 from .layout import Build
 
 
@@ -117,6 +117,18 @@ def build_tasks(build: Build, wrap: Callable) -> list[dict]:
                         "toolchain": toolchain[target.format]},
                 uptodate=[(search.search_is_intact, (build, target))]))
             evaluations.append(rel(build.search_record(target)))
+        if target.qat is not None:
+            data = [rel(p) for p in (manifest.train, manifest.calibration, manifest.evaluation) if p]
+            tasks.append(task(
+                f"qat:{target.name}", wrap(f"qat:{target.name}", qat.run_qat), build, target,
+                file_dep=sorted(set(evaluations + data + [rel(p) for p in model_sources(build)]
+                                    + [rel(build.reference), rel(build.baseline), rel(build.model_meta)])),
+                targets=[rel(build.qat_record(target))],
+                code=(("backend", target.format), ("loader", manifest.model["source"]), metric),
+                config={"qat": target.qat, "target": target.raw, "metric": manifest.metric,
+                        "toolchain": toolchain[target.format]},
+                uptodate=[(qat.qat_is_intact, (build, target))]))
+            evaluations.append(rel(build.qat_record(target)))
         tasks.append(task(f"select:{target.name}", wrap(f"select:{target.name}", stages.select), build, target,
                            file_dep=evaluations + [rel(build.baseline)],
                            targets=[rel(build.selection(target))],
@@ -146,6 +158,5 @@ def input_files(build: Build) -> list[Path]:
     """Every file a build reads: the manifest, the model's files, the data."""
     manifest = build.manifest
     files = {manifest.path, manifest.evaluation, *model_sources(build)}
-    if manifest.calibration:
-        files.add(manifest.calibration)
+    files.update(p for p in (manifest.calibration, manifest.train) if p)
     return sorted(files)

@@ -1,4 +1,4 @@
-"""Train the example digits CNN and write weights.npz, calib.npz and eval.npz next to this file.
+"""Train the example digits CNN and write weights.npz, train.npz, calib.npz and eval.npz next to this file.
 
 Deterministic: fixed seeds, single thread. Run: python examples/digits/train.py
 """
@@ -42,6 +42,7 @@ def main() -> None:
     print(f"held-out top1 {accuracy:.4f}")
 
     np.savez(HERE / "weights.npz", **{k: v.numpy() for k, v in model.state_dict().items()})
+    np.savez(HERE / "train.npz", x=x_train, y=y_train)  # for quantization-aware training (data.train)
     np.savez(HERE / "calib.npz", x=x_train[:128])
     np.savez(HERE / "eval.npz", x=x_eval, y=y_eval)
 
