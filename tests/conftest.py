@@ -40,6 +40,14 @@ def make_project(root: Path, manifest: dict | str | None = None) -> Path:
     return path
 
 
+def example_project(root: Path, example: str, manifest: dict) -> Path:
+    """A project holding a copy of examples/<example> and the given manifest; returns the folder."""
+    shutil.copytree(REPO / "examples" / example, root / "examples" / example,
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    (root / "edgebuild.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
+    return root
+
+
 def run_edgebuild(*args, cwd: Path, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run the installed CLI as a user would, in its own process."""
     return subprocess.run([sys.executable, "-m", "edgebuild", *map(str, args)], cwd=cwd, capture_output=True,

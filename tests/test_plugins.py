@@ -1,7 +1,5 @@
 """Plugins: built-ins load through entry points exactly like third-party packages."""
 import json
-import sys
-import textwrap
 
 import pluggy
 import pytest

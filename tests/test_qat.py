@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO, read_report, record_figure, run_edgebuild
+from tests.conftest import example_project, read_report, record_figure, run_edgebuild
 
 pytestmark = pytest.mark.slow
 
@@ -23,13 +23,8 @@ MANIFEST = {
 }
 
 
-def project(root: Path, **target) -> Path:
-    shutil.copytree(REPO / "examples" / "outliers", root / "examples" / "outliers",
-                    ignore=shutil.ignore_patterns("__pycache__"))
-    manifest = json.loads(json.dumps(MANIFEST))
-    manifest["targets"][0].update(target)
-    (root / "edgebuild.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
-    return root
+def project(root: Path) -> Path:
+    return example_project(root, "outliers", MANIFEST)
 
 
 @pytest.fixture(scope="module")

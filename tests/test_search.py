@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.conftest import REPO, read_report, run_edgebuild
+from tests.conftest import example_project, read_report, run_edgebuild
 
 pytestmark = pytest.mark.slow
 
@@ -22,22 +22,9 @@ MANIFEST = {
 }
 
 
-def outliers_project(root: Path, **changes) -> Path:
-    shutil.copytree(REPO / "examples" / "outliers", root / "examples" / "outliers",
-                    ignore=shutil.ignore_patterns("__pycache__"))
-    manifest = json.loads(json.dumps(MANIFEST))
-    for key, value in changes.items():
-        if key == "target":
-            manifest["targets"][0].update(value)
-        else:
-            manifest[key] = value
-    (root / "edgebuild.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
-    return root
-
-
 @pytest.fixture(scope="module")
 def searched(tmp_path_factory) -> Path:
-    root = outliers_project(tmp_path_factory.mktemp("outliers"))
+    root = example_project(tmp_path_factory.mktemp("outliers"), "outliers", MANIFEST)
     result = run_edgebuild("build", cwd=root)
     assert result.returncode == 0, result.stderr
     return root

@@ -159,7 +159,6 @@ def run_search(build: Build, target: Target) -> None:
     fp32_bytes = bundle_bytes(build.fp32_bundle(variant.key))
     reference_width = getattr(backend, "reference_bytes_per_weight", 4)
     base = max(0, fp32_bytes - sum(layer["params"] * reference_width for layer in layers))
-    metric = build.registry.metrics[build.manifest.metric]
     threshold = target_threshold(build, target)
     cache_dir = build.state / variant.key / "search"
     fp32_sha = read_json(build.fp32_record(variant.key))["sha256"]

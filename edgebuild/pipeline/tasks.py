@@ -58,7 +58,6 @@ def build_tasks(build: Build, wrap: Callable) -> list[dict]:
     toolchain = {name: registry.backends[name].version() for name in build.backends_in_use()}
     task = functools.partial(_task, registry=registry)
     metric = ("metric", manifest.metric)
-    data_files = [manifest.evaluation] + ([manifest.calibration] if manifest.calibration else [])
     tasks = [
         task("export", wrap("export", stages.export_model), build,
               file_dep=[rel(p) for p in model_sources(build)],
