@@ -441,9 +441,8 @@ def _qat_settings(check: _Validator, doc: _Document, value: Any, path: tuple, fm
                         ["off", "auto", "always"], "qat mode")
     if mode == "off":
         return None
-    if fmt != "tflite":
-        raise doc.error(path, f"quantization-aware training is available for tflite targets; format {fmt!r} "
-                              "has no QAT path in this edgebuild", at_key=True)
+    if not hasattr(check.registry.backends[fmt], "train_quantized"):
+        raise doc.error(path, f"format {fmt!r} has no quantization-aware training path", at_key=True)
     settings["mode"] = mode
     if "trainable" in block:
         trainable = check.string(block["trainable"], path + ("trainable",))

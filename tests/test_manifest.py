@@ -197,16 +197,3 @@ def test_search_settings_parse(tmp_path):
 def test_qat_settings_are_validated(tmp_path, capsys, extra, expected):
     code, err = validate(tmp_path, GOOD.replace("output: dist\n", extra), capsys)
     assert code == 2 and err.startswith(expected), err
-
-
-def test_qat_is_refused_for_core_ml_targets(tmp_path, capsys):
-    text = GOOD.replace("output: dist\n", """\
-  - name: ios
-    format: coreml
-    devices: [iphone-15]
-    accuracy: {floor: 0.9}
-    qat: always
-""")
-    code, err = validate(tmp_path, text, capsys)
-    assert code == 2 and err.startswith("edgebuild.yaml:22:5: targets[1].qat: quantization-aware training is "
-                                        "available for tflite targets"), err

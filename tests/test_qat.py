@@ -44,7 +44,8 @@ def test_qat_auto_passes_where_post_training_quantization_misses_the_floor(train
     ptq = next(c for c in post_training if c["technique"] == "int4-weight-only")
     assert chosen["bytes"] == ptq["bytes"]  # same grid, same bytes: only the weights moved
     qat = target["qat"]
-    assert qat["trained_for"] == "int4-weight-only" and qat["grid"] == {"bits": 4, "qmin": -8, "qmax": 7}
+    assert qat["trained_for"] == "int4-weight-only"
+    assert qat["plan"] == {"kind": "weight grid", "bits": 4, "qmin": -8, "qmax": 7}
     recovered = (chosen["metric"] - ptq["metric"]) / (target["baseline"]["metric"] - ptq["metric"])
     record_figure(f"QAT (outliers model, int4 weights, {ptq['bytes']} B): agreement {ptq['metric']:.4f} after PTQ, "
                   f"{chosen['metric']:.4f} after QAT; {recovered:.0%} of the PTQ drop recovered")
@@ -86,3 +87,34 @@ def test_last_layer_fine_tuning(trained, tmp_path):
     ptq = next(c for c in target["candidates"] if c["technique"] == "int4-weight-only")
     assert qat["metric"] > ptq["metric"]
     assert result.returncode in (0, 1)
+
+
+CORE_ML = {
+    "version": 1,
+    "model": {"name": "digits", "source": "python", "entry": "examples/digits/model.py:build"},
+    "data": {"calibration": "examples/digits/calib.npz", "evaluation": "examples/digits/eval.npz",
+             "train": "examples/digits/train.npz"},
+    "metric": "top1",
+    # 20 KB: only 2-bit palettization fits, and post-training it misses the floor.
+    "targets": [{"name": "ios", "format": "coreml", "devices": ["iphone-x"], "budget": {"size": "20KB"},
+                 "accuracy": {"max_drop": 0.01}, "qat": {"mode": "auto", "epochs": 4}}],
+    "reports": ["json"],
+}
+
+
+def test_core_ml_palettization_qat_with_dkm(tmp_path):
+    root = example_project(tmp_path, "digits", CORE_ML)
+    result = run_edgebuild("build", cwd=root)
+    assert result.returncode == 0, result.stderr
+    target = read_report(root)["targets"][0]
+    assert target["qat"]["plan"] == {"kind": "dkm palettization", "bits": 2}
+    chosen = target["chosen"]
+    assert chosen["technique"] == "qat-palettize-2bit" and chosen["bytes"] <= 20_000
+    candidate = next(c for c in target["candidates"] if c["technique"] == "qat-palettize-2bit")
+    assert candidate["evaluated_by"].startswith("weights-exact torch simulation")  # every weight mapped
+    ptq = target["qat"]["post_training"]
+    recovered = (chosen["metric"] - ptq["metric"]) / (target["baseline"]["metric"] - ptq["metric"])
+    record_figure(f"QAT Core ML (digits, 2-bit palettization via DKMPalettizer, {chosen['bytes']} B vs PTQ "
+                  f"{ptq['bytes']} B): top1 {ptq['metric']:.4f} after PTQ, {chosen['metric']:.4f} after QAT; "
+                  f"{recovered:.0%} of the drop recovered")
+    assert recovered >= 0.5

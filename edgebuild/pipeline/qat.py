@@ -1,60 +1,22 @@
-"""Quantization-aware training (TFLite): when no post-training candidate holds the floor, train
-the model with the chosen candidate's weight grid simulated, then convert and quantize it with
-that candidate's own recipe, so the trained weights land exactly on the grid the quantizer uses.
+"""Quantization-aware training: when no post-training candidate holds the floor, train the model
+with the chosen candidate's compression simulated, so its weights land where that compression puts
+them. The backend owns the simulation and the conversion (`qat_plan`, `train_quantized`); this
+module owns the training loop, the loss and the decision when to train.
 
 Loss: distillation from the fp32 model's outputs (no labels needed), or cross-entropy on labels.
 Seeds are fixed and training runs single-threaded: same inputs, same bytes.
 """
 import copy
-import os
 import time
 
 import numpy as np
 
-from ..api import CompressInput, Technique
 from ..data import load_dataset
 from ..fsutil import atomic_output, atomic_write_json, bundle_sha256, read_json, remove_path, replace_path
 from ..manifest import Target
 from .layout import Build
 
 QAT_PREFIX = "qat-"
-
-
-def weight_grid(technique: Technique) -> dict | None:
-    """(bits, qmin, qmax) of a symmetric per-channel min/max weight recipe, the grids QAT can simulate."""
-    rules = technique.recipe if isinstance(technique.recipe, list) else []
-    if len(rules) != 1 or rules[0].get("algorithm_key") != "min_max_uniform_quantize":
-        return None
-    weights = rules[0].get("op_config", {}).get("weight_tensor_config", {})
-    if weights.get("granularity") != "CHANNELWISE" or not weights.get("symmetric") or weights.get("dtype") != "INT":
-        return None
-    if "activation_tensor_config" in rules[0]["op_config"]:
-        return None  # static activation ranges are not simulated
-    bits = int(weights["num_bits"])
-    return {"bits": bits, "qmin": -(2 ** (bits - 1)), "qmax": 2 ** (bits - 1) - 1}
-
-
-def _fake_quant(grid: dict):
-    import torch
-
-    class FakeQuant(torch.nn.Module):
-        """ai-edge-quantizer's symmetric per-output-channel grid: scale = max|w| / qmax; straight-through gradient."""
-
-        def forward(self, weight):
-            flat = weight.reshape(weight.shape[0], -1)
-            scale = (flat.abs().amax(dim=1).clamp_min(1e-9) / grid["qmax"]).reshape(-1, *[1] * (weight.dim() - 1))
-            quantized = torch.clamp(torch.round(weight / scale), grid["qmin"], grid["qmax"]) * scale
-            return weight + (quantized - weight).detach()
-
-    return FakeQuant()
-
-
-def _quantized_modules(module) -> list:
-    import torch
-
-    # Depthwise convolutions keep float weights in ai-edge-quantizer's weight-only recipes.
-    return [m for m in module.modules()
-            if isinstance(m, torch.nn.Linear) or (isinstance(m, torch.nn.Conv2d) and m.groups == 1)]
 
 
 def distillation_loss(student, teacher):
@@ -71,26 +33,29 @@ def distillation_loss(student, teacher):
     return mse + kl
 
 
-def train(module, grid: dict, inputs: tuple[np.ndarray, ...], labels: np.ndarray | None, settings: dict,
-          log) -> dict:
-    """Train in place with the grid simulated; returns what happened (steps, seconds, final loss)."""
+def train(module, layers: list, inputs: tuple[np.ndarray, ...], labels: np.ndarray | None, settings: dict, log,
+          after_step=None) -> dict:
+    """Train a module the backend prepared (compression simulated) in place.
+
+    `layers` are the compressed layers in forward order (for `trainable: last:N`); `after_step`
+    runs after every optimiser step (e.g. a palettizer's own schedule). Returns steps, seconds, loss.
+    """
     import torch
-    from torch.nn.utils import parametrize
 
     torch.manual_seed(0)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # deterministic reductions
     try:
-        teacher = copy.deepcopy(module).eval()
-        targets = _quantized_modules(module)
-        for layer in targets:
-            parametrize.register_parametrization(layer, "weight", _fake_quant(grid))
+        with torch.no_grad():
+            module.eval()
+            x = [torch.from_numpy(array) for array in inputs]
+            teacher_out = settings["teacher"](*x)
         trainable = settings["trainable"]
-        if trainable != "all":  # last:N fine-tunes the last N quantized layers, the rest stay frozen
+        if trainable != "all":  # last:N fine-tunes the last N compressed layers, the rest stay frozen
             for parameter in module.parameters():
                 parameter.requires_grad_(False)
-            for layer in targets[-int(trainable.split(":")[1]):]:
-                for parameter in layer.parameters():  # recursive: the weight now sits in its parametrization
+            for layer in layers[-int(trainable.split(":")[1]):]:
+                for parameter in layer.parameters():  # recursive: a weight may sit in a parametrization
                     parameter.requires_grad_(True)
         for parameter in module.parameters():
             if not parameter.detach().any():
@@ -104,9 +69,6 @@ def train(module, grid: dict, inputs: tuple[np.ndarray, ...], labels: np.ndarray
         # Cosine decay to zero over the planned steps: large moves early, settling on the grid late.
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimiser, lambda step: 0.5 * (1 + np.cos(np.pi * min(step, planned) / planned)))
-        x = [torch.from_numpy(array) for array in inputs]
-        with torch.no_grad():
-            teacher_out = teacher(*x)
         y = torch.from_numpy(labels) if labels is not None else None
         generator = torch.Generator().manual_seed(0)
         steps, started, loss = 0, time.monotonic(), None
@@ -124,6 +86,8 @@ def train(module, grid: dict, inputs: tuple[np.ndarray, ...], labels: np.ndarray
                 loss.backward()
                 optimiser.step()
                 schedule.step()
+                if after_step is not None:
+                    after_step()
                 steps += 1
                 if steps >= settings["max_steps"] or time.monotonic() - started > settings["max_time"]:
                     break
@@ -131,8 +95,6 @@ def train(module, grid: dict, inputs: tuple[np.ndarray, ...], labels: np.ndarray
             if steps >= settings["max_steps"] or time.monotonic() - started > settings["max_time"]:
                 break
         module.eval()
-        for layer in targets:  # bake the grid into the weights
-            parametrize.remove_parametrizations(layer, "weight", leave_parametrized=True)
         return {"steps": steps, "seconds": round(time.monotonic() - started, 2), "loss": float(loss)}
     finally:
         torch.set_num_threads(threads)
@@ -140,8 +102,6 @@ def train(module, grid: dict, inputs: tuple[np.ndarray, ...], labels: np.ndarray
 
 def run_qat(build: Build, target: Target) -> None:
     """The qat stage for one target: writes `.edgebuild/targets/<t>/qat.json` and, when it trained, the bundle."""
-    import torch
-
     from .search import search_runs
     from .stages import candidate_verdict, evaluate_bundle, runnable_techniques, target_threshold
 
@@ -166,13 +126,14 @@ def run_qat(build: Build, target: Target) -> None:
                                         "every budget and the floor (qat: auto)"})
         return
     # Train for the smallest candidate whose only problem is accuracy, on a grid QAT can simulate.
-    fitting = [(t, e) for t, e, failed in judged if weight_grid(t) and all(f["constraint"] == "accuracy" for f in failed)]
+    fitting = [(t, e) for t, e, failed in judged
+               if backend.qat_plan(t) and all(f["constraint"] == "accuracy" for f in failed)]
     if not fitting:
         atomic_write_json(record_path, {"status": "skipped", "reason": "no candidate with a simulable weight grid "
                                         "fits the size budgets"})
         return
     technique, ptq = min(fitting, key=lambda item: (item[1]["bytes"], item[0].name))
-    grid = weight_grid(technique)
+    plan = backend.qat_plan(technique)
 
     data_file = build.manifest.train or build.manifest.calibration or build.manifest.evaluation
     meta = read_json(build.model_meta)
@@ -180,30 +141,29 @@ def run_qat(build: Build, target: Target) -> None:
     data = load_dataset(data_file, build.manifest.relative(data_file), meta["inputs"], need_labels=need_labels)
     loader = build.registry.loaders[build.manifest.model["source"]]
     module, example = loader(build.manifest.model, build.manifest.root)
-    lines = []
-    result = train(module, grid, data.inputs, data.labels, settings, lines.append)
+    lines, results = [], {}
+    teacher = copy.deepcopy(module).eval()
+
+    def run_training(prepared, layers, after_step=None):
+        results.update(train(prepared, layers, data.inputs, data.labels, {**settings, "teacher": teacher},
+                             lines.append, after_step))
 
     work = build.state / "targets" / target.name / "qat"
     work.mkdir(parents=True, exist_ok=True)
-    program = work / "trained.pt2"
-    temporary = atomic_output(program)
-    torch.export.save(torch.export.export(module, example), str(temporary))
-    os.replace(temporary, program)
-    fp32 = work / f"fp32{backend.extension}"
-    backend.convert(program, fp32, variant.options)
     bundle = build.qat_bundle(target)
     temporary = atomic_output(bundle)
     try:
-        backend.compress(technique, CompressInput(fp32_bundle=fp32, exported_program=program, calibration=None,
-                                                  work_dir=work, options=variant.options), temporary)
+        backend.train_quantized(technique, plan, module, tuple(example), run_training, temporary, work,
+                                variant.options)
         replace_path(temporary, bundle)
     finally:
         remove_path(temporary)
+    result = results
     evaluation = evaluate_bundle(build, backend, bundle)
     name = QAT_PREFIX + technique.name
     atomic_write_json(record_path, {
         "status": "trained", "technique": name, "trained_for": technique.name,
-        "grid": grid, "data": build.manifest.relative(data_file), "loss": settings["loss"],
+        "plan": plan, "data": build.manifest.relative(data_file), "loss": settings["loss"],
         "trainable": settings["trainable"], "training": result, "log": lines,
         "post_training": {"bytes": ptq["bytes"], "metric": ptq["metric"]},
         "candidate": {"technique": name, "description": f"quantization-aware training for {technique.name} "

@@ -187,6 +187,41 @@ class CoreMLBackend(BackendBase):
             recipe={"requires_ios": 16, "compress": {"kind": "mixed", "ops": dict(sorted(ops.items()))},
                     "needs_prediction": False})
 
+    # ---- quantization-aware training --------------------------------------------------------------
+
+    def qat_plan(self, technique: Technique) -> dict | None:
+        """Per-tensor k-means palettization is trained with coremltools' DKMPalettizer."""
+        settings = technique.recipe.get("compress") or {}
+        if settings.get("kind") == "palettize" and settings.get("granularity") == "per_tensor":
+            return {"kind": "dkm palettization", "bits": settings["nbits"]}
+        return None
+
+    def train_quantized(self, technique: Technique, plan: dict, module, example: tuple, train, out: Path,
+                        work: Path, options: dict) -> None:
+        """DKMPalettizer (differentiable k-means) during training; the finalized model goes through
+        torch.jit.trace into coremltools, which keeps its lookup tables."""
+        import coremltools as ct
+        import torch
+        from coremltools.optimize.torch.palettization import DKMPalettizer, DKMPalettizerConfig
+
+        config = DKMPalettizerConfig.from_dict({"global_config": {"n_bits": plan["bits"], "weight_threshold": 0}})
+        palettizer = DKMPalettizer(module, config)
+        prepared = palettizer.prepare()
+        layers = [m for m in prepared.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+        train(prepared, layers, palettizer.step)
+        finalized = palettizer.finalize(prepared).eval()
+        traced = torch.jit.trace(finalized, example)
+        inputs = [ct.TensorType(name=name, shape=tuple(tensor.shape))
+                  for name, tensor in zip(_input_names(finalized), example)]
+        try:
+            model = ct.convert(traced, inputs=inputs, convert_to="mlprogram", skip_model_load=True,
+                               minimum_deployment_target=_deployment_target(options["min_ios"]))
+        except Exception as exc:
+            raise ToolchainError(f"coremltools failed on the trained model: {_first_line(exc)}", stage="qat",
+                                 technique=technique.name, op=unsupported_op(exc)) from exc
+        model.save(str(out))
+        normalize_package(out, options.get("model", {}))
+
     # ---- evaluate ----------------------------------------------------------------------------------
 
     def runtime(self) -> str:
@@ -316,7 +351,7 @@ def _weight_ops(bundle: Path) -> list:
             if op.op_type == "const" or op.op_type.startswith("constexpr_")]
 
 
-_SUFFIXES = ("_to_fp16", "_to_fp32", "_palettized", "_quantized", "_affine_quantized", "_dequantized")
+_SUFFIXES = ("_to_fp16", "_to_fp32", "_cast_fp16", "_palettized", "_quantized", "_affine_quantized", "_dequantized")
 
 
 def _parameter_key(op_name: str) -> str:
@@ -352,6 +387,13 @@ def bundle_weights(bundle: Path) -> dict[str, np.ndarray]:
         if isinstance(value, np.ndarray) and value.dtype.kind == "f" and value.size > 1:
             weights[_parameter_key(op.name)] = value
     return weights
+
+
+def _input_names(module) -> list[str]:
+    """Argument names of a module's forward: the Core ML input names torch.export would give."""
+    import inspect
+
+    return [name for name in inspect.signature(module.forward).parameters if name != "self"]
 
 
 def _example_batch(exported_program: Path) -> int:

@@ -138,6 +138,49 @@ class TFLiteBackend(BackendBase):
         """Precision name -> bits, highest first."""
         return {name: bits for name, (bits, _) in PRECISIONS.items()}
 
+    # ---- quantization-aware training ----------------------------------------------------------
+
+    def qat_plan(self, technique: Technique) -> dict | None:
+        """The weight grid of a symmetric per-channel min/max recipe (weight-only or dynamic); None
+        for recipes QAT cannot simulate (static activation ranges, blockwise, float)."""
+        rules = technique.recipe if isinstance(technique.recipe, list) else []
+        if len(rules) != 1 or rules[0].get("algorithm_key") != "min_max_uniform_quantize":
+            return None
+        config = rules[0].get("op_config", {})
+        weights = config.get("weight_tensor_config", {})
+        if (weights.get("granularity") != "CHANNELWISE" or not weights.get("symmetric")
+                or weights.get("dtype") != "INT" or "activation_tensor_config" in config):
+            return None
+        bits = int(weights["num_bits"])
+        return {"kind": "weight grid", "bits": bits, "qmin": -(2 ** (bits - 1)), "qmax": 2 ** (bits - 1) - 1}
+
+    def train_quantized(self, technique: Technique, plan: dict, module, example: tuple, train, out: Path,
+                        work: Path, options: dict) -> None:
+        """Train with ai-edge-quantizer's grid simulated (scale = max|w| / qmax per output channel,
+        straight-through gradients), then convert and quantize with the technique's own recipe, so
+        the trained weights land exactly on the quantizer's grid."""
+        import os
+
+        import torch
+        from torch.nn.utils import parametrize
+
+        # Depthwise convolutions keep float weights in ai-edge-quantizer's weight-only recipes.
+        layers = [m for m in module.modules()
+                  if isinstance(m, torch.nn.Linear) or (isinstance(m, torch.nn.Conv2d) and m.groups == 1)]
+        for layer in layers:
+            parametrize.register_parametrization(layer, "weight", _FakeQuant(plan["qmin"], plan["qmax"]))
+        train(module, layers)
+        for layer in layers:  # bake the grid into the weights
+            parametrize.remove_parametrizations(layer, "weight", leave_parametrized=True)
+        program = work / "trained.pt2"
+        temporary = work / ".trained.pt2.tmp"
+        torch.export.save(torch.export.export(module.eval(), example), str(temporary))
+        os.replace(temporary, program)
+        fp32 = work / f"fp32{self.extension}"
+        self.convert(program, fp32, options)
+        self.compress(technique, CompressInput(fp32_bundle=fp32, exported_program=program, calibration=None,
+                                               work_dir=work, options=options), out)
+
     def mixed_technique(self, assignment: dict[str, str], layers: list[dict], name: str) -> Technique:
         return Technique(name=name, backend=self.name, description="mixed precision: " + ", ".join(
             f"{layer['name']} {assignment[layer['name']]}" for layer in layers if layer["name"] in assignment),
@@ -245,6 +288,21 @@ def weight_tensors(bundle: Path) -> list[dict]:
             tensors.append({"name": short_tensor_name(name), "dtype": str(getattr(dtype, "name", dtype)).lower(),
                             "shape": [int(d) for d in tensor.shape], "bytes": size})
     return sorted(tensors, key=lambda t: (-t["bytes"], t["name"]))
+
+
+def _FakeQuant(qmin: int, qmax: int):
+    import torch
+
+    class FakeQuant(torch.nn.Module):
+        """Symmetric per-output-channel integer grid with a straight-through gradient."""
+
+        def forward(self, weight):
+            flat = weight.reshape(weight.shape[0], -1)
+            scale = (flat.abs().amax(dim=1).clamp_min(1e-9) / qmax).reshape(-1, *[1] * (weight.dim() - 1))
+            quantized = torch.clamp(torch.round(weight / scale), qmin, qmax) * scale
+            return weight + (quantized - weight).detach()
+
+    return FakeQuant()
 
 
 def _quantize(array: np.ndarray, detail: dict) -> np.ndarray:
