@@ -11,6 +11,7 @@ import time
 
 import numpy as np
 
+from .. import progress
 from ..data import load_dataset
 from ..fsutil import atomic_output, atomic_write_json, bundle_sha256, read_json, remove_path, replace_path
 from ..manifest import Target
@@ -91,7 +92,7 @@ def train(module, layers: list, inputs: tuple[np.ndarray, ...], labels: np.ndarr
                 steps += 1
                 if steps >= settings["max_steps"] or time.monotonic() - started > settings["max_time"]:
                     break
-            log(f"epoch {epoch + 1}: loss {float(loss):.5f} ({steps} steps)")
+            log(f"epoch {epoch + 1}/{settings['epochs']}: loss {float(loss):.5f} ({steps} steps)")
             if steps >= settings["max_steps"] or time.monotonic() - started > settings["max_time"]:
                 break
         module.eval()
@@ -144,9 +145,13 @@ def run_qat(build: Build, target: Target) -> None:
     lines, results = [], {}
     teacher = copy.deepcopy(module).eval()
 
+    def log(line: str) -> None:
+        lines.append(line)
+        progress.report(f"  qat {target.name} ({technique.name}): {line}")
+
     def run_training(prepared, layers, after_step=None):
         results.update(train(prepared, layers, data.inputs, data.labels, {**settings, "teacher": teacher},
-                             lines.append, after_step))
+                             log, after_step))
 
     work = build.state / "targets" / target.name / "qat"
     work.mkdir(parents=True, exist_ok=True)

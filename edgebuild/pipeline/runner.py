@@ -15,6 +15,7 @@ from doit.dependency import SqliteDB
 from doit.doit_cmd import DoitMain
 from rich.console import Console
 
+from .. import progress
 from ..errors import EdgebuildError, InputError, ToolchainError
 from ..fsutil import remove_path
 from .layout import Build
@@ -68,12 +69,14 @@ def native_output_to(log: Path):
     # (absl logging) must get the real ones, which now lead to the log.
     saved_streams = sys.stdout, sys.stderr
     with open(log, "w", encoding="utf-8") as handle:
+        progress.attach(saved[1])  # long stages still show progress on the user's stderr
         os.dup2(handle.fileno(), 1)
         os.dup2(handle.fileno(), 2)
         sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
         try:
             yield
         finally:
+            progress.detach()
             sys.stdout.flush()
             sys.stderr.flush()
             sys.stdout, sys.stderr = saved_streams
