@@ -22,7 +22,8 @@ LOCK_FILE = "edgebuild.lock"
 TOP_KEYS = {"version": True, "model": True, "data": True, "metric": False, "targets": True, "output": False,
             "reports": False, "search": False}
 DEFAULT_REPORTS = ["json", "md", "junit", "html"]
-MODEL_KEYS = {"name": True, "source": True, "entry": False, "path": False, "description": False, "version": False}
+MODEL_KEYS = {"name": True, "source": True, "entry": False, "path": False, "description": False, "version": False,
+              "task": False, "sequence_length": False}
 DATA_KEYS = {"calibration": False, "evaluation": True, "train": False}
 TARGET_KEYS = {"name": True, "format": True, "devices": True, "budget": False, "accuracy": True,
                "delivery": False, "android": False, "min_ios": False, "qat": False}
@@ -272,7 +273,22 @@ def load_manifest(path: Path | str, registry: Registry) -> Manifest:
         check.project_path(match["file"], ("model", "entry"), must_exist=True)
     elif "entry" in model:
         raise doc.error(("model", "entry"), f"'entry' is for source 'python'; source {source!r} takes 'path'", at_key=True)
-    if source != "python":
+    if source == "hf":
+        if "path" not in model:
+            raise doc.error(("model", "path"), "required key is missing: source 'hf' takes path: FOLDER")
+        folder = check.project_path(model["path"], ("model", "path"), must_exist=False)
+        for required in ("config.json",):
+            if not (folder / required).is_file():
+                raise doc.error(("model", "path"), f"{required} not found in {model['path']!r} (a local Hugging Face "
+                                                   "folder is needed; nothing is downloaded)")
+        if "sequence_length" in model:
+            value = model["sequence_length"]
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 131072:
+                raise doc.error(("model", "sequence_length"), f"expected a whole number from 1 to 131072, got {value!r}")
+        if "task" in model:
+            check.choice(model["task"], ("model", "task"),
+                         ["text-generation", "text-classification", "image-classification"], "task")
+    elif source != "python":
         if "path" not in model:
             raise doc.error(("model", "path"), f"required key is missing: source {source!r} takes path: FILE")
         check.project_path(model["path"], ("model", "path"), must_exist=True)

@@ -24,7 +24,9 @@ def model_sources(build: Build) -> list[Path]:
     """
     manifest = build.manifest
     if manifest.model["source"] != "python":
-        return [manifest.root / manifest.model["path"]]
+        path = (manifest.root / manifest.model["path"]).resolve()
+        # A Hugging Face model is a folder: every file in it (weights, config, tokenizer) counts.
+        return sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     entry = (manifest.root / ENTRY_PATTERN.match(manifest.model["entry"])["file"]).resolve()
     skip = {manifest.state_dir, manifest.output, manifest.lock_file}
     files = []

@@ -76,8 +76,81 @@ def load_torchscript(model: dict, root: Path):
     return net.eval(), example
 
 
+# Task from config.json's `architectures` (optimum cannot infer it from a local folder).
+_TASK_SUFFIXES = {"ForCausalLM": "text-generation", "ForSequenceClassification": "text-classification",
+                  "ForImageClassification": "image-classification"}
+
+
+def hf_task(model: dict, directory: Path) -> str:
+    if model.get("task"):
+        return model["task"]
+    import json
+
+    architectures = json.loads((directory / "config.json").read_text(encoding="utf-8")).get("architectures") or []
+    for architecture in architectures:
+        for suffix, task in _TASK_SUFFIXES.items():
+            if architecture.endswith(suffix):
+                return task
+    raise InputError(f"cannot tell the task from architectures {architectures}; set model.task", field="model.task")
+
+
+def load_hf(model: dict, root: Path):
+    """`path:` a local Hugging Face folder, loaded through optimum's TasksManager (no downloads).
+
+    Causal LMs are wrapped to return the logits for `sequence_length` tokens, without a KV cache.
+    """
+    import os
+
+    import torch
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from optimum.exporters.tasks import TasksManager
+
+    directory = root / model["path"]
+    task = hf_task(model, directory)
+    try:
+        network = TasksManager.get_model_from_task(task, str(directory), framework="pt")
+    except OSError as exc:
+        raise InputError(f"cannot load the model: {str(exc).splitlines()[0][:200]}", file=model["path"]) from None
+    network.eval()
+    length = int(model.get("sequence_length", 32))
+    if task == "text-generation":
+        class Logits(torch.nn.Module):
+            def __init__(self, inner):
+                super().__init__()
+                self.inner = inner
+
+            def forward(self, input_ids):
+                return self.inner(input_ids=input_ids, use_cache=False).logits
+
+        return Logits(network).eval(), (torch.zeros(1, length, dtype=torch.long),)
+    if task == "text-classification":
+        class ClassLogits(torch.nn.Module):
+            def __init__(self, inner):
+                super().__init__()
+                self.inner = inner
+
+            def forward(self, input_ids):
+                return self.inner(input_ids=input_ids).logits
+
+        return ClassLogits(network).eval(), (torch.zeros(1, length, dtype=torch.long),)
+    size = getattr(network.config, "image_size", 224)
+    channels = getattr(network.config, "num_channels", 3)
+
+    class ImageLogits(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, pixel_values):
+            return self.inner(pixel_values=pixel_values).logits
+
+    return ImageLogits(network).eval(), (torch.zeros(1, channels, size, size),)
+
+
 @hookimpl
 def register_loaders(register):
     register("python", load_python)
     register("torch-export", load_torch_export)
     register("torchscript", load_torchscript)
+    register("hf", load_hf)

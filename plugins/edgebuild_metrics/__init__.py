@@ -21,9 +21,24 @@ def sqnr(outputs: np.ndarray, reference: np.ndarray, labels: np.ndarray | None) 
     return float(min(200.0, 10.0 * np.log10(max(signal, 1e-30) / noise)))
 
 
+def mean_kl(outputs: np.ndarray, reference: np.ndarray, labels: np.ndarray | None) -> float:
+    """Mean KL(fp32 || candidate) of the softmax over the last axis (per token for LMs)."""
+    def log_softmax(x):
+        x = x.astype(np.float64)
+        shifted = x - x.max(-1, keepdims=True)
+        return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+
+    p_log, q_log = log_softmax(reference), log_softmax(outputs)
+    return float(np.mean(np.sum(np.exp(p_log) * (p_log - q_log), axis=-1)))
+
+
 @hookimpl
 def register_metrics(register):
     register(Metric("top1", "top-1 accuracy against the labels in the evaluation set", top1, needs_labels=True))
     register(Metric("agreement", "top-1 agreement with the fp32 model (no labels needed)", agreement))
+    register(Metric("token_agreement", "top-1 next-token agreement with the fp32 model, over every position",
+                    agreement))
+    register(Metric("kl", "mean KL divergence of the output distribution from fp32's (lower is better)", mean_kl,
+                    higher_is_better=False))
     register(Metric("sqnr", "signal-to-quantization-noise ratio of the outputs vs fp32, in dB", sqnr,
                     has_baseline=False, unit="dB"))
