@@ -121,6 +121,8 @@ def cmd_build(args, console: Console) -> int:
     if result.executed or result.failed:
         heavy = [s for s in result.executed if s.split(":")[0] in ("export", "convert", "compress", "evaluate")]
         failed = f", {len(result.failed)} failed ({', '.join(result.failed)})" if result.failed else ""
+        if result.blocked:
+            failed += f", {len(result.blocked)} not run because of that"
         console.print(f"ran {len(result.executed)} stage(s), {len(result.up_to_date)} up to date{failed}"
                       f"{'' if heavy else ' (no conversion or evaluation rerun)'}", highlight=False)
     else:
@@ -171,6 +173,7 @@ def cmd_build(args, console: Console) -> int:
             "report": manifest.relative(report) if report.is_file() else None,
             "executed": result.executed,
             "failed": result.failed,
+            "not_run": result.blocked,
             "up_to_date": len(result.up_to_date),
             "errors": [str(e) for e in result.errors],
             "targets": [{"name": t["name"], "status": t["status"], "chosen": t["chosen"],

@@ -25,7 +25,7 @@ def tiny_model(folder, family: str) -> None:
     ("llama", "token_agreement", {"floor": 0.9}),
     ("mistral", "kl", {"max_drop": 0.05}),
 ])
-def test_tiny_causal_lm_builds_for_android_with_fidelity_metrics(tmp_path, family, metric, accuracy):
+def test_tiny_causal_lm_builds_for_android_and_ios_with_fidelity_metrics(tmp_path, family, metric, accuracy):
     tiny_model(tmp_path / "models" / family, family)
     np.savez(tmp_path / "eval.npz", input_ids=np.random.default_rng(0).integers(0, 256, (8, 16)))
     (tmp_path / "edgebuild.yaml").write_text(yaml.safe_dump({
@@ -34,6 +34,8 @@ def test_tiny_causal_lm_builds_for_android_with_fidelity_metrics(tmp_path, famil
         "data": {"evaluation": "eval.npz"}, "metric": metric, "search": {"strategy": "uniform"},
         "reports": ["json"],
         "targets": [{"name": "android", "format": "tflite", "devices": ["pixel-8"], "budget": {"size": "300KB"},
+                     "accuracy": accuracy},
+                    {"name": "ios", "format": "coreml", "devices": ["iphone-15"], "budget": {"size": "300KB"},
                      "accuracy": accuracy}],
     }, sort_keys=False))
     result = run_edgebuild("build", cwd=tmp_path)
@@ -46,6 +48,15 @@ def test_tiny_causal_lm_builds_for_android_with_fidelity_metrics(tmp_path, famil
     assert by_name["fp32"]["metric"] == pytest.approx(1.0 if metric == "token_agreement" else 0.0, abs=1e-4)
     assert by_name["int4-blockwise32"]["bytes"] < by_name["int8-dynamic"]["bytes"] < by_name["fp32"]["bytes"]
     assert target["chosen"]["bytes"] <= 300_000
+    # Core ML: the transformers graph converts (aten.alias registered), int4 per-block weights on
+    # iOS 18, every weight simulated exactly.
+    ios = report["targets"][1]
+    block = next(c for c in ios["candidates"] if c["technique"] == "int4-block32")
+    fp16 = next(c for c in ios["candidates"] if c["technique"] == "fp16")
+    assert block["bytes"] < fp16["bytes"] / 2
+    assert all(c["evaluated_by"].startswith("weights-exact torch simulation")
+               for c in ios["candidates"] if c["status"] in ("pass", "fail"))
+    assert ios["chosen"] is not None
 
 
 def test_hf_folder_without_config_is_refused(tmp_path):

@@ -13,6 +13,7 @@ from typing import Callable
 from doit.cmd_base import ModuleTaskLoader
 from doit.dependency import SqliteDB
 from doit.doit_cmd import DoitMain
+from doit.exceptions import UnmetDependency
 from rich.console import Console
 
 from .. import progress
@@ -55,6 +56,7 @@ class RunResult:
     executed: list[str] = field(default_factory=list)
     up_to_date: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
+    blocked: list[str] = field(default_factory=list)
     errors: list[EdgebuildError] = field(default_factory=list)
 
 
@@ -141,6 +143,9 @@ def _make_reporter(result: RunResult, console: Console):
                 console.print(f"  [green]done[/green] {_stage_name(task.name)} ({elapsed:.1f}s)", highlight=False)
 
         def add_failure(self, task, fail):
+            if isinstance(fail, UnmetDependency):  # not run because a stage it needs failed
+                result.blocked.append(_stage_name(task.name))
+                return
             result.failed.append(_stage_name(task.name))
             console.print(f"  [red]failed[/red] {_stage_name(task.name)}", highlight=False)
 

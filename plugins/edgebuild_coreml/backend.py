@@ -23,6 +23,8 @@ from edgebuild.api import BackendBase, CompressInput, Prediction, Technique
 from edgebuild.data import run_torch_module
 from edgebuild.errors import ToolchainError
 
+from .ops import register_missing_ops
+
 MODEL_FILE = Path("Data") / "com.apple.CoreML" / "model.mlmodel"
 DEBUG_FILES = ("executorch_debug_handle_mapping.json",)  # conversion debug data, never read at run time
 VOLATILE_METADATA = ("com.github.apple.coremltools.conversion_date",)
@@ -92,6 +94,7 @@ class CoreMLBackend(BackendBase):
         import coremltools as ct
         import torch
 
+        register_missing_ops()
         program = torch.export.load(str(exported_program))
         try:
             # The default decomposition table also lowers ops Core ML lacks (e.g. per-channel PReLU).
@@ -125,16 +128,21 @@ class CoreMLBackend(BackendBase):
 
         base = ct.models.MLModel(str(source.fp32_bundle), skip_model_load=True)
         try:
+            # Compress the model's weights (its parameters), never other constants such as an
+            # attention mask full of -inf.
+            weights = [layer["scope"] for layer in self.layers(source.fp32_bundle, source.options)]
             if settings["kind"] == "palettize":
                 config = optimize.OpPalettizerConfig(mode="kmeans", nbits=settings["nbits"],
                                                      granularity=settings["granularity"],
                                                      group_size=settings.get("group_size", 32), weight_threshold=0)
-                model = optimize.palettize_weights(base, optimize.OptimizationConfig(global_config=config))
+                model = optimize.palettize_weights(base, optimize.OptimizationConfig(
+                    op_name_configs={name: config for name in weights}))
             elif settings["kind"] == "linear":
                 config = optimize.OpLinearQuantizerConfig(mode=settings["mode"], dtype=settings["dtype"],
                                                           granularity=settings["granularity"],
                                                           block_size=settings.get("block_size", 32), weight_threshold=0)
-                model = optimize.linear_quantize_weights(base, optimize.OptimizationConfig(global_config=config))
+                model = optimize.linear_quantize_weights(base, optimize.OptimizationConfig(
+                    op_name_configs={name: config for name in weights}))
             elif settings["kind"] == "mixed":
                 if settings["ops"]:
                     per_op = {op: optimize.OpPalettizerConfig(mode="kmeans", nbits=bits, granularity="per_tensor",
@@ -166,7 +174,9 @@ class CoreMLBackend(BackendBase):
         layers = []
         for op in _weight_ops(fp32_bundle):
             value = op.outputs[0].val if op.op_type == "const" else None
-            if isinstance(value, np.ndarray) and value.dtype.kind == "f" and value.ndim >= 2:
+            # Parameters only ("p_" + torch name): masks and other constants stay as they are.
+            if (isinstance(value, np.ndarray) and value.dtype.kind == "f" and value.ndim >= 2
+                    and op.name.startswith("p_") and np.isfinite(value).all()):
                 layers.append({"name": _parameter_key(op.name), "op": "const", "scope": op.name,
                                "params": int(value.size)})
         return layers
@@ -410,11 +420,16 @@ def simulated_module(bundle: Path, exported_program: Path):
 
     module = torch.export.load(str(exported_program)).module()
     stored = bundle_weights(bundle)
-    state = module.state_dict()
     missing = []
+    # Vectors (norm scales, biases) are never compressed here; Core ML may fold them into other
+    # constants under other names. Stored at the bundle's float width, they are simulated exactly.
+    width = np.float32 if any(v.dtype == np.float32 for v in stored.values()) else np.float16
     with torch.no_grad():
-        for name, tensor in state.items():
+        # Parameters only: buffers (e.g. rotary frequencies) are never compressed.
+        for name, tensor in module.named_parameters():
             value = stored.get(name.replace(".", "_"))
+            if value is None and tensor.dim() <= 1:
+                value = tensor.detach().numpy().astype(width)
             if value is None or tuple(value.shape) != tuple(tensor.shape):
                 missing.append(name)
                 continue
