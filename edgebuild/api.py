@@ -34,6 +34,10 @@ class Metric:
     has_baseline: bool = True
     unit: str = ""
 
+    def meets(self, value: float, threshold: float) -> bool:
+        """Whether a value is at least as good as the threshold, in this metric's direction."""
+        return value >= threshold if self.higher_is_better else value <= threshold
+
 
 @dataclass
 class CompressInput:

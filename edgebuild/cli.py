@@ -10,6 +10,7 @@ from rich.console import Console
 
 from . import __version__
 from .errors import EXIT_BUDGET, EXIT_INPUT, EXIT_OK, EXIT_TOOLCHAIN, EdgebuildError, InputError
+from .reasons import candidate_reason
 from .units import format_size
 
 DEFAULT_MANIFEST = "edgebuild.yaml"
@@ -141,7 +142,7 @@ def cmd_build(args, console: Console) -> int:
         else:
             console.print(f"[red]✘[/red] {target['name']}: no candidate meets every budget and the floor", highlight=False)
             for candidate in target["candidates"]:
-                console.print(f"    {candidate['technique']}: {_reason(candidate)}", highlight=False)
+                console.print(f"    {candidate['technique']}: {candidate_reason(candidate, exact=True)}", highlight=False)
     for target_name, candidate in candidate_errors:
         error = candidate["error"]
         console.print(f"[red]error[/red] stage {error['stage']}, target {target_name}, technique {candidate['technique']}: "
@@ -198,7 +199,7 @@ def _nearest(target: dict) -> str:
     if not nearest:
         return "none built"
     candidate = next(c for c in target["candidates"] if c["technique"] == nearest["technique"])
-    return f"{nearest['technique']} ({_reason(candidate)})"
+    return f"{nearest['technique']} ({candidate_reason(candidate, exact=True)})"
 
 
 def _report_formats(names: list[str], registry) -> list[str]:
@@ -279,20 +280,6 @@ def cmd_init(args, console: Console) -> int:
     from .integrations import init_android
 
     return init_android(Path(args.app_dir), Path(args.file), force=args.force, console=console)
-
-
-def _reason(candidate: dict) -> str:
-    if candidate["status"] in ("skipped",):
-        return f"skipped: {candidate['reason']}"
-    if candidate["status"] == "error":
-        return f"{candidate['error']['stage']} failed: {candidate['error']['message']}"
-    parts = []
-    for failed in candidate["failed"]:
-        if failed["constraint"] in ("size", "download", "store"):
-            parts.append(f"{failed['constraint']} {failed['actual']} B > limit {failed['limit']} B")
-        else:
-            parts.append(f"{failed['constraint']} {failed['actual']:.4f} < floor {failed['limit']:.4f}")
-    return "; ".join(parts) or "passes"
 
 
 COMMANDS = {"build": cmd_build, "validate": cmd_validate, "check": cmd_check, "report": cmd_report,

@@ -66,11 +66,8 @@ def check_bundles(manifest: Manifest, input_files: list[Path], registry) -> Chec
             failures.append("report.json has no chosen candidate")
         else:
             metric = registry.metrics[manifest.metric]
-            baseline = reported[target.name]["baseline"]["metric"]
-            threshold = target.floor if target.floor is not None else (
-                baseline - target.max_drop if metric.higher_is_better else baseline + target.max_drop)
-            holds = chosen["metric"] >= threshold if metric.higher_is_better else chosen["metric"] <= threshold
-            if not holds:
+            threshold = target.threshold(reported[target.name]["baseline"]["metric"], metric.higher_is_better)
+            if not metric.meets(chosen["metric"], threshold):
                 failures.append(f"{manifest.metric} {chosen['metric']:.4f} misses the floor {threshold:.4f}")
         if failures:
             result.problems.append(f"target {target.name}: " + "; ".join(failures))

@@ -58,6 +58,12 @@ class Target:
     latency_ms: float | None = None      # host-measured median latency budget (single thread)
     qat: dict | None = None              # quantization-aware training settings; None: off
 
+    def threshold(self, baseline: float | None, higher_is_better: bool) -> float:
+        """The metric a candidate must reach: the floor, or the fp32 baseline less max_drop."""
+        if self.floor is not None:
+            return self.floor
+        return baseline - self.max_drop if higher_is_better else baseline + self.max_drop
+
 
 @dataclass
 class Manifest:

@@ -32,3 +32,15 @@ def test_generated_string_literals_are_escaped():
     hostile = 'a"b\\c$d\n'
     assert kotlin(hostile) == 'a\\"b\\\\c\\$d\\n'
     assert swift(hostile) == 'a\\"b\\\\c$d\\n'
+
+
+def test_reasons_read_the_direction_off_the_numbers():
+    from edgebuild.reasons import candidate_reason
+
+    candidate = {"status": "fail", "failed": [
+        {"constraint": "size", "limit": 1000, "actual": 26648},
+        {"constraint": "accuracy", "limit": 0.05, "actual": 0.0812},  # kl: lower is better
+        {"constraint": "latency", "limit": 0.001, "actual": 0.012}]}
+    assert candidate_reason(candidate, exact=True) == (
+        "size 26648 B > limit 1000 B; accuracy 0.0812 > floor 0.0500; latency 0.012 ms > limit 0.001 ms")
+    assert candidate_reason(candidate) == "size 26.6 KB > 1.0 KB; accuracy 0.0812 > 0.0500; latency 0.012 ms > 0.001 ms"

@@ -104,20 +104,15 @@ def train(module, layers: list, inputs: tuple[np.ndarray, ...], labels: np.ndarr
 def run_qat(build: Build, target: Target) -> None:
     """The qat stage for one target: writes `.edgebuild/targets/<t>/qat.json` and, when it trained, the bundle."""
     from .search import search_runs
-    from .stages import candidate_verdict, evaluate_bundle, runnable_techniques, target_threshold
+    from .stages import candidate_verdict, evaluate_bundle, post_training_entries, target_threshold
 
     settings = target.qat
     record_path = build.qat_record(target)
     variant = build.variant(target)
     backend = build.registry.backends[variant.backend]
     threshold = target_threshold(build, target)
-    judged = []
-    for technique, skip in runnable_techniques(build, variant.key):
-        if skip:
-            continue
-        evaluation = read_json(build.evaluation(variant.key, technique.name))
-        if evaluation["status"] == "ok":
-            judged.append((technique, evaluation, candidate_verdict(build, target, evaluation, threshold)))
+    judged = [(technique, entry, candidate_verdict(build, target, entry, threshold))
+              for technique, entry in post_training_entries(build, variant.key) if entry["status"] == "ok"]
     search_pass = False
     if search_runs(build, target):
         search = read_json(build.search_record(target))

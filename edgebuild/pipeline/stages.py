@@ -141,6 +141,16 @@ def runnable_techniques(build: Build, variant_key: str) -> list[tuple[Technique,
     return result
 
 
+def post_training_entries(build: Build, variant_key: str) -> list[tuple[Technique, dict]]:
+    """Each technique of the variant with its evaluation record, or a `skipped` entry with the reason."""
+    entries = []
+    for technique, skip in runnable_techniques(build, variant_key):
+        entries.append((technique, {"technique": technique.name, "description": technique.description,
+                                    "status": "skipped", "reason": skip} if skip
+                        else read_json(build.evaluation(variant_key, technique.name))))
+    return entries
+
+
 def compress(build: Build, variant_key: str, technique_name: str) -> None:
     """Build one candidate; a toolchain failure is recorded (and retried next build), not fatal."""
     variant = build.variants[variant_key]
@@ -229,12 +239,8 @@ def evaluate(build: Build, variant_key: str, technique_name: str) -> None:
 # ---- search / select / package / report -------------------------------------------------------
 
 def target_threshold(build: Build, target: Target) -> float:
-    """The metric a candidate must reach: the floor, or the fp32 baseline less max_drop."""
-    if target.floor is not None:
-        return target.floor
-    baseline = read_json(build.baseline)["value"]
-    higher = build.registry.metrics[build.manifest.metric].higher_is_better
-    return baseline - target.max_drop if higher else baseline + target.max_drop
+    metric = build.registry.metrics[build.manifest.metric]
+    return target.threshold(read_json(build.baseline)["value"], metric.higher_is_better)
 
 
 def store_limit(build: Build, target: Target) -> dict | None:
@@ -257,8 +263,7 @@ def candidate_verdict(build: Build, target: Target, evaluation: dict, threshold:
         failed.append({"constraint": "store", "limit": store["limit"], "actual": evaluation["download_bytes"]})
     if target.latency_ms is not None and evaluation["latency_ms"] is not None and evaluation["latency_ms"] > target.latency_ms:
         failed.append({"constraint": "latency", "limit": target.latency_ms, "actual": evaluation["latency_ms"]})
-    higher = build.registry.metrics[build.manifest.metric].higher_is_better
-    if not (evaluation["metric"] >= threshold if higher else evaluation["metric"] <= threshold):
+    if not build.registry.metrics[build.manifest.metric].meets(evaluation["metric"], threshold):
         failed.append({"constraint": "accuracy", "limit": threshold, "actual": evaluation["metric"]})
     return failed
 
@@ -272,10 +277,8 @@ def select(build: Build, target: Target) -> None:
     threshold = target_threshold(build, target)
     backend = build.registry.backends[target.format]
     variant_key = build.variant(target).key
-    entries = []  # in technique order, the search's pick last
-    for technique, skip in runnable_techniques(build, variant_key):
-        entries.append({"technique": technique.name, "description": technique.description, "status": "skipped",
-                        "reason": skip} if skip else read_json(build.evaluation(variant_key, technique.name)))
+    # In technique order; the search's pick and the trained candidate last.
+    entries = [entry for _, entry in post_training_entries(build, variant_key)]
     search = read_json(build.search_record(target)) if search_runs(build, target) else None
     if search and search.get("candidate"):
         entries.append(search["candidate"])

@@ -5,25 +5,6 @@ from pathlib import Path
 
 from edgebuild.fsutil import atomic_write_text
 from edgebuild.hookspecs import hookimpl
-from edgebuild.units import format_size
-
-
-def candidate_reason(candidate: dict) -> str:
-    """Why a candidate was not chosen, in one line."""
-    if candidate["status"] == "skipped":
-        return f"skipped: {candidate['reason']}"
-    if candidate["status"] == "error":
-        error = candidate["error"]
-        return f"{error['stage']} failed: {error['message']}"
-    reasons = []
-    for failure in candidate.get("failed", []):
-        if failure["constraint"] in ("size", "download", "store"):
-            reasons.append(f"{failure['constraint']} {format_size(failure['actual'])} > {format_size(failure['limit'])}")
-        elif failure["constraint"] == "latency":
-            reasons.append(f"latency {failure['actual']:.3f} ms > {failure['limit']:.3f} ms")
-        else:
-            reasons.append(f"{failure['constraint']} {failure['actual']:.4f} < {failure['limit']:.4f}")
-    return "; ".join(reasons)
 
 
 def write_json(report: dict, output: Path) -> Path:

@@ -4,6 +4,7 @@ from pathlib import Path
 
 from edgebuild.fsutil import atomic_write_text
 from edgebuild.pipeline.search import pareto_front
+from edgebuild.reasons import candidate_reason
 from edgebuild.units import format_size
 
 from .render import environment
@@ -63,8 +64,6 @@ def _linear_ticks(low: float, high: float, count: int = 5) -> list[float]:
 
 def decision_log(target: dict) -> list[str]:
     """Why each candidate was or was not chosen, smallest first."""
-    from . import candidate_reason
-
     chosen = target["chosen"]
     judged = sorted(target["candidates"], key=lambda c: (c.get("bytes", math.inf), c["technique"]))
     lines = []

@@ -3,13 +3,12 @@ from functools import cache
 
 from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
 
+from edgebuild.reasons import candidate_reason
 from edgebuild.units import format_size
 
 
 @cache
 def environment() -> Environment:
-    from . import candidate_reason
-
     env = Environment(loader=PackageLoader("edgebuild_templates", ""), undefined=StrictUndefined,
                       autoescape=select_autoescape(["html", "xml", "html.j2", "xml.j2"]),
                       trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
