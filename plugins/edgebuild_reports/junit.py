@@ -4,7 +4,7 @@ from xml.etree import ElementTree
 
 from edgebuild.fsutil import atomic_write_bytes
 
-SIZE_CONSTRAINTS = ("size", "download", "store")
+LOWER_IS_BETTER = ("size", "download", "store", "latency")
 
 
 def _limits(target: dict) -> dict[str, float]:
@@ -15,13 +15,16 @@ def _limits(target: dict) -> dict[str, float]:
         limits["download"] = target["budget"]["download"]
     if target.get("store"):
         limits["store"] = target["store"]["limit"]
+    if target["budget"].get("latency_ms") is not None:
+        limits["latency"] = target["budget"]["latency_ms"]
     limits["accuracy"] = target["accuracy"]["threshold"]
     return limits
 
 
-def _value(candidate: dict, constraint: str) -> float:
-    return candidate["bytes"] if constraint == "size" else (
-        candidate["download_bytes"] if constraint in ("download", "store") else candidate["metric"])
+def _value(candidate: dict, constraint: str) -> float | None:
+    """The candidate's figure for a constraint (latency is None where it is not measured)."""
+    return {"size": candidate["bytes"], "download": candidate["download_bytes"], "store": candidate["download_bytes"],
+            "latency": candidate.get("latency_ms")}.get(constraint, candidate["metric"])
 
 
 def junit_tree(report: dict) -> ElementTree.ElementTree:
@@ -40,11 +43,12 @@ def junit_tree(report: dict) -> ElementTree.ElementTree:
                 ElementTree.SubElement(properties, "property", name="actual", value=repr(_value(chosen, constraint)))
             else:
                 # No bundle: the constraint fails when no candidate meets it on its own.
-                if constraint in SIZE_CONSTRAINTS:
-                    best = min(judged, key=lambda c: _value(c, constraint), default=None)
+                measured = [c for c in judged if _value(c, constraint) is not None]
+                if constraint in LOWER_IS_BETTER:
+                    best = min(measured, key=lambda c: _value(c, constraint), default=None)
                     met = best is not None and _value(best, constraint) <= limit
                 else:
-                    best = max(judged, key=lambda c: _value(c, constraint) * (1 if higher_is_better else -1), default=None)
+                    best = max(measured, key=lambda c: _value(c, constraint) * (1 if higher_is_better else -1), default=None)
                     met = best is not None and (_value(best, constraint) >= limit if higher_is_better
                                                 else _value(best, constraint) <= limit)
                 if not met:
@@ -53,7 +57,7 @@ def junit_tree(report: dict) -> ElementTree.ElementTree:
                     failure = ElementTree.SubElement(case, "failure", type=f"{constraint}-budget",
                                                      message=f"{constraint}: limit {limit}, best actual {actual} ({best_name})")
                     failure.text = "\n".join(
-                        f"{c['technique']}: {constraint} {_value(c, constraint)} vs limit {limit}" for c in judged)
+                        f"{c['technique']}: {constraint} {_value(c, constraint)} vs limit {limit}" for c in measured)
             cases.append(case)
         if target["chosen"] is None:
             combined = ElementTree.Element("testcase", classname=f"edgebuild.{target['name']}", name="all constraints")
