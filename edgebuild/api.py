@@ -21,6 +21,11 @@ class Technique:
     knob: str = ""
 
 
+class NotApplicable(Exception):
+    """Raised by `Backend.compress` when a technique has nothing to act on in this model (say, no
+    embedding table): the candidate is reported as skipped with this reason, not as an error."""
+
+
 @dataclass(frozen=True)
 class Metric:
     """How good a candidate's outputs are, given fp32 reference outputs and optional labels."""
@@ -33,6 +38,7 @@ class Metric:
     # Metrics measured against fp32 itself (sqnr) have no finite fp32 baseline: only `floor` applies.
     has_baseline: bool = True
     unit: str = ""
+    bounds: tuple[float | None, float | None] = (0.0, 1.0)   # the values it can take (None: unbounded)
 
     def meets(self, value: float, threshold: float) -> bool:
         """Whether a value is at least as good as the threshold, in this metric's direction."""

@@ -72,8 +72,10 @@ def load_dataset(path: Path, label: str, model_inputs: list[dict], *, need_label
         if "y" not in arrays:
             raise fail("missing array 'y' (labels) needed by the metric")
         labels = arrays["y"]
-        if labels.ndim != 1 or len(labels) != len(inputs[0]) or labels.dtype.kind not in "iu":
-            raise fail(f"array 'y' must be {len(inputs[0])} integer labels, got shape {labels.shape} dtype {labels.dtype}")
+        # One label per sample, or one per position (next tokens); negative labels mark none.
+        if labels.ndim < 1 or len(labels) != len(inputs[0]) or labels.dtype.kind not in "iu":
+            raise fail(f"array 'y' must hold integer labels for {len(inputs[0])} samples, got shape "
+                       f"{labels.shape} dtype {labels.dtype}")
     return Dataset(inputs=tuple(inputs), labels=labels)
 
 

@@ -9,6 +9,7 @@ from typing import Any
 import yaml
 
 from . import devices as device_catalog
+from . import hf
 from .errors import InputError
 from .plugins import Registry
 from .units import parse_size
@@ -20,11 +21,14 @@ STATE_DIR = ".edgebuild"
 LOCK_FILE = "edgebuild.lock"
 
 TOP_KEYS = {"version": True, "model": True, "data": True, "metric": False, "targets": True, "output": False,
-            "reports": False, "search": False}
+            "reports": False, "search": False, "report_metrics": False}
 DEFAULT_REPORTS = ["json", "md", "junit", "html"]
 MODEL_KEYS = {"name": True, "source": True, "entry": False, "path": False, "description": False, "version": False,
               "task": False, "sequence_length": False}
 DATA_KEYS = {"calibration": False, "evaluation": True, "train": False}
+# Plain text data is tokenized with the model's own tokenizer into windows of sequence_length
+# tokens, each with its next tokens as labels (for perplexity): causal-LM Hugging Face models only.
+TEXT_SUFFIX = ".txt"
 TARGET_KEYS = {"name": True, "format": True, "devices": True, "budget": False, "accuracy": True,
                "delivery": False, "android": False, "min_ios": False, "qat": False}
 QAT_KEYS = {"mode": False, "trainable": False, "epochs": False, "max_steps": False, "learning_rate": False,
@@ -76,9 +80,15 @@ class Manifest:
     targets: list[Target]
     output: Path
     raw: dict = field(repr=False)
+    report_metrics: list[str] = field(default_factory=list)  # measured and reported, never gating
     reports: list[str] = field(default_factory=lambda: list(DEFAULT_REPORTS))
     train: Path | None = None
     search: dict = field(default_factory=lambda: dict(SEARCH_DEFAULTS))
+
+    @property
+    def metrics(self) -> list[str]:
+        """Every metric a candidate is measured on: the gating one first."""
+        return [self.metric] + [m for m in self.report_metrics if m != self.metric]
 
     @property
     def model_name(self) -> str:
@@ -220,6 +230,10 @@ class _Validator:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise self.doc.error(path, f"expected a number, got {_typename(value)} {value!r}")
         if (low is not None and value < low) or (high is not None and value > high):
+            if high is None:
+                raise self.doc.error(path, f"must be at least {low}, got {value}")
+            if low is None:
+                raise self.doc.error(path, f"must be at most {high}, got {value}")
             raise self.doc.error(path, f"must be between {low} and {high}, got {value}")
         return float(value)
 
@@ -293,7 +307,7 @@ def load_manifest(path: Path | str, registry: Registry) -> Manifest:
                 raise doc.error(("model", "sequence_length"), f"expected a whole number from 1 to 131072, got {value!r}")
         if "task" in model:
             check.choice(model["task"], ("model", "task"),
-                         ["text-generation", "text-classification", "image-classification"], "task")
+                         list(hf.TASKS), "task")
     elif source != "python":
         if "path" not in model:
             raise doc.error(("model", "path"), f"required key is missing: source {source!r} takes path: FILE")
@@ -305,9 +319,20 @@ def load_manifest(path: Path | str, registry: Registry) -> Manifest:
     if "calibration" in data:
         calibration = check.project_path(data["calibration"], ("data", "calibration"), must_exist=True)
     train = check.project_path(data["train"], ("data", "train"), must_exist=True) if "train" in data else None
+    for role in ("evaluation", "calibration", "train"):
+        if role in data and Path(data[role]).suffix == TEXT_SUFFIX:
+            _check_text_data(doc, model, root, ("data", role), data[role])
 
     metric_name = check.choice(raw.get("metric", "top1"), ("metric",), list(registry.metrics), "metric")
     metric = registry.metrics[metric_name]
+    report_metrics = []
+    if "report_metrics" in raw:
+        value = raw["report_metrics"]
+        if not isinstance(value, list) or not value:
+            raise doc.error(("report_metrics",), f"expected a non-empty list of metric names, got {_typename(value)}")
+        for i, name in enumerate(value):
+            check.choice(name, ("report_metrics", i), list(registry.metrics), "metric")
+        report_metrics = list(dict.fromkeys(value))
 
     targets_raw = raw["targets"]
     if not isinstance(targets_raw, list) or not targets_raw:
@@ -363,7 +388,25 @@ def load_manifest(path: Path | str, registry: Registry) -> Manifest:
 
     return Manifest(path=path.resolve(), root=root, model=dict(model), calibration=calibration,
                     evaluation=evaluation, metric=metric_name, targets=targets, output=output, raw=raw,
-                    reports=reports, search=search, train=train)
+                    reports=reports, search=search, train=train, report_metrics=report_metrics)
+
+
+def _check_text_data(doc: _Document, model: dict, root: Path, path: tuple, value: str) -> None:
+    """Text data needs a causal LM that brings its own tokenizer."""
+    if model["source"] != "hf":
+        raise doc.error(path, f"text data is tokenized with a Hugging Face model's tokenizer; model.source is "
+                              f"{model['source']!r} (give an .npz file instead)")
+    folder = root / model["path"]
+    try:
+        task = hf.task_of(model, folder)
+    except InputError:
+        task = None
+    if task != hf.CAUSAL_LM:
+        raise doc.error(path, f"text data gives next-token windows for causal LMs; the model's task is "
+                              f"{task or 'unknown'!r} (set model.task: {hf.CAUSAL_LM}, or give an .npz file)")
+    if not any((folder / name).is_file() for name in hf.TOKENIZER_FILES):
+        raise doc.error(path, f"no tokenizer in {model['path']!r} (looked for {', '.join(hf.TOKENIZER_FILES)}) "
+                              f"to tokenize {value!r}")
 
 
 def _target(check: _Validator, doc: _Document, entry: Any, path: tuple, metric, seen: set[str]) -> Target:
@@ -407,10 +450,12 @@ def _target(check: _Validator, doc: _Document, entry: Any, path: tuple, metric, 
         if not metric.has_baseline:
             raise doc.error(path + ("accuracy", "max_drop"),
                             f"metric {metric.name!r} has no fp32 baseline to drop from; use 'floor'", at_key=True)
-        max_drop = check.number(accuracy["max_drop"], path + ("accuracy", "max_drop"), 0.0, 1.0)
+        low, high = metric.bounds
+        # How far from fp32 a candidate may fall (a rise, for metrics where lower is better).
+        widest = high - low if low is not None and high is not None else None
+        max_drop = check.number(accuracy["max_drop"], path + ("accuracy", "max_drop"), 0.0, widest)
     else:
-        bounds = (0.0, 1.0) if metric.has_baseline else (None, None)
-        floor = check.number(accuracy["floor"], path + ("accuracy", "floor"), *bounds)
+        floor = check.number(accuracy["floor"], path + ("accuracy", "floor"), *metric.bounds)
     delivery = None
     store = device_catalog.store_for(platform)
     if "delivery" in entry:

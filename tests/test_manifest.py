@@ -53,7 +53,7 @@ def test_valid_manifest_passes(tmp_path, capsys):
     ("max_drop: 0.01", "max_drop: 1.5", "edgebuild.yaml:17:17: targets[0].accuracy.max_drop: must be between 0.0 and 1.0, got 1.5"),
     ("max_drop: 0.01", "floor: high", "edgebuild.yaml:17:14: targets[0].accuracy.floor: expected a number, got a string 'high'"),
     ("format: tflite", "format: tflight", "edgebuild.yaml:12:13: targets[0].format: unknown format 'tflight'; did you mean 'tflite'? (available: coreml, tflite)"),
-    ("metric: top1", "metric: top5", "edgebuild.yaml:9:9: metric: unknown metric 'top5'; did you mean 'top1'? (available: agreement, kl, sqnr, token_agreement, top1)"),
+    ("metric: top1", "metric: top5", "edgebuild.yaml:9:9: metric: unknown metric 'top5'; did you mean 'top1'? (available: agreement, kl, perplexity, sqnr, token_agreement, top1)"),
     ("evaluation: examples/digits/eval.npz", "evaluation: examples/digits/missing.npz",
      "edgebuild.yaml:8:15: data.evaluation: file 'examples/digits/missing.npz' not found"),
     ("evaluation: examples/digits/eval.npz", "evaluation: ../outside.npz",
@@ -171,7 +171,7 @@ def test_min_ios_cannot_exclude_a_listed_device(tmp_path, capsys):
     ("search: {max_evaluations: 0}", "edgebuild.yaml:19:27: search.max_evaluations: expected a whole number from 1 to 100000, got 0"),
     ("search: {max_time: soon}", "edgebuild.yaml:19:20: search.max_time: expected a duration such as 90s, 5m or 1h, got 'soon'"),
     ("search: {precisions: [int3]}", "edgebuild.yaml:19:23: search.precisions[0]: unknown precision 'int3'; did you "
-                                     "mean 'int8'? (available: fp16, int4, int8, pal2, pal3, pal4, pal6, pal8)"),
+                                     "mean 'int8'? (available: fp16, int4, int4-block32, int8, pal2, pal3, pal4, pal6, pal8)"),
     ("search: {techniques: [int9-magic]}", "edgebuild.yaml:19:23: search.techniques[0]: unknown technique 'int9-magic'"),
 ])
 def test_search_block_is_validated(tmp_path, capsys, block, expected):

@@ -3,7 +3,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
-from ..manifest import Manifest, Target
+from ..manifest import TEXT_SUFFIX, Manifest, Target
 from ..plugins import Registry
 
 
@@ -44,6 +44,21 @@ class Build:
 
     def backends_in_use(self) -> list[str]:
         return sorted({t.format for t in self.manifest.targets})
+
+    # data: each role's file as stages read it
+    def data_source(self, role: str) -> Path | None:
+        """The manifest's file for a role ('evaluation', 'calibration', 'train'), None if not given."""
+        return getattr(self.manifest, role)
+
+    def is_text(self, role: str) -> bool:
+        source = self.data_source(role)
+        return source is not None and source.suffix == TEXT_SUFFIX
+
+    def data(self, role: str) -> Path | None:
+        """The .npz a stage reads for a role: the manifest's file, or the tokenization of its text."""
+        if self.is_text(role):
+            return self.state / "data" / f"{role}.npz"
+        return self.data_source(role)
 
     # load / export
     @property

@@ -12,7 +12,6 @@ import time
 import numpy as np
 
 from .. import progress
-from ..data import load_dataset
 from ..fsutil import atomic_output, atomic_write_json, bundle_sha256, read_json, remove_path, replace_path
 from ..manifest import Target
 from .layout import Build
@@ -104,7 +103,7 @@ def train(module, layers: list, inputs: tuple[np.ndarray, ...], labels: np.ndarr
 def run_qat(build: Build, target: Target) -> None:
     """The qat stage for one target: writes `.edgebuild/targets/<t>/qat.json` and, when it trained, the bundle."""
     from .search import search_runs
-    from .stages import candidate_verdict, evaluate_bundle, post_training_entries, target_threshold
+    from .stages import read_data, candidate_verdict, evaluate_bundle, post_training_entries, target_threshold
 
     settings = target.qat
     record_path = build.qat_record(target)
@@ -131,10 +130,9 @@ def run_qat(build: Build, target: Target) -> None:
     technique, ptq = min(fitting, key=lambda item: (item[1]["bytes"], item[0].name))
     plan = backend.qat_plan(technique)
 
-    data_file = build.manifest.train or build.manifest.calibration or build.manifest.evaluation
-    meta = read_json(build.model_meta)
-    need_labels = settings["loss"] == "cross_entropy"
-    data = load_dataset(data_file, build.manifest.relative(data_file), meta["inputs"], need_labels=need_labels)
+    role = next(r for r in ("train", "calibration", "evaluation") if build.data_source(r))
+    data_file = build.data_source(role)
+    data = read_data(build, role, need_labels=settings["loss"] == "cross_entropy")
     loader = build.registry.loaders[build.manifest.model["source"]]
     module, example = loader(build.manifest.model, build.manifest.root)
     lines, results = [], {}

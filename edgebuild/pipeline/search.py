@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..api import CompressInput
+from ..api import CompressInput, NotApplicable
 from ..fsutil import atomic_output, atomic_write_json, bundle_bytes, bundle_sha256, read_json, remove_path, replace_path
 from ..manifest import Target
 from .layout import Build
@@ -91,26 +91,26 @@ class SearchContext:
 
 def sensitivity_table(build: Build, target: Target, layers: list[dict], precisions: dict[str, int]) -> dict:
     """Output SQNR vs fp32 with one layer lowered to one precision, on a calibration subset. Cached."""
-    from .stages import _dataset
+    from .stages import read_data
 
     variant = build.variant(target)
     backend = build.registry.backends[variant.backend]
-    data_file = build.manifest.calibration or build.manifest.evaluation
+    role = "calibration" if build.manifest.calibration else "evaluation"
     fp32_sha = read_json(build.fp32_record(variant.key))["sha256"]
-    key = _digest(fp32_sha, bundle_sha256(data_file), list(precisions), layers, backend.version(), SENSITIVITY_SAMPLES,
+    key = _digest(fp32_sha, bundle_sha256(build.data(role)), list(precisions), layers, backend.version(), SENSITIVITY_SAMPLES,
                   SENSITIVITY_FORMAT)
     cache = build.state / variant.key / "sensitivity.json"
     if cache.is_file():
         stored = read_json(cache)
         if stored.get("key") == key:
             return stored["table"]
-    samples = _dataset(build, data_file, need_labels=False)
+    samples = read_data(build, role, need_labels=False)
     inputs = tuple(array[:SENSITIVITY_SAMPLES] for array in samples.inputs)
     fp32 = build.fp32_bundle(variant.key)
     reference = backend.predict(fp32, inputs, threads=1, exported_program=build.exported_program).outputs
     work = build.state / variant.key / "sensitivity"
     work.mkdir(parents=True, exist_ok=True)
-    table, stored_bytes = {}, {}
+    table, stored_bytes, refused = {}, {}, {}
     fp32_size = bundle_bytes(fp32)
     # Bytes per weight in the reference conversion (Core ML's is float16).
     reference_width = getattr(backend, "reference_bytes_per_weight", 4)
@@ -120,8 +120,14 @@ def sensitivity_table(build: Build, target: Target, layers: list[dict], precisio
             technique = backend.mixed_technique({layer["name"]: precision}, layers, "sensitivity")
             bundle = work / f"probe{backend.extension}"
             remove_path(bundle)
-            backend.compress(technique, CompressInput(fp32_bundle=fp32, exported_program=build.exported_program,
-                                                      calibration=None, work_dir=work, options=variant.options), bundle)
+            try:
+                backend.compress(technique, CompressInput(fp32_bundle=fp32, exported_program=build.exported_program,
+                                                          calibration=None, work_dir=work, options=variant.options),
+                                 bundle)
+            except NotApplicable as exc:  # e.g. blocks that do not divide this layer
+                table[layer["name"]][precision] = stored_bytes[layer["name"]][precision] = None
+                refused.setdefault(layer["name"], {})[precision] = str(exc)
+                continue
             stored = next((t["dtype"] for t in backend.weights(bundle) if t["name"] == layer["name"]), None)
             if stored in ("float32", "float16") and precisions[precision] < (32 if stored == "float32" else 16):
                 # The backend stores this op's weight wider than asked: no such precision here.
@@ -132,7 +138,7 @@ def sensitivity_table(build: Build, target: Target, layers: list[dict], precisio
             outputs = backend.predict(bundle, inputs, threads=1, exported_program=build.exported_program).outputs
             table[layer["name"]][precision] = round(_sqnr_db(outputs, reference), 3)
     remove_path(work)
-    result = {"db": table, "bytes": stored_bytes}
+    result = {"db": table, "bytes": stored_bytes, "refused": refused}
     atomic_write_json(cache, {"key": key, "table": result})
     return result
 
@@ -147,7 +153,8 @@ def run_search(build: Build, target: Target) -> None:
     backend = build.registry.backends[variant.backend]
     strategy = build.registry.strategies[settings["strategy"]]
     offered = backend.precisions(variant.options)
-    precisions = {p: bits for p, bits in offered.items() if p in settings.get("precisions", offered)}
+    default = backend.default_precisions() if hasattr(backend, "default_precisions") else list(offered)
+    precisions = {p: bits for p, bits in offered.items() if p in settings.get("precisions", default)}
     layers = backend.layers(build.fp32_bundle(variant.key), variant.options)
     if not layers or len(precisions) < 2:
         atomic_write_json(record_path, {"strategy": settings["strategy"], "layers": [], "evaluations": 0,
@@ -162,13 +169,13 @@ def run_search(build: Build, target: Target) -> None:
     threshold = target_threshold(build, target)
     cache_dir = build.state / variant.key / "search"
     fp32_sha = read_json(build.fp32_record(variant.key))["sha256"]
-    data_sha = bundle_sha256(build.manifest.evaluation)
+    data_sha = bundle_sha256(build.data("evaluation"))
 
     def evaluate(assignment: dict[str, str]) -> dict:
         from .stages import evaluate_bundle
 
         technique = backend.mixed_technique(assignment, layers, MIXED)
-        key = _digest(fp32_sha, technique.recipe, data_sha, build.manifest.metric, backend.version())[:32]
+        key = _digest(fp32_sha, technique.recipe, data_sha, build.manifest.metrics, backend.version())[:32]
         bundle = cache_dir / f"{key}{backend.extension}"
         cached = cache_dir / f"{key}.json"
         if cached.is_file() and bundle.exists() and read_json(cached).get("sha256") == bundle_sha256(bundle):
@@ -192,7 +199,10 @@ def run_search(build: Build, target: Target) -> None:
 
     for layer in layers:  # say where the backend stores a weight wider than asked, and so why it is not offered
         for precision, cost in measured["bytes"][layer["name"]].items():
-            if cost is None:
+            reason = measured.get("refused", {}).get(layer["name"], {}).get(precision)
+            if cost is None and reason:
+                notes.append(f"{layer['name']} ({layer['op']}): {precision} is not offered for it: {reason}")
+            elif cost is None:
                 notes.append(f"{layer['name']} ({layer['op']}): {backend.name} keeps this weight in float when "
                              f"asked {precision}, so {precision} is not offered for it")
     context = SearchContext(layers=layers, precisions=precisions, sensitivity=table, layer_bytes=measured["bytes"],

@@ -10,8 +10,9 @@ import numpy as np
 
 from .. import __version__
 from .. import devices as device_catalog
-from ..api import CompressInput, PackageInput, Technique
+from ..api import CompressInput, NotApplicable, PackageInput, Technique
 from ..data import Dataset, load_dataset, run_torch_module
+from .. import hf
 from ..errors import EdgebuildError, InputError, ToolchainError
 from ..fsutil import (atomic_output, atomic_write_json, bundle_bytes, bundle_files, bundle_download_bytes, bundle_sha256, read_json,
                       remove_dir, remove_path, replace_dir, replace_path, sha256_file)
@@ -68,16 +69,44 @@ def export_model(build: Build) -> None:
                                          "sha256": sha256_file(build.exported_program)})
 
 
-def _dataset(build: Build, path: Path, *, need_labels: bool) -> Dataset:
+def tokenize(build: Build, role: str) -> None:
+    """A text data file cut into next-token windows by the model's own tokenizer (a causal LM's data)."""
+    manifest = build.manifest
+    source = build.data_source(role)
+    length = int(manifest.model.get("sequence_length", hf.DEFAULT_SEQUENCE_LENGTH))
+    arrays = hf.tokenize_text(source, manifest.root / manifest.model["path"], length, manifest.relative(source))
+    out = build.data(role)
+    temporary = atomic_output(out)
+    np.savez(temporary, **arrays)
+    os.replace(temporary, out)
+
+
+def read_data(build: Build, role: str, *, need_labels: bool) -> Dataset:
+    """A data role's samples, checked against the exported model's inputs; errors name the manifest's file."""
     meta = read_json(build.model_meta)
-    return load_dataset(path, build.manifest.relative(path), meta["inputs"], need_labels=need_labels)
+    return load_dataset(build.data(role), build.manifest.relative(build.data_source(role)), meta["inputs"],
+                        need_labels=need_labels)
+
+
+def _metrics(build: Build) -> dict:
+    """The metrics every candidate is measured on, the gating one first."""
+    return {name: build.registry.metrics[name] for name in build.manifest.metrics}
+
+
+def measure(build: Build, outputs: np.ndarray, reference: np.ndarray, data: Dataset) -> dict[str, float]:
+    """Each metric of the manifest on one set of outputs."""
+    if data.labels is not None and data.labels.shape[1:] != reference.shape[1:-1]:
+        raise InputError(f"array 'y' has shape {data.labels.shape}; the model's outputs {reference.shape} take one "
+                         f"label per sample{' and position' if reference.ndim > 2 else ''}",
+                         file=build.manifest.relative(build.data_source("evaluation")))
+    return {name: metric.compute(outputs, reference, data.labels) for name, metric in _metrics(build).items()}
 
 
 def reference_outputs(build: Build) -> None:
     """fp32 outputs of the exported program on the evaluation set: what every candidate is compared to."""
     import torch
 
-    data = _dataset(build, build.manifest.evaluation, need_labels=False)
+    data = read_data(build, "evaluation", need_labels=False)
     program = torch.export.load(str(build.exported_program))
     batch = int(read_json(build.model_meta)["inputs"][0]["shape"][0]) or 1
     outputs = run_torch_module(program.module(), data.inputs, batch)
@@ -86,21 +115,19 @@ def reference_outputs(build: Build) -> None:
     os.replace(temporary, build.reference)
 
 
-def _labels(build: Build) -> np.ndarray | None:
-    metric = build.registry.metrics[build.manifest.metric]
-    if not metric.needs_labels:
-        return None
-    return _dataset(build, build.manifest.evaluation, need_labels=True).labels
+def _evaluation_data(build: Build) -> Dataset:
+    return read_data(build, "evaluation", need_labels=any(m.needs_labels for m in _metrics(build).values()))
 
 
 def baseline_metric(build: Build) -> None:
-    """The fp32 model's metric; `max_drop` floors are measured from it."""
-    metric = build.registry.metrics[build.manifest.metric]
+    """The fp32 model's metrics; `max_drop` floors are measured from the gating one."""
     with np.load(build.reference) as stored:
         reference = stored["outputs"]
-    value = metric.compute(reference, reference, _labels(build)) if metric.has_baseline else None
-    atomic_write_json(build.baseline, {"metric": build.manifest.metric, "value": value,
-                                       "evaluated_by": "torch fp32 (exported program)"})
+    values = measure(build, reference, reference, _evaluation_data(build))
+    # Metrics measured against fp32 itself (sqnr) have no fp32 value of their own.
+    values = {name: value if build.registry.metrics[name].has_baseline else None for name, value in values.items()}
+    atomic_write_json(build.baseline, {"metric": build.manifest.metric, "value": values[build.manifest.metric],
+                                       "metrics": values, "evaluated_by": "torch fp32 (exported program)"})
 
 
 # ---- convert / compress / evaluate ------------------------------------------------------------
@@ -160,7 +187,7 @@ def compress(build: Build, variant_key: str, technique_name: str) -> None:
     record_path = build.candidate_record(variant_key, technique_name)
     calibration = None
     if technique.needs_calibration:
-        calibration = _dataset(build, build.manifest.calibration, need_labels=False).samples(CALIBRATION_SAMPLES)
+        calibration = read_data(build, "calibration", need_labels=False).samples(CALIBRATION_SAMPLES)
     temporary = atomic_output(out)
     try:
         backend.compress(technique, CompressInput(fp32_bundle=build.fp32_bundle(variant_key),
@@ -169,6 +196,9 @@ def compress(build: Build, variant_key: str, technique_name: str) -> None:
                                                   options=variant.options), temporary)
         replace_path(temporary, out)
         record = {"technique": technique_name, "status": "ok", "sha256": bundle_sha256(out)}
+    except NotApplicable as exc:
+        record = {"technique": technique_name, "status": "skipped", "reason": str(exc)}
+        remove_path(out)
     except Exception as exc:
         error = exc if isinstance(exc, ToolchainError) else ToolchainError(
             f"{_first_line(exc)}", stage="compress", technique=technique_name)
@@ -192,21 +222,27 @@ def output_is_intact(record_path: Path, output: Path) -> bool:
 
 
 def candidate_is_valid(build: Build, variant_key: str, technique_name: str) -> bool:
+    try:
+        if read_json(build.candidate_record(variant_key, technique_name)).get("status") == "skipped":
+            return True  # nothing to build for this model; settled until its inputs change
+    except (OSError, ValueError):
+        return False
     return output_is_intact(build.candidate_record(variant_key, technique_name),
                             build.candidate_bundle(variant_key, technique_name))
 
 
 def evaluate_bundle(build: Build, backend, bundle: Path) -> dict:
-    """Run a bundle in its runtime on the evaluation set: metric, bytes, download bytes, latency."""
-    metric = build.registry.metrics[build.manifest.metric]
-    data = _dataset(build, build.manifest.evaluation, need_labels=metric.needs_labels)
+    """Run a bundle in its runtime on the evaluation set: metrics, bytes, download bytes, latency."""
+    data = _evaluation_data(build)
     with np.load(build.reference) as stored:
         reference = stored["outputs"]
     prediction = backend.predict(bundle, data.inputs, threads=LATENCY_THREADS, exported_program=build.exported_program)
+    values = measure(build, prediction.outputs, reference, data)
     return {
         "bytes": bundle_bytes(bundle),
         "download_bytes": bundle_download_bytes(bundle),
-        "metric": metric.compute(prediction.outputs, reference, data.labels),
+        "metric": values[build.manifest.metric],
+        "metrics": values,
         "latency_ms": None if prediction.latency_ms is None else round(prediction.latency_ms, 4),
         "evaluated_by": prediction.runtime,
         "latency": prediction.details,
@@ -222,6 +258,9 @@ def evaluate(build: Build, variant_key: str, technique_name: str) -> None:
     record = read_json(build.candidate_record(variant_key, technique_name))
     result = {"technique": technique_name, "description": technique.description}
     destination = build.evaluation(variant_key, technique_name)
+    if record["status"] == "skipped":
+        atomic_write_json(destination, {**result, "status": "skipped", "reason": record["reason"]})
+        return
     if record["status"] != "ok":
         atomic_write_json(destination, {**result, "status": "error", "error": record["error"]})
         return
@@ -314,10 +353,10 @@ def select(build: Build, target: Target) -> None:
         "budget": {"size": target.size, "download": target.download, "latency_ms": target.latency_ms},
         "store": store_limit(build, target),
         "accuracy": {"max_drop": target.max_drop, "floor": target.floor, "threshold": threshold},
-        "baseline": {"metric": read_json(build.baseline)["value"]},
+        "baseline": {"metric": read_json(build.baseline)["value"], "metrics": read_json(build.baseline)["metrics"]},
         "chosen": None if chosen is None else {
             "technique": chosen["technique"], "path": manifest.relative(bundle_path), "bytes": chosen["bytes"],
-            "download_bytes": chosen["download_bytes"], "metric": chosen["metric"],
+            "download_bytes": chosen["download_bytes"], "metric": chosen["metric"], "metrics": chosen["metrics"],
             "latency_ms": chosen["latency_ms"], "sha256": chosen["sha256"]},
         "candidates": candidates,
         "comparisons": comparisons,
@@ -400,6 +439,9 @@ def report_data(build: Build) -> dict:
                   "inputs": meta["inputs"]},
         "metric": {"name": metric.name, "description": metric.description, "unit": metric.unit,
                    "higher_is_better": metric.higher_is_better},
+        # The gating metric first, then those the manifest only reports.
+        "metrics": [{"name": m.name, "description": m.description, "unit": m.unit,
+                     "higher_is_better": m.higher_is_better} for m in _metrics(build).values()],
         "toolchain": {name: build.registry.backends[name].version() for name in build.backends_in_use()},
         "targets": [target_summary(build, t) for t in manifest.targets],
     }

@@ -11,6 +11,8 @@ from typing import Callable
 from doit.tools import config_changed
 
 from ..manifest import ENTRY_PATTERN
+
+DATA_ROLES = ("evaluation", "calibration", "train")
 from ..plugins import code_fingerprint
 from . import qat, search, stages
 from .layout import Build
@@ -59,20 +61,28 @@ def build_tasks(build: Build, wrap: Callable) -> list[dict]:
 
     toolchain = {name: registry.backends[name].version() for name in build.backends_in_use()}
     task = functools.partial(_task, registry=registry)
-    metric = ("metric", manifest.metric)
-    tasks = [
+    metric = tuple(("metric", name) for name in manifest.metrics)
+    metrics = {"metrics": manifest.metrics}
+    evaluation = rel(build.data("evaluation"))
+    tasks = [task(f"tokenize:{role}", wrap(f"tokenize:{role}", stages.tokenize), build, role,
+                  # The model folder holds the tokenizer; unchanged tokens stop any rebuild here.
+                  file_dep=[rel(build.data_source(role))] + [rel(p) for p in model_sources(build)],
+                  targets=[rel(build.data(role))],
+                  config={"sequence_length": manifest.model.get("sequence_length")})
+             for role in DATA_ROLES if build.is_text(role)]
+    tasks += [
         task("export", wrap("export", stages.export_model), build,
               file_dep=[rel(p) for p in model_sources(build)],
               targets=[rel(build.exported_program), rel(build.model_meta)],
               code=(("loader", manifest.model["source"]),), config={"model": manifest.model},
               uptodate=[(stages.output_is_intact, (build.model_meta, build.exported_program))]),
         task("reference", wrap("reference", stages.reference_outputs), build,
-              file_dep=[rel(build.exported_program), rel(build.model_meta), rel(manifest.evaluation)],
+              file_dep=[rel(build.exported_program), rel(build.model_meta), evaluation],
               targets=[rel(build.reference)]),
         task("baseline", wrap("baseline", stages.baseline_metric), build,
-              file_dep=[rel(build.reference), rel(manifest.evaluation)],
+              file_dep=[rel(build.reference), evaluation],
               targets=[rel(build.baseline)],
-              code=(metric,), config={"metric": manifest.metric}),
+              code=metric, config=metrics),
     ]
     for key, variant in build.variants.items():
         backend = variant.backend
@@ -86,7 +96,7 @@ def build_tasks(build: Build, wrap: Callable) -> list[dict]:
             if skip:
                 continue  # select() reports it as skipped, with the reason
             name = f"{key}:{technique.name}"
-            calibration = [rel(manifest.calibration)] if technique.needs_calibration else []
+            calibration = [rel(build.data("calibration"))] if technique.needs_calibration else []
             tasks.append(task(
                 f"compress:{name}", wrap(f"compress:{name}", stages.compress), build, key, technique.name,
                 file_dep=[rel(build.fp32_record(key))] + calibration,
@@ -97,36 +107,35 @@ def build_tasks(build: Build, wrap: Callable) -> list[dict]:
                 uptodate=[(stages.candidate_is_valid, (build, key, technique.name))]))
             tasks.append(task(
                 f"evaluate:{name}", wrap(f"evaluate:{name}", stages.evaluate), build, key, technique.name,
-                file_dep=[rel(build.candidate_record(key, technique.name)), rel(build.reference),
-                          rel(manifest.evaluation)],
+                file_dep=[rel(build.candidate_record(key, technique.name)), rel(build.reference), evaluation],
                 targets=[rel(build.evaluation(key, technique.name))],
-                code=(("backend", backend), metric),
-                config={"metric": manifest.metric, "threads": stages.LATENCY_THREADS},
+                code=(("backend", backend),) + metric,
+                config={**metrics, "threads": stages.LATENCY_THREADS},
                 uptodate=[(stages.candidate_is_valid, (build, key, technique.name))]))
     for target in manifest.targets:
         key = build.variant(target).key
         evaluations = [rel(build.evaluation(key, t.name)) for t, skip in stages.runnable_techniques(build, key)
                        if not skip]
         if search.search_runs(build, target):
-            data = [rel(manifest.evaluation)] + ([rel(manifest.calibration)] if manifest.calibration else [])
+            data = [rel(build.data(role)) for role in ("evaluation", "calibration") if build.data(role)]
             tasks.append(task(
                 f"search:{target.name}", wrap(f"search:{target.name}", search.run_search), build, target,
                 file_dep=[rel(build.fp32_record(key)), rel(build.reference), rel(build.baseline)] + data,
                 targets=[rel(build.search_record(target))],
-                code=(("backend", target.format), ("strategy", manifest.search["strategy"]), metric),
-                config={"search": manifest.search, "target": target.raw, "metric": manifest.metric,
+                code=(("backend", target.format), ("strategy", manifest.search["strategy"])) + metric,
+                config={"search": manifest.search, "target": target.raw, **metrics,
                         "toolchain": toolchain[target.format]},
                 uptodate=[(search.search_is_intact, (build, target))]))
             evaluations.append(rel(build.search_record(target)))
         if target.qat is not None:
-            data = [rel(p) for p in (manifest.train, manifest.calibration, manifest.evaluation) if p]
+            data = [rel(build.data(role)) for role in DATA_ROLES if build.data(role)]
             tasks.append(task(
                 f"qat:{target.name}", wrap(f"qat:{target.name}", qat.run_qat), build, target,
                 file_dep=sorted(set(evaluations + data + [rel(p) for p in model_sources(build)]
                                     + [rel(build.reference), rel(build.baseline), rel(build.model_meta)])),
                 targets=[rel(build.qat_record(target))],
-                code=(("backend", target.format), ("loader", manifest.model["source"]), metric),
-                config={"qat": target.qat, "target": target.raw, "metric": manifest.metric,
+                code=(("backend", target.format), ("loader", manifest.model["source"])) + metric,
+                config={"qat": target.qat, "target": target.raw, **metrics,
                         "toolchain": toolchain[target.format]},
                 uptodate=[(qat.qat_is_intact, (build, target))]))
             evaluations.append(rel(build.qat_record(target)))

@@ -68,7 +68,8 @@ def load_techniques() -> list[Technique]:
     return [Technique(name=name, backend=CoreMLBackend.name, description=spec["description"],
                       recipe={"requires_ios": spec["requires_ios"], "compress": spec["compress"],
                               "needs_prediction": bool(spec.get("needs_prediction"))},
-                      needs_calibration=bool(spec.get("needs_calibration")))
+                      needs_calibration=bool(spec.get("needs_calibration")),
+                      compare_with=spec.get("compare_with", ""), knob=spec.get("knob", ""))
             for name, spec in yaml.safe_load(text).items()]
 
 

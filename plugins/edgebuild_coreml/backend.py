@@ -19,7 +19,7 @@ from typing import Sequence
 import numpy as np
 
 from edgebuild import devices
-from edgebuild.api import BackendBase, CompressInput, Prediction, Technique
+from edgebuild.api import BackendBase, CompressInput, NotApplicable, Prediction, Technique
 from edgebuild.data import run_torch_module
 from edgebuild.errors import ToolchainError
 
@@ -130,7 +130,8 @@ class CoreMLBackend(BackendBase):
         try:
             # Compress the model's weights (its parameters), never other constants such as an
             # attention mask full of -inf.
-            weights = [layer["scope"] for layer in self.layers(source.fp32_bundle, source.options)]
+            layers = self.layers(source.fp32_bundle, source.options)
+            weights = [layer["scope"] for layer in layers]
             if settings["kind"] == "palettize":
                 config = optimize.OpPalettizerConfig(mode="kmeans", nbits=settings["nbits"],
                                                      granularity=settings["granularity"],
@@ -138,11 +139,29 @@ class CoreMLBackend(BackendBase):
                 model = optimize.palettize_weights(base, optimize.OptimizationConfig(
                     op_name_configs={name: config for name in weights}))
             elif settings["kind"] == "linear":
-                config = optimize.OpLinearQuantizerConfig(mode=settings["mode"], dtype=settings["dtype"],
-                                                          granularity=settings["granularity"],
-                                                          block_size=settings.get("block_size", 32), weight_threshold=0)
-                model = optimize.linear_quantize_weights(base, optimize.OptimizationConfig(
-                    op_name_configs={name: config for name in weights}))
+                def linear(fields: dict):
+                    return optimize.OpLinearQuantizerConfig(
+                        mode=fields["mode"], dtype=fields["dtype"], granularity=fields["granularity"],
+                        block_size=fields.get("block_size", 32), weight_threshold=0)
+
+                block = settings.get("block_size", 32) if settings["granularity"] == "per_block" else None
+                uneven = [layer for layer in layers if block and layer["in_features"] % block]
+                # coremltools leaves such weights in float16 (the report lists each weight's dtype);
+                # when they are most of the model, the technique would not be what its name says.
+                if uneven and 2 * sum(l["params"] for l in uneven) > sum(l["params"] for l in layers):
+                    raise NotApplicable(f"blocks of {block} need input dimensions divisible by {block}; "
+                                        f"{len(uneven)} of {len(layers)} weights, most of the parameters, "
+                                        f"are not (e.g. {uneven[0]['name']}: {uneven[0]['in_features']})")
+                per_op = {name: linear(settings) for name in weights}
+                # `overrides` pick layers by name (e.g. embeddings and lm_head kept at int8).
+                for override in settings.get("overrides", []):
+                    pattern = re.compile(override["layers"])
+                    matched = [layer["scope"] for layer in layers if pattern.search(layer["name"])]
+                    if not matched:
+                        raise NotApplicable(f"no layer of this model matches {override['layers']!r}")
+                    fields = {**settings, **{k: v for k, v in override.items() if k != "layers"}}
+                    per_op.update({name: linear(fields) for name in matched})
+                model = optimize.linear_quantize_weights(base, optimize.OptimizationConfig(op_name_configs=per_op))
             elif settings["kind"] == "mixed":
                 if settings["ops"]:
                     per_op = {op: optimize.OpPalettizerConfig(mode="kmeans", nbits=bits, granularity="per_tensor",
@@ -161,6 +180,8 @@ class CoreMLBackend(BackendBase):
                 model = optimize.linear_quantize_weights(model, optimize.OptimizationConfig(global_config=weights))
             else:
                 raise ValueError(f"unknown compression kind {settings['kind']!r}")
+        except NotApplicable:
+            raise
         except Exception as exc:
             raise ToolchainError(f"coremltools.optimize failed: {_first_line(exc)}", stage="compress",
                                  technique=technique.name) from exc
@@ -178,7 +199,7 @@ class CoreMLBackend(BackendBase):
             if (isinstance(value, np.ndarray) and value.dtype.kind == "f" and value.ndim >= 2
                     and op.name.startswith("p_") and np.isfinite(value).all()):
                 layers.append({"name": _parameter_key(op.name), "op": "const", "scope": op.name,
-                               "params": int(value.size)})
+                               "params": int(value.size), "in_features": int(value.shape[1])})
         return layers
 
     def precisions(self, options: dict | None = None) -> dict[str, int]:

@@ -7,6 +7,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
+from edgebuild import hf
 from edgebuild.errors import InputError
 from edgebuild.hookspecs import hookimpl
 
@@ -76,24 +77,6 @@ def load_torchscript(model: dict, root: Path):
     return net.eval(), example
 
 
-# Task from config.json's `architectures` (optimum cannot infer it from a local folder).
-_TASK_SUFFIXES = {"ForCausalLM": "text-generation", "ForSequenceClassification": "text-classification",
-                  "ForImageClassification": "image-classification"}
-
-
-def hf_task(model: dict, directory: Path) -> str:
-    if model.get("task"):
-        return model["task"]
-    import json
-
-    architectures = json.loads((directory / "config.json").read_text(encoding="utf-8")).get("architectures") or []
-    for architecture in architectures:
-        for suffix, task in _TASK_SUFFIXES.items():
-            if architecture.endswith(suffix):
-                return task
-    raise InputError(f"cannot tell the task from architectures {architectures}; set model.task", field="model.task")
-
-
 def load_hf(model: dict, root: Path):
     """`path:` a local Hugging Face folder, loaded through optimum's TasksManager (no downloads).
 
@@ -107,14 +90,14 @@ def load_hf(model: dict, root: Path):
     from optimum.exporters.tasks import TasksManager
 
     directory = root / model["path"]
-    task = hf_task(model, directory)
+    task = hf.task_of(model, directory)
     try:
         network = TasksManager.get_model_from_task(task, str(directory), framework="pt")
     except OSError as exc:
         raise InputError(f"cannot load the model: {str(exc).splitlines()[0][:200]}", file=model["path"]) from None
     network.eval()
-    length = int(model.get("sequence_length", 32))
-    if task == "text-generation":
+    length = int(model.get("sequence_length", hf.DEFAULT_SEQUENCE_LENGTH))
+    if task == hf.CAUSAL_LM:
         class Logits(torch.nn.Module):
             def __init__(self, inner):
                 super().__init__()

@@ -1,12 +1,29 @@
-"""Built-in metrics. Outputs are (samples, ...) arrays; classification metrics use the last axis."""
+"""Built-in metrics. Outputs are (samples, ...) arrays; classification metrics use the last axis.
+
+Labels have the outputs' shape less the last axis: one class per sample, or one next token per
+position for language models. A negative label marks a position without one.
+"""
 import numpy as np
 
 from edgebuild.api import Metric
 from edgebuild.hookspecs import hookimpl
 
 
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    shifted = x - x.max(-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+
+
+def _labelled(outputs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Labels in the outputs' shape (less classes), and the mask of positions that have one."""
+    labels = labels.reshape(outputs.shape[:-1])
+    return labels, labels >= 0
+
+
 def top1(outputs: np.ndarray, reference: np.ndarray, labels: np.ndarray | None) -> float:
-    return float(np.mean(outputs.argmax(-1) == labels.reshape(-1)))
+    labels, mask = _labelled(outputs, labels)
+    return float(np.mean((outputs.argmax(-1) == labels)[mask]))
 
 
 def agreement(outputs: np.ndarray, reference: np.ndarray, labels: np.ndarray | None) -> float:
@@ -23,13 +40,16 @@ def sqnr(outputs: np.ndarray, reference: np.ndarray, labels: np.ndarray | None) 
 
 def mean_kl(outputs: np.ndarray, reference: np.ndarray, labels: np.ndarray | None) -> float:
     """Mean KL(fp32 || candidate) of the softmax over the last axis (per token for LMs)."""
-    def log_softmax(x):
-        x = x.astype(np.float64)
-        shifted = x - x.max(-1, keepdims=True)
-        return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
-
-    p_log, q_log = log_softmax(reference), log_softmax(outputs)
+    p_log, q_log = _log_softmax(reference), _log_softmax(outputs)
     return float(np.mean(np.sum(np.exp(p_log) * (p_log - q_log), axis=-1)))
+
+
+def perplexity(outputs: np.ndarray, reference: np.ndarray, labels: np.ndarray | None) -> float:
+    """exp of the mean negative log-likelihood of the labelled next tokens."""
+    labels, mask = _labelled(outputs, labels)
+    log_probs = _log_softmax(outputs)
+    picked = np.take_along_axis(log_probs, np.where(mask, labels, 0)[..., None], axis=-1)[..., 0]
+    return float(np.exp(-picked[mask].mean()))
 
 
 @hookimpl
@@ -39,6 +59,8 @@ def register_metrics(register):
     register(Metric("token_agreement", "top-1 next-token agreement with the fp32 model, over every position",
                     agreement))
     register(Metric("kl", "mean KL divergence of the output distribution from fp32's (lower is better)", mean_kl,
-                    higher_is_better=False))
+                    higher_is_better=False, bounds=(0.0, None)))
+    register(Metric("perplexity", "perplexity of the evaluation text's next tokens (lower is better)", perplexity,
+                    higher_is_better=False, needs_labels=True, bounds=(1.0, None)))
     register(Metric("sqnr", "signal-to-quantization-noise ratio of the outputs vs fp32, in dB", sqnr,
-                    has_baseline=False, unit="dB"))
+                    has_baseline=False, unit="dB", bounds=(None, None)))

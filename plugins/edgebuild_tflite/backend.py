@@ -2,6 +2,7 @@
 
 Heavy toolchain imports happen inside methods, so registering the plugin costs nothing.
 """
+import collections
 import importlib.metadata
 import re
 import statistics
@@ -11,7 +12,7 @@ from typing import Sequence
 
 import numpy as np
 
-from edgebuild.api import BackendBase, CompressInput, Prediction, Technique
+from edgebuild.api import BackendBase, CompressInput, NotApplicable, Prediction, Technique
 from edgebuild.data import padded_batches
 from edgebuild.errors import ToolchainError
 
@@ -80,15 +81,21 @@ class TFLiteBackend(BackendBase):
         from ai_edge_quantizer import quantizer
 
         try:
+            recipe = resolve_layer_rules(technique.recipe, source.fp32_bundle)
             qt = quantizer.Quantizer(str(source.fp32_bundle))
-            qt.load_quantization_recipe(technique.recipe)
+            qt.load_quantization_recipe(recipe)
             calibration_result = None
             if qt.need_calibration:
-                names = self._input_names(source.fp32_bundle)
-                samples = [dict(zip(names, sample)) for sample in source.calibration or []]
+                details = self._interpreter(source.fp32_bundle).get_signature_runner(SIGNATURE).get_input_details()
+                names = _ordered(details)
+                # The converter narrows int64 inputs (token ids) to int32: feed what the model takes.
+                samples = [{name: _quantize(part, details[name]) for name, part in zip(names, sample)}
+                           for sample in source.calibration or []]
                 calibration_result = qt.calibrate({SIGNATURE: samples})
             result = qt.quantize(calibration_result)
             result.export_model(str(out), overwrite=True)
+        except NotApplicable:
+            raise
         except Exception as exc:
             raise ToolchainError(f"ai-edge-quantizer failed: {_first_line(exc)}", stage="compress",
                                  technique=technique.name) from exc
@@ -99,10 +106,6 @@ class TFLiteBackend(BackendBase):
         interpreter = Interpreter(model_path=str(bundle), num_threads=threads)
         interpreter.allocate_tensors()
         return interpreter
-
-    def _input_names(self, bundle: Path) -> list[str]:
-        signature = self._interpreter(bundle).get_signature_list()[SIGNATURE]
-        return _ordered(signature["inputs"])
 
     def predict(self, bundle: Path, inputs: Sequence[np.ndarray], *, threads: int = 1,
                 exported_program: Path | None = None) -> Prediction:
@@ -134,9 +137,13 @@ class TFLiteBackend(BackendBase):
     def layers(self, fp32_bundle: Path, options: dict) -> list[dict]:
         return weighted_layers(fp32_bundle)
 
-    def precisions(self, options: dict | None = None) -> dict[str, int]:
-        """Precision name -> bits, highest first."""
+    def precisions(self, options: dict | None = None) -> dict[str, float]:
+        """Precision name -> bits per weight, highest first."""
         return {name: bits for name, (bits, _) in PRECISIONS.items()}
+
+    def default_precisions(self) -> list[str]:
+        """What the search tries unless `search.precisions` says otherwise."""
+        return [name for name in PRECISIONS if name not in OPT_IN_PRECISIONS]
 
     # ---- quantization-aware training ----------------------------------------------------------
 
@@ -213,11 +220,19 @@ PRECISIONS = {
                  "op_config": {"weight_tensor_config": {"num_bits": 8, "symmetric": True, "granularity": "CHANNELWISE",
                                                         "dtype": "INT"},
                                "compute_precision": "FLOAT", "explicit_dequantize": True}}),
+    # 4 bits plus one float16 scale per 32 weights. Opt-in (search.precisions): for language models.
+    "int4-block32": (4.5, {"algorithm_key": "min_max_uniform_quantize",
+                           "op_config": {"weight_tensor_config": {"num_bits": 4, "symmetric": True,
+                                                                  "granularity": "BLOCKWISE_32", "dtype": "INT"},
+                                         "compute_precision": "INTEGER", "explicit_dequantize": False}}),
     "int4": (4, {"algorithm_key": "min_max_uniform_quantize",
                  "op_config": {"weight_tensor_config": {"num_bits": 4, "symmetric": True, "granularity": "CHANNELWISE",
                                                         "dtype": "INT"},
                                "compute_precision": "FLOAT", "explicit_dequantize": True}}),
 }
+
+
+OPT_IN_PRECISIONS = {"int4-block32"}
 
 
 def weighted_layers(bundle: Path) -> list[dict]:
@@ -226,18 +241,14 @@ def weighted_layers(bundle: Path) -> list[dict]:
 
     model = flatbuffer.read_model(str(bundle))
     subgraph = model.subgraphs[0]
+    names = _display_names(model, subgraph)
     layers = []
-    for op in subgraph.operators:
-        op_name = str(flatbuffer.TFL_OP_CODE_TO_NAME.get(model.operatorCodes[op.opcodeIndex].builtinCode, ""))
-        op_name = op_name.rsplit(".", 1)[-1]
-        if op_name not in WEIGHTED_OPS or len(op.inputs) < 2 or op.inputs[1] < 0:
-            continue
+    for op_name, op in _weighted_ops(model, subgraph):
         weight = subgraph.tensors[op.inputs[1]]
         buffer = model.buffers[weight.buffer]
         if buffer.data is None and not buffer.size:
             continue
-        name = weight.name.decode() if isinstance(weight.name, bytes) else str(weight.name)
-        layers.append({"name": short_tensor_name(name), "op": op_name,
+        layers.append({"name": names[op.inputs[1]], "op": op_name, "in_features": int(weight.shape[-1]),
                        "scope": flatbuffer.get_op_scope(op, subgraph.tensors),
                        "params": int(np.prod(weight.shape))})
     # Unique, stable names: two ops may share a module path.
@@ -250,6 +261,40 @@ def weighted_layers(bundle: Path) -> list[dict]:
     return layers
 
 
+def resolve_layer_rules(recipe: list[dict], fp32_bundle: Path) -> list[dict]:
+    """A recipe as ai-edge-quantizer takes it, checked against the model.
+
+    Rules may pick layers by name (`layers: REGEX`, searched in the names reports show) instead
+    of by op scope: a model's lm_head scope is its output tensor's name, not 'lm_head'. Each such
+    rule becomes one scope rule per matching layer. A rule matching nothing, or blocks that do not
+    divide a matched layer's input dimension (the quantizer refuses those outright), make the
+    technique not applicable to this model.
+    """
+    layers = weighted_layers(fp32_bundle)
+    resolved = []
+    for rule in recipe:
+        if "layers" not in rule:
+            resolved.append(rule)
+            continue
+        pattern = re.compile(rule["layers"])
+        matched = [layer for layer in layers if pattern.search(layer["name"])]
+        if not matched:
+            raise NotApplicable(f"no layer of this model matches {rule['layers']!r}")
+        body = {key: value for key, value in rule.items() if key != "layers"}
+        resolved += [{"regex": "^" + re.escape(layer["scope"]) + "$", **body} for layer in matched]
+    for rule in resolved:
+        granularity = rule.get("op_config", {}).get("weight_tensor_config", {}).get("granularity", "")
+        if not granularity.startswith("BLOCKWISE_"):
+            continue
+        block = int(granularity.rsplit("_", 1)[1])
+        uneven = next((layer for layer in layers if layer["op"] in BLOCK_OPS and layer["in_features"] % block
+                       and re.search(rule["regex"], layer["scope"])), None)
+        if uneven:
+            raise NotApplicable(f"blocks of {block} need input dimensions divisible by {block}; "
+                                f"{uneven['name']} has {uneven['in_features']}")
+    return resolved
+
+
 def compile_assignment(assignment: dict[str, str], layers: list[dict]) -> list[dict]:
     """One ai-edge-quantizer rule per layer: the assignment as recipe data."""
     rules = []
@@ -260,6 +305,51 @@ def compile_assignment(assignment: dict[str, str], layers: list[dict]) -> list[d
         _, rule = PRECISIONS[precision]
         rules.append({"regex": "^" + re.escape(layer["scope"]) + "$", "operation": "*", **rule})
     return rules
+
+
+def _weighted_ops(model, subgraph):
+    """(op name, op) of each op whose second input is a weight: the layers a recipe can quantize."""
+    from ai_edge_quantizer.utils import tfl_flatbuffer_utils as flatbuffer
+
+    for op in subgraph.operators:
+        op_name = str(flatbuffer.TFL_OP_CODE_TO_NAME.get(model.operatorCodes[op.opcodeIndex].builtinCode, ""))
+        op_name = op_name.rsplit(".", 1)[-1]
+        if op_name in WEIGHTED_OPS and len(op.inputs) >= 2 and op.inputs[1] >= 0:
+            yield op_name, op
+
+
+BLOCK_OPS = {"FULLY_CONNECTED", "EMBEDDING_LOOKUP", "BATCH_MATMUL"}  # ops blockwise recipes quantize in blocks
+UNNAMED_CONSTANT = re.compile(r"^constant\d*")
+
+
+def _display_names(model, subgraph) -> dict[int, str]:
+    """Tensor index -> module path. The converter leaves some weights unnamed ('constant2', e.g. an
+    embedding table); those take the path of the op that reads them, so reports say which layer."""
+    from ai_edge_quantizer.utils import tfl_flatbuffer_utils as flatbuffer
+
+    def raw(tensor) -> str:
+        return tensor.name.decode() if isinstance(tensor.name, bytes) else str(tensor.name)
+
+    names = {index: short_tensor_name(raw(tensor)) for index, tensor in enumerate(subgraph.tensors)}
+    weighted = [op for _, op in _weighted_ops(model, subgraph)]
+    # A fused name lists several module paths ('attn;attn/Linear_q_proj;attn/Linear_k_proj;'); a
+    # weight's own module is the path fewest other weights mention (the latest on a tie), so the
+    # q, k and v projections are not all called 'attn'.
+    paths = {op.inputs[1]: [part for part in raw(subgraph.tensors[op.inputs[1]]).split(";") if part and not part.isdigit()]
+             for op in weighted}
+    mentions = collections.Counter(path for found in paths.values() for path in set(found))
+    for index, found in paths.items():
+        if found:
+            names[index] = short_tensor_name(min(reversed(found), key=lambda path: mentions[path]))
+    for op in weighted:
+        index = op.inputs[1]
+        match = UNNAMED_CONSTANT.match(names[index])
+        if match:
+            owner = short_tensor_name(flatbuffer.get_op_scope(op, subgraph.tensors))
+            for other, name in names.items():  # its scales ('constant2_scales') follow it
+                if name.startswith(match.group(0)) and (name == match.group(0) or name[len(match.group(0))] == "_"):
+                    names[other] = owner + name[len(match.group(0)):]
+    return names
 
 
 def short_tensor_name(name: str) -> str:
@@ -278,14 +368,14 @@ def weight_tensors(bundle: Path) -> list[dict]:
     model = flatbuffer.read_model(str(bundle))
     tensors = []
     for subgraph in model.subgraphs:
-        for tensor in subgraph.tensors:
+        names = _display_names(model, subgraph)
+        for index, tensor in enumerate(subgraph.tensors):
             buffer = model.buffers[tensor.buffer]
             size = len(buffer.data) if buffer.data is not None else int(buffer.size or 0)
             if size == 0:
                 continue
-            name = tensor.name.decode() if isinstance(tensor.name, bytes) else str(tensor.name)
             dtype = flatbuffer.TENSOR_CODE_TO_TYPE.get(tensor.type, tensor.type)
-            tensors.append({"name": short_tensor_name(name), "dtype": str(getattr(dtype, "name", dtype)).lower(),
+            tensors.append({"name": names[index], "dtype": str(getattr(dtype, "name", dtype)).lower(),
                             "shape": [int(d) for d in tensor.shape], "bytes": size})
     return sorted(tensors, key=lambda t: (-t["bytes"], t["name"]))
 
