@@ -157,8 +157,12 @@ def run_search(build: Build, target: Target) -> None:
     precisions = {p: bits for p, bits in offered.items() if p in settings.get("precisions", default)}
     layers = backend.layers(build.fp32_bundle(variant.key), variant.options)
     if not layers or len(precisions) < 2:
-        atomic_write_json(record_path, {"strategy": settings["strategy"], "layers": [], "evaluations": 0,
-                                        "notes": ["no layer has a choice of precision"], "chosen": None})
+        note = (f"{backend.name} offers {', '.join(precisions) or 'none'} of the precisions asked for; a search "
+                f"needs two (it offers {', '.join(offered)})" if len(precisions) < 2
+                else "no layer has a choice of precision")
+        atomic_write_json(record_path, {"strategy": settings["strategy"], "precisions": list(precisions), "layers": [],
+                                        "evaluations": 0, "max_evaluations": settings["max_evaluations"],
+                                        "seconds": 0.0, "notes": [note], "evaluated": [], "chosen": None})
         return
     measured = sensitivity_table(build, target, layers, precisions)
     table = measured["db"]

@@ -402,8 +402,17 @@ def _compression_kind(op) -> str:
         bits = int(np.log2(op.inputs["lut"].val.shape[-2] if op.inputs["lut"].val.ndim > 1 else op.inputs["lut"].val.size))
         return f"palettized {bits}-bit"
     if op.op_type in ("constexpr_affine_dequantize", "constexpr_blockwise_shift_scale"):
+        from coremltools.converters.mil.mil import types
+
         data = op.inputs.get("quantized_data") or op.inputs.get("data")
-        return f"linear {np.dtype(data.val.dtype).name}" if data is not None else op.op_type
+        if data is None:
+            return op.op_type
+        # The MIL type, not numpy's: int4 values are held in int8 arrays.
+        kind = f"linear {types.builtin_to_string(data.dtype)}"
+        scale = op.inputs.get("scale")
+        if scale is not None and len(scale.shape) == len(data.shape) and scale.shape[-1] > 1:
+            kind += f" block{data.shape[-1] // scale.shape[-1]}"
+        return kind
     return op.op_type
 
 
