@@ -144,7 +144,10 @@ def test_per_channel_prelu_model_converts(tmp_path):
     assert result.returncode == 0, result.stderr
     target = read_report(tmp_path)["targets"][0]
     assert target["chosen"] is not None
-    assert {c["technique"] for c in target["candidates"] if c["status"] == "skipped"} == {"w8a8"}  # iOS 18 device
+    # iOS 18 device: only macOS-bound w8a8 and the LLM technique (no embeddings here) are skipped.
+    skipped = {c["technique"]: c["reason"] for c in target["candidates"] if c["status"] == "skipped"}
+    assert set(skipped) == {"w8a8", "int4-block32-int8-embeddings"}
+    assert skipped["int4-block32-int8-embeddings"] == "no layer of this model matches '(?i)(embed|lm_head)'"
 
 
 def test_op_core_ml_cannot_express_exits_3_naming_it(tmp_path):

@@ -175,7 +175,9 @@ def _stage_name(task_name: str) -> str:
     return task_name.removeprefix("edgebuild:")
 
 
-def run_pipeline(build: Build, *, console: Console, wait: bool = True) -> RunResult:
+def run_pipeline(build: Build, *, console: Console, wait: bool = True, only: list[str] | None = None) -> RunResult:
+    """Run every stage that is not up to date; `only` names tasks (e.g. 'convert:tflite') to run
+    just those and whatever they need (bench/llm_scale.py measures stages one per process)."""
     result = RunResult()
 
     def wrap(task_name: str, stage: Callable) -> Callable:
@@ -227,7 +229,8 @@ def run_pipeline(build: Build, *, console: Console, wait: bool = True) -> RunRes
         try:
             os.chdir(build.manifest.root)
             backends = {"BACKEND": {"edgebuild-sqlite": f"{__name__}:DurableSqliteDB"}}
-            code = DoitMain(ModuleTaskLoader(namespace), extra_config=backends).run(["run"])
+            selection = [f"edgebuild:{name}" for name in only or []]
+            code = DoitMain(ModuleTaskLoader(namespace), extra_config=backends).run(["run", *selection])
         finally:
             os.chdir(cwd)
     if code == 3:  # doit could not even start (an invalid task graph): that is our bug, say so

@@ -23,7 +23,7 @@ from edgebuild.api import BackendBase, CompressInput, NotApplicable, Prediction,
 from edgebuild.data import run_torch_module
 from edgebuild.errors import ToolchainError
 
-from .ops import register_missing_ops
+from .ops import lean_conversion_memory, register_missing_ops
 
 MODEL_FILE = Path("Data") / "com.apple.CoreML" / "model.mlmodel"
 DEBUG_FILES = ("executorch_debug_handle_mapping.json",)  # conversion debug data, never read at run time
@@ -95,6 +95,7 @@ class CoreMLBackend(BackendBase):
         import torch
 
         register_missing_ops()
+        lean_conversion_memory()
         program = torch.export.load(str(exported_program))
         try:
             # The default decomposition table also lowers ops Core ML lacks (e.g. per-channel PReLU).
@@ -126,6 +127,7 @@ class CoreMLBackend(BackendBase):
         import coremltools as ct
         import coremltools.optimize.coreml as optimize
 
+        lean_conversion_memory()
         base = ct.models.MLModel(str(source.fp32_bundle), skip_model_load=True)
         try:
             # Compress the model's weights (its parameters), never other constants such as an
@@ -446,10 +448,15 @@ def simulated_module(bundle: Path, exported_program: Path):
 
     Returns (module, names of parameters the bundle does not store under a matching name/shape).
     """
+    import gc
+
     import torch
 
-    module = torch.export.load(str(exported_program)).module()
+    # The bundle's weights first: the MIL program and weight.bin pages are gone before the float32
+    # program loads, and each value is dropped once copied (peak memory on LLMs, bench/llm_scale.py).
     stored = bundle_weights(bundle)
+    gc.collect()
+    module = torch.export.load(str(exported_program)).module()
     missing = []
     # Vectors (norm scales, biases) are never compressed here; Core ML may fold them into other
     # constants under other names. Stored at the bundle's float width, they are simulated exactly.
@@ -457,11 +464,11 @@ def simulated_module(bundle: Path, exported_program: Path):
     with torch.no_grad():
         # Parameters only: buffers (e.g. rotary frequencies) are never compressed.
         for name, tensor in module.named_parameters():
-            value = stored.get(name.replace(".", "_"))
+            value = stored.pop(name.replace(".", "_"), None)
             if value is None and tensor.dim() <= 1:
                 value = tensor.detach().numpy().astype(width)
             if value is None or tuple(value.shape) != tuple(tensor.shape):
                 missing.append(name)
                 continue
-            tensor.copy_(torch.from_numpy(value.astype(np.float32)))
+            tensor.copy_(torch.from_numpy(np.ascontiguousarray(value)))  # copy_ widens float16 in place
     return module, missing

@@ -1,0 +1,154 @@
+"""LLM scale: a ~100M-parameter Llama-shaped model (random weights, built here) through edgebuild's
+own pipeline, one stage per fresh process: wall time and peak RSS of each stage, against the
+fp32 weight bytes (issue #7's goal: every stage's peak RSS <= 3x those bytes).
+
+Each stage runs as `edgebuild build` would run it (the doit runner, `only=[task]`), so the state it
+leaves is the build's own; a final ordinary `edgebuild build` then only selects, packages and
+reports, and must exit 0.
+
+Run: .venv/bin/python bench/llm_scale.py [--ios] [--layers N] [--keep DIR]
+"""
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SEQUENCE_LENGTH = 64
+WINDOWS = 8
+GOAL = 3.0
+
+
+def config(layers: int) -> dict:
+    """Llama-3-style proportions at ~100M parameters (8 layers), grouped-query attention."""
+    return dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=layers,
+                num_attention_heads=12, num_key_value_heads=4, max_position_embeddings=256, tie_word_embeddings=False)
+
+
+def make_project(root: Path, layers: int, ios: bool) -> int:
+    """Model folder (safetensors + a tokenizer trained on the README), evaluation text, manifest.
+    Returns the parameter count."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    folder = root / "models" / "llama-100m"
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator([text], trainers.BpeTrainer(vocab_size=4000, special_tokens=["<unk>", "<s>", "</s>"],
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    tokenizer.save_pretrained(folder)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**config(layers)))
+    parameters = sum(p.numel() for p in model.parameters())
+    model.save_pretrained(folder)
+    del model
+    # Enough text for WINDOWS windows of SEQUENCE_LENGTH tokens, and no more.
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"][:WINDOWS * SEQUENCE_LENGTH + 1]
+    (root / "eval.txt").write_text(tokenizer.decode(ids), encoding="utf-8")
+    targets = [{"name": "android", "format": "tflite", "devices": ["pixel-8"], "accuracy": {"floor": 0.0}}]
+    if ios:
+        targets.append({"name": "ios", "format": "coreml", "devices": ["iphone-16"], "accuracy": {"floor": 0.0}})
+    manifest = {
+        "version": 1,
+        "model": {"name": "llama-100m", "source": "hf", "path": "models/llama-100m", "sequence_length": SEQUENCE_LENGTH},
+        "data": {"evaluation": "eval.txt"},
+        "metric": "token_agreement", "report_metrics": ["perplexity", "kl"],
+        # One int4 candidate per backend: the scale question, not the search.
+        "search": {"strategy": "uniform", "techniques": ["int4-blockwise32", "int4-block32"]},
+        "reports": ["json", "md"],
+        "targets": targets,
+    }
+    (root / "edgebuild.yaml").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+    return parameters
+
+
+def run_child(arguments: list[str], cwd: Path) -> tuple[float, int, int, str]:
+    """(wall seconds, peak RSS bytes, exit code, stderr tail) of one child process."""
+    start = time.perf_counter()
+    with tempfile.TemporaryFile() as errors:
+        process = subprocess.Popen([sys.executable, *arguments], cwd=cwd, stdout=subprocess.DEVNULL, stderr=errors)
+        _, status, usage = os.wait4(process.pid, 0)
+        wall = time.perf_counter() - start
+        errors.seek(0)
+        tail = errors.read().decode(errors="replace")[-2000:]
+    return wall, usage.ru_maxrss * 1024, os.waitstatus_to_exitcode(status), tail
+
+
+def child(stage: str, project: Path) -> None:
+    """Inside a fresh process: run one pipeline task exactly as `edgebuild build` would."""
+    from rich.console import Console
+
+    from edgebuild.manifest import load_manifest
+    from edgebuild.pipeline.layout import Build
+    from edgebuild.pipeline.runner import run_pipeline
+    from edgebuild.plugins import default_registry
+
+    registry = default_registry()
+    manifest = load_manifest(project / "edgebuild.yaml", registry)
+    result = run_pipeline(Build(manifest, registry), console=Console(stderr=True), only=[stage])
+    if result.failed or result.errors:
+        sys.exit(f"stage {stage} failed: {[str(e) for e in result.errors]}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ios", action="store_true", help="also the Core ML target (iOS 18, int4 per-block)")
+    parser.add_argument("--layers", type=int, default=8, help="decoder layers (8: ~100M parameters)")
+    parser.add_argument("--keep", type=Path, help="build in this folder and keep it")
+    parser.add_argument("--child", nargs=2, metavar=("STAGE", "PROJECT"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args.child[0], Path(args.child[1]))
+        return
+
+    root = args.keep or Path(tempfile.mkdtemp(prefix="edgebuild-llm-"))
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        started = time.perf_counter()
+        parameters = make_project(root, args.layers, args.ios)
+        weight_bytes = parameters * 4
+        print(f"model: Llama-shaped, {args.layers} layers, {parameters / 1e6:.1f}M parameters, "
+              f"fp32 weights {weight_bytes / 2**20:.0f} MiB (setup {time.perf_counter() - started:.1f} s)")
+        print(f"goal: every stage's peak RSS <= {GOAL:.0f}x the fp32 weight bytes = {GOAL * weight_bytes / 2**20:.0f} MiB")
+        stages = ["tokenize:evaluation", "export", "reference", "baseline",
+                  "convert:tflite", "compress:tflite:int4-blockwise32", "evaluate:tflite:int4-blockwise32"]
+        if args.ios:
+            stages += ["convert:coreml-ios18", "compress:coreml-ios18:int4-block32", "evaluate:coreml-ios18:int4-block32"]
+        print(f"\n{'stage':40s} {'wall s':>8s} {'peak RSS MiB':>13s} {'x fp32 weights':>15s}")
+        worst = 0.0
+        for stage in stages:
+            wall, rss, code, tail = run_child([str(Path(__file__).resolve()), "--child", stage, str(root)], root)
+            if code != 0:
+                sys.exit(f"{stage} failed (exit {code}):\n{tail}")
+            worst = max(worst, rss / weight_bytes)
+            print(f"{stage:40s} {wall:8.1f} {rss / 2**20:13.0f} {rss / weight_bytes:15.2f}")
+        wall, rss, code, tail = run_child(["-m", "edgebuild", "build"], root)
+        print(f"{'edgebuild build (select, package, report)':40s} {wall:8.1f} {rss / 2**20:13.0f} {rss / weight_bytes:15.2f}")
+        if code != 0:
+            sys.exit(f"the final build failed (exit {code}):\n{tail}")
+        report = json.loads((root / "dist" / "report.json").read_text(encoding="utf-8"))
+        print()
+        for target in report["targets"]:
+            chosen = target["chosen"]
+            metrics = ", ".join(f"{name} {value:.4f}" for name, value in chosen["metrics"].items())
+            print(f"{target['name']}: {chosen['technique']} {chosen['bytes'] / 2**20:.1f} MiB "
+                  f"({chosen['bytes'] / weight_bytes:.3f}x fp32), {metrics}; fp32 perplexity "
+                  f"{target['baseline']['metrics']['perplexity']:.1f}")
+        print(f"\nworst stage: {worst:.2f}x the fp32 weight bytes (goal <= {GOAL:.0f}x): "
+              f"{'met' if worst <= GOAL else 'NOT met'}")
+    finally:
+        if args.keep is None:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
