@@ -105,16 +105,26 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=8, help="decoder layers (8: ~100M parameters)")
     parser.add_argument("--keep", type=Path, help="build in this folder and keep it")
     parser.add_argument("--child", nargs=2, metavar=("STAGE", "PROJECT"), help=argparse.SUPPRESS)
+    parser.add_argument("--setup", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(args.child[0], Path(args.child[1]))
+        return
+    if args.setup:
+        print(make_project(args.setup, args.layers, args.ios))
         return
 
     root = args.keep or Path(tempfile.mkdtemp(prefix="edgebuild-llm-"))
     root.mkdir(parents=True, exist_ok=True)
     try:
+        # Setup runs in a child too: this process stays small, because a child's peak RSS counts
+        # the memory of the process it was started from (Linux keeps the high-water mark across exec).
         started = time.perf_counter()
-        parameters = make_project(root, args.layers, args.ios)
+        setup = subprocess.run([sys.executable, __file__, "--setup", str(root), "--layers", str(args.layers)]
+                               + (["--ios"] if args.ios else []), capture_output=True, text=True)
+        if setup.returncode != 0:
+            sys.exit(f"setup failed:\n{setup.stderr[-2000:]}")
+        parameters = int(setup.stdout.split()[-1])
         weight_bytes = parameters * 4
         print(f"model: Llama-shaped, {args.layers} layers, {parameters / 1e6:.1f}M parameters, "
               f"fp32 weights {weight_bytes / 2**20:.0f} MiB (setup {time.perf_counter() - started:.1f} s)")

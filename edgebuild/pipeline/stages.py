@@ -11,8 +11,8 @@ import numpy as np
 from .. import __version__
 from .. import devices as device_catalog
 from ..api import CompressInput, NotApplicable, PackageInput, Technique
-from ..data import Dataset, load_dataset, run_torch_module
 from .. import hf
+from ..data import Dataset, load_dataset, run_torch_module
 from ..errors import EdgebuildError, InputError, ToolchainError
 from ..fsutil import (atomic_output, atomic_write_json, bundle_bytes, bundle_files, bundle_download_bytes, bundle_sha256, read_json,
                       remove_dir, remove_path, replace_dir, replace_path, sha256_file)
@@ -234,9 +234,9 @@ def candidate_is_valid(build: Build, variant_key: str, technique_name: str) -> b
 def evaluate_bundle(build: Build, backend, bundle: Path) -> dict:
     """Run a bundle in its runtime on the evaluation set: metrics, bytes, download bytes, latency."""
     data = _evaluation_data(build)
-    with np.load(build.reference) as stored:
-        reference = stored["outputs"]
     prediction = backend.predict(bundle, data.inputs, threads=LATENCY_THREADS, exported_program=build.exported_program)
+    with np.load(build.reference) as stored:  # after the run: an LLM's reference logits are large
+        reference = stored["outputs"]
     values = measure(build, prediction.outputs, reference, data)
     return {
         "bytes": bundle_bytes(bundle),

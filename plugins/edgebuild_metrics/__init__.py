@@ -1,7 +1,9 @@
 """Built-in metrics. Outputs are (samples, ...) arrays; classification metrics use the last axis.
 
 Labels have the outputs' shape less the last axis: one class per sample, or one next token per
-position for language models. A negative label marks a position without one.
+position for language models. A negative label marks a position without one. Metrics that need
+float64 softmaxes work a sample at a time: an LLM's logits (samples x positions x vocabulary)
+would otherwise take several full-size float64 copies.
 """
 import numpy as np
 
@@ -31,8 +33,8 @@ def agreement(outputs: np.ndarray, reference: np.ndarray, labels: np.ndarray | N
 
 
 def sqnr(outputs: np.ndarray, reference: np.ndarray, labels: np.ndarray | None) -> float:
-    signal = float(np.sum(reference.astype(np.float64) ** 2))
-    noise = float(np.sum((outputs.astype(np.float64) - reference) ** 2))
+    signal = sum(float(np.sum(r.astype(np.float64) ** 2)) for r in reference)
+    noise = sum(float(np.sum((o.astype(np.float64) - r) ** 2)) for o, r in zip(outputs, reference))
     if noise == 0.0:
         return 200.0  # identical outputs; a finite cap keeps report.json valid JSON
     return float(min(200.0, 10.0 * np.log10(max(signal, 1e-30) / noise)))
@@ -40,16 +42,21 @@ def sqnr(outputs: np.ndarray, reference: np.ndarray, labels: np.ndarray | None) 
 
 def mean_kl(outputs: np.ndarray, reference: np.ndarray, labels: np.ndarray | None) -> float:
     """Mean KL(fp32 || candidate) of the softmax over the last axis (per token for LMs)."""
-    p_log, q_log = _log_softmax(reference), _log_softmax(outputs)
-    return float(np.mean(np.sum(np.exp(p_log) * (p_log - q_log), axis=-1)))
+    total = 0.0
+    for candidate, fp32 in zip(outputs, reference):
+        p_log, q_log = _log_softmax(fp32), _log_softmax(candidate)
+        total += float(np.sum(np.exp(p_log) * (p_log - q_log)))
+    return total / (outputs.size // outputs.shape[-1])
 
 
 def perplexity(outputs: np.ndarray, reference: np.ndarray, labels: np.ndarray | None) -> float:
     """exp of the mean negative log-likelihood of the labelled next tokens."""
     labels, mask = _labelled(outputs, labels)
-    log_probs = _log_softmax(outputs)
-    picked = np.take_along_axis(log_probs, np.where(mask, labels, 0)[..., None], axis=-1)[..., 0]
-    return float(np.exp(-picked[mask].mean()))
+    total, count = 0.0, int(mask.sum())
+    for logits, wanted, present in zip(outputs, labels, mask):
+        picked = np.take_along_axis(_log_softmax(logits), np.where(present, wanted, 0)[..., None], axis=-1)[..., 0]
+        total -= float(picked[present].sum())
+    return float(np.exp(total / count))
 
 
 @hookimpl
