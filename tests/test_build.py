@@ -110,7 +110,10 @@ def test_impossible_budget_exits_1_with_reasons_per_candidate(built_copy):
     target, ios = read_report(built_copy)["targets"]
     assert ios["status"] == "pass"
     assert target["status"] == "fail" and target["chosen"] is None
-    for candidate in target["candidates"]:
+    judged = [c for c in target["candidates"] if c["status"] != "skipped"]
+    assert {c["technique"] for c in target["candidates"]} - {c["technique"] for c in judged} == {
+        "int4-blockwise128", "int4-blockwise32-int8-embeddings"}  # blocks wider than a layer; no embeddings
+    for candidate in judged:
         size = next(f for f in candidate["failed"] if f["constraint"] == "size")
         assert size["limit"] == 1000 and size["actual"] == candidate["bytes"] > 1000
         assert f"{candidate['technique']}: size {candidate['bytes']} B > limit 1000 B" in result.stderr
