@@ -11,11 +11,11 @@ from typing import Callable
 from doit.tools import config_changed
 
 from ..manifest import ENTRY_PATTERN
-
-DATA_ROLES = ("evaluation", "calibration", "train")
 from ..plugins import code_fingerprint
 from . import qat, search, stages
 from .layout import Build
+
+DATA_ROLES = ("evaluation", "calibration", "train")
 
 
 def model_sources(build: Build) -> list[Path]:
@@ -61,7 +61,7 @@ def build_tasks(build: Build, wrap: Callable) -> list[dict]:
 
     toolchain = {name: registry.backends[name].version() for name in build.backends_in_use()}
     task = functools.partial(_task, registry=registry)
-    metric = tuple(("metric", name) for name in manifest.metrics)
+    metric_code = tuple(("metric", name) for name in manifest.metrics)
     metrics = {"metrics": manifest.metrics}
     evaluation = rel(build.data("evaluation"))
     tasks = [task(f"tokenize:{role}", wrap(f"tokenize:{role}", stages.tokenize), build, role,
@@ -82,7 +82,7 @@ def build_tasks(build: Build, wrap: Callable) -> list[dict]:
         task("baseline", wrap("baseline", stages.baseline_metric), build,
               file_dep=[rel(build.reference), evaluation],
               targets=[rel(build.baseline)],
-              code=metric, config=metrics),
+              code=metric_code, config=metrics),
     ]
     for key, variant in build.variants.items():
         backend = variant.backend
@@ -109,7 +109,7 @@ def build_tasks(build: Build, wrap: Callable) -> list[dict]:
                 f"evaluate:{name}", wrap(f"evaluate:{name}", stages.evaluate), build, key, technique.name,
                 file_dep=[rel(build.candidate_record(key, technique.name)), rel(build.reference), evaluation],
                 targets=[rel(build.evaluation(key, technique.name))],
-                code=(("backend", backend),) + metric,
+                code=(("backend", backend),) + metric_code,
                 config={**metrics, "threads": stages.LATENCY_THREADS},
                 uptodate=[(stages.candidate_is_valid, (build, key, technique.name))]))
     for target in manifest.targets:
@@ -122,7 +122,7 @@ def build_tasks(build: Build, wrap: Callable) -> list[dict]:
                 f"search:{target.name}", wrap(f"search:{target.name}", search.run_search), build, target,
                 file_dep=[rel(build.fp32_record(key)), rel(build.reference), rel(build.baseline)] + data,
                 targets=[rel(build.search_record(target))],
-                code=(("backend", target.format), ("strategy", manifest.search["strategy"])) + metric,
+                code=(("backend", target.format), ("strategy", manifest.search["strategy"])) + metric_code,
                 config={"search": manifest.search, "target": target.raw, **metrics,
                         "toolchain": toolchain[target.format]},
                 uptodate=[(search.search_is_intact, (build, target))]))
@@ -134,7 +134,7 @@ def build_tasks(build: Build, wrap: Callable) -> list[dict]:
                 file_dep=sorted(set(evaluations + data + [rel(p) for p in model_sources(build)]
                                     + [rel(build.reference), rel(build.baseline), rel(build.model_meta)])),
                 targets=[rel(build.qat_record(target))],
-                code=(("backend", target.format), ("loader", manifest.model["source"])) + metric,
+                code=(("backend", target.format), ("loader", manifest.model["source"])) + metric_code,
                 config={"qat": target.qat, "target": target.raw, **metrics,
                         "toolchain": toolchain[target.format]},
                 uptodate=[(qat.qat_is_intact, (build, target))]))

@@ -270,6 +270,12 @@ def resolve_layer_rules(recipe: list[dict], fp32_bundle: Path) -> list[dict]:
     divide a matched layer's input dimension (the quantizer refuses those outright), make the
     technique not applicable to this model.
     """
+    def blockwise(rule: dict) -> int | None:
+        granularity = rule.get("op_config", {}).get("weight_tensor_config", {}).get("granularity", "")
+        return int(granularity.rsplit("_", 1)[1]) if granularity.startswith("BLOCKWISE_") else None
+
+    if not any("layers" in rule or blockwise(rule) for rule in recipe):
+        return recipe  # nothing to check: spare reading the model
     layers = weighted_layers(fp32_bundle)
     resolved = []
     for rule in recipe:
@@ -283,10 +289,9 @@ def resolve_layer_rules(recipe: list[dict], fp32_bundle: Path) -> list[dict]:
         body = {key: value for key, value in rule.items() if key != "layers"}
         resolved += [{"regex": "^" + re.escape(layer["scope"]) + "$", **body} for layer in matched]
     for rule in resolved:
-        granularity = rule.get("op_config", {}).get("weight_tensor_config", {}).get("granularity", "")
-        if not granularity.startswith("BLOCKWISE_"):
+        block = blockwise(rule)
+        if not block:
             continue
-        block = int(granularity.rsplit("_", 1)[1])
         uneven = next((layer for layer in layers if layer["op"] in BLOCK_OPS and layer["in_features"] % block
                        and re.search(rule["regex"], layer["scope"])), None)
         if uneven:
