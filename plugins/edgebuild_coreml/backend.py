@@ -418,19 +418,6 @@ def _compression_kind(op) -> str:
     return op.op_type
 
 
-def bundle_weights(bundle: Path) -> dict[str, np.ndarray]:
-    """Every float weight the bundle stores, decompressed as Core ML materialises it at load time."""
-    weights = {}
-    for op in _weight_ops(bundle):
-        if op.op_type == "const":
-            value = op.outputs[0].val
-        else:
-            value = op.materialized_val_inference()
-        if isinstance(value, np.ndarray) and value.dtype.kind == "f" and value.size > 1:
-            weights[_parameter_key(op.name)] = value
-    return weights
-
-
 def _input_names(module) -> list[str]:
     """Argument names of a module's forward: the Core ML input names torch.export would give."""
     import inspect
@@ -448,27 +435,38 @@ def simulated_module(bundle: Path, exported_program: Path):
 
     Returns (module, names of parameters the bundle does not store under a matching name/shape).
     """
-    import gc
-
     import torch
+    from coremltools.converters.mil.mil import types
 
-    # The bundle's weights first: the MIL program and weight.bin pages are gone before the float32
-    # program loads, and each value is dropped once copied (peak memory on LLMs, bench/llm_scale.py).
-    stored = bundle_weights(bundle)
-    gc.collect()
     module = torch.export.load(str(exported_program)).module()
-    missing = []
-    # Vectors (norm scales, biases) are never compressed here; Core ML may fold them into other
-    # constants under other names. Stored at the bundle's float width, they are simulated exactly.
-    width = np.float32 if any(v.dtype == np.float32 for v in stored.values()) else np.float16
+    # Parameters only: buffers (e.g. rotary frequencies) are never compressed.
+    parameters = {name.replace(".", "_"): (name, tensor) for name, tensor in module.named_parameters()}
+    copied, float32 = set(), False
     with torch.no_grad():
-        # Parameters only: buffers (e.g. rotary frequencies) are never compressed.
-        for name, tensor in module.named_parameters():
-            value = stored.pop(name.replace(".", "_"), None)
-            if value is None and tensor.dim() <= 1:
-                value = tensor.detach().numpy().astype(width)
-            if value is None or tuple(value.shape) != tuple(tensor.shape):
-                missing.append(name)
+        # One weight at a time, decompressed as Core ML materialises it at load time: an LLM's
+        # decompressed weights never sit in memory all at once (bench/llm_scale.py).
+        for op in _weight_ops(bundle):
+            output = op.outputs[0]
+            if output.dtype == types.fp32 and output.shape and int(np.prod(output.shape)) > 1:
+                float32 = True
+            key = _parameter_key(op.name)
+            if key not in parameters or key in copied:
                 continue
-            tensor.copy_(torch.from_numpy(np.ascontiguousarray(value)))  # copy_ widens float16 in place
+            value = output.val if op.op_type == "const" else op.materialized_val_inference()
+            _, tensor = parameters[key]
+            if isinstance(value, np.ndarray) and value.dtype.kind == "f" and tuple(value.shape) == tuple(tensor.shape):
+                tensor.copy_(torch.from_numpy(np.ascontiguousarray(value)))  # copy_ widens float16 in place
+                copied.add(key)
+            del value
+        # Vectors (norm scales, biases) are never compressed here; Core ML may fold them into other
+        # constants under other names. Stored at the bundle's float width, they are simulated exactly.
+        width = torch.float32 if float32 else torch.float16
+        missing = []
+        for key, (name, tensor) in parameters.items():
+            if key in copied:
+                continue
+            if tensor.dim() <= 1:
+                tensor.copy_(tensor.to(width))
+            else:
+                missing.append(name)
     return module, missing
