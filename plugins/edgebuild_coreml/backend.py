@@ -5,6 +5,7 @@ simulation*: the exported PyTorch program with every parameter replaced by the v
 stores (decompressed exactly as the runtime materialises it). Activations run in float32, so
 float16 compute and activation quantization are not simulated; reports say so.
 """
+import gc
 import importlib.metadata
 import json
 import re
@@ -268,6 +269,10 @@ class CoreMLBackend(BackendBase):
             return self._predict_core_ml(bundle, inputs)
         module, missing = simulated_module(bundle, exported_program)
         outputs = run_torch_module(module, tuple(inputs), _example_batch(exported_program))
+        # The fx module sits in reference cycles: free its float32 weights now, not at some later
+        # collection while the next step (reading the bundle's weights) holds memory of its own.
+        del module
+        gc.collect()
         details = {"simulated": True, "activations": "float32", "unmapped_parameters": missing}
         runtime = self.runtime()
         if missing:  # say plainly that this evaluation is not weights-exact
