@@ -61,14 +61,10 @@ class TFLiteBackend(BackendBase):
         return f"ai-edge-litert {_version('ai-edge-litert')} (XNNPACK, host CPU)"
 
     def convert(self, exported_program: Path, out: Path, options: dict) -> None:
-        import torch
-        import litert_torch
+        from .conversion import convert
 
-        program = torch.export.load(str(exported_program))
-        args, _ = program.example_inputs
         try:
-            converted = litert_torch.convert(program.module(), tuple(args))
-            converted.export(str(out))
+            convert(exported_program, out)
         except Exception as exc:
             op = unsupported_op(exc)
             reason = f"litert-torch cannot convert op {op}" if op else f"litert-torch failed: {_first_line(exc)}"
