@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.test_hf import tiny_model
+from tests.test_hf import REPOSITORY, tiny_model
 
 pytestmark = pytest.mark.slow
 
@@ -68,3 +68,45 @@ def test_child_process_conversion_failure_names_the_op(tmp_path, monkeypatch):
         TFLiteBackend().convert(program, tmp_path / "out.tflite", {})
     assert error.value.reason == "litert-torch cannot convert op aten.erfinv.default"
     assert not (tmp_path / "out.tflite").exists() and not list(tmp_path.glob("*.mlirbc"))
+
+
+def test_large_model_stages_run_in_their_own_processes_with_the_same_results(tmp_path):
+    """EDGEBUILD_ISOLATE_STAGES=1 runs what a large model would in child processes: same bundle bytes,
+    same exit 3 naming the op for a model the converter rejects."""
+    import shutil
+
+    import yaml
+
+    from tests.conftest import read_report, run_edgebuild
+    from tests.test_build import REJECTED_MODEL
+
+    tiny_model(tmp_path / "a" / "models" / "llama", "llama")
+    (tmp_path / "a" / "eval.txt").write_text((REPOSITORY / "README.md").read_text(encoding="utf-8")[:2000], encoding="utf-8")
+    (tmp_path / "a" / "edgebuild.yaml").write_text(yaml.safe_dump({
+        "version": 1, "model": {"name": "m", "source": "hf", "path": "models/llama", "sequence_length": 16},
+        "data": {"evaluation": "eval.txt"}, "metric": "token_agreement", "report_metrics": ["perplexity"],
+        "reports": ["json"], "search": {"strategy": "uniform", "techniques": ["fp32", "int4-blockwise32"]},
+        "targets": [{"name": "android", "format": "tflite", "devices": ["pixel-8"], "accuracy": {"floor": 0.5}}],
+    }, sort_keys=False))
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    here = run_edgebuild("build", cwd=tmp_path / "a", env={"EDGEBUILD_ISOLATE_STAGES": "0"})
+    apart = run_edgebuild("build", cwd=tmp_path / "b", env={"EDGEBUILD_ISOLATE_STAGES": "1"})
+    assert here.returncode == apart.returncode == 0, apart.stderr
+    first, second = read_report(tmp_path / "a")["targets"][0], read_report(tmp_path / "b")["targets"][0]
+    assert first["chosen"]["sha256"] == second["chosen"]["sha256"]
+    assert first["chosen"]["metrics"] == second["chosen"]["metrics"]
+
+    rejected = tmp_path / "c"
+    (rejected / "net").mkdir(parents=True)
+    (rejected / "net" / "model.py").write_text(REJECTED_MODEL)
+    np.savez(rejected / "net" / "eval.npz", x=np.zeros((2, 4), np.float32))
+    (rejected / "edgebuild.yaml").write_text(yaml.safe_dump({
+        "version": 1, "model": {"name": "gauss", "source": "python", "entry": "net/model.py:build"},
+        "data": {"evaluation": "net/eval.npz"}, "metric": "agreement",
+        "targets": [{"name": "android", "format": "tflite", "devices": ["pixel-8"], "accuracy": {"floor": 0.5}}],
+    }, sort_keys=False))
+    failed = run_edgebuild("build", cwd=rejected, env={"EDGEBUILD_ISOLATE_STAGES": "1"})
+    assert failed.returncode == 3
+    assert failed.stderr.strip().splitlines()[-1].startswith(
+        "stage convert, target android: litert-torch cannot convert op aten.erfinv.default")
+    assert "Traceback" not in failed.stderr

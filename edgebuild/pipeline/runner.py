@@ -21,7 +21,8 @@ from ..errors import EdgebuildError, InputError, ToolchainError
 from ..fsutil import remove_path
 from .layout import Build
 from .stages import target_summary
-from .tasks import build_tasks
+from . import isolated
+from .tasks import build_tasks, model_sources
 
 HEAVY_STAGES = ("export", "reference", "convert", "compress", "evaluate", "search", "qat")
 
@@ -179,16 +180,22 @@ def run_pipeline(build: Build, *, console: Console, wait: bool = True, only: lis
     """Run every stage that is not up to date; `only` names tasks (e.g. 'convert:tflite') to run
     just those and whatever they need (bench/llm_scale.py measures stages one per process)."""
     result = RunResult()
+    model_bytes = sum(path.stat().st_size for path in model_sources(build) if path.is_file())
+    isolate = isolated.wanted(model_bytes)
 
     def wrap(task_name: str, stage: Callable) -> Callable:
         log = build.log(task_name)
+        heavy = task_name.startswith(HEAVY_STAGES)
 
         def action(*args):
             try:
                 # Heavy stages talk to C++ toolchains that write straight to fd 2; keep stdout clean.
-                context = native_output_to(log) if task_name.startswith(HEAVY_STAGES) else contextlib.nullcontext()
+                context = native_output_to(log) if heavy else contextlib.nullcontext()
                 with context:
-                    stage(*args)
+                    if heavy and isolate:  # a large model: the stage's memory goes when it ends
+                        isolated.run(build.manifest.path, task_name, build.state)
+                    else:
+                        stage(*args)
                 return True
             except EdgebuildError as exc:
                 if isinstance(exc, ToolchainError) and exc.log is None:
@@ -201,6 +208,8 @@ def run_pipeline(build: Build, *, console: Console, wait: bool = True, only: lis
                 _append_traceback(log)
                 lines = str(exc).strip().splitlines()
                 reason = f"{type(exc).__name__}: {lines[0][:300]}" if lines else type(exc).__name__
+                if isinstance(exc, isolated.StageCrashed):
+                    reason = str(exc)
                 result.errors.append(ToolchainError(f"unexpected error: {reason}", stage=task_name.split(":")[0],
                                                     log=build.manifest.relative(log)))
                 return False
