@@ -4,9 +4,10 @@ fp32 weight bytes (issue #7's goal: every stage's peak RSS <= 3x those bytes).
 
 Each stage runs as `edgebuild build` would run it (the doit runner, `only=[task]`), so the state it
 leaves is the build's own; a final ordinary `edgebuild build` then only selects, packages and
-reports, and must exit 0.
+reports, and must exit 0. `--whole` adds one clean `edgebuild build` of everything: a model this
+large has its heavy stages run in processes of their own, so its peak is the largest stage's.
 
-Run: .venv/bin/python bench/llm_scale.py [--ios] [--layers N] [--keep DIR]
+Run: .venv/bin/python bench/llm_scale.py [--ios] [--whole] [--layers N] [--keep DIR]
 """
 import argparse
 import json
@@ -103,6 +104,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ios", action="store_true", help="also the Core ML target (iOS 18, int4 per-block)")
     parser.add_argument("--layers", type=int, default=8, help="decoder layers (8: ~100M parameters)")
+    parser.add_argument("--whole", action="store_true", help="also time one clean `edgebuild build` of everything")
     parser.add_argument("--keep", type=Path, help="build in this folder and keep it")
     parser.add_argument("--child", nargs=2, metavar=("STAGE", "PROJECT"), help=argparse.SUPPRESS)
     parser.add_argument("--setup", type=Path, help=argparse.SUPPRESS)
@@ -145,6 +147,14 @@ def main() -> None:
         print(f"{'edgebuild build (select, package, report)':40s} {wall:8.1f} {rss / 2**20:13.0f} {rss / weight_bytes:15.2f}")
         if code != 0:
             sys.exit(f"the final build failed (exit {code}):\n{tail}")
+        if args.whole:
+            shutil.rmtree(root / ".edgebuild")
+            shutil.rmtree(root / "dist")
+            wall, rss, code, tail = run_child(["-m", "edgebuild", "build"], root)
+            if code != 0:
+                sys.exit(f"the clean build failed (exit {code}):\n{tail}")
+            worst = max(worst, rss / weight_bytes)
+            print(f"{'edgebuild build, clean, everything':40s} {wall:8.1f} {rss / 2**20:13.0f} {rss / weight_bytes:15.2f}")
         report = json.loads((root / "dist" / "report.json").read_text(encoding="utf-8"))
         print()
         for target in report["targets"]:
