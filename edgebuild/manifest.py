@@ -26,6 +26,7 @@ DEFAULT_REPORTS = ["json", "md", "junit", "html"]
 MODEL_KEYS = {"name": True, "source": True, "entry": False, "path": False, "description": False, "version": False,
               "task": False, "sequence_length": False}
 DATA_KEYS = {"calibration": False, "evaluation": True, "train": False}
+DATA_ROLES = ("evaluation", "calibration", "train")
 # Plain text data is tokenized with the model's own tokenizer into windows of sequence_length
 # tokens, each with its next tokens as labels (for perplexity): causal-LM Hugging Face models only.
 TEXT_SUFFIX = ".txt"
@@ -226,6 +227,14 @@ class _Validator:
             raise self.doc.error(path, f"unknown {what} {value!r}{hint} (available: {', '.join(sorted(choices))})")
         return value
 
+    def choice_list(self, value: Any, path: tuple, choices: list[str], what: str, items: str) -> list[str]:
+        """A non-empty list whose every item is one of `choices` (`items` names them in the error)."""
+        if not isinstance(value, list) or not value:
+            raise self.doc.error(path, f"expected a non-empty list of {items}, got {_typename(value)}")
+        for i, item in enumerate(value):
+            self.choice(item, path + (i,), choices, what)
+        return list(value)
+
     def number(self, value: Any, path: tuple, low: float | None = None, high: float | None = None) -> float:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise self.doc.error(path, f"expected a number, got {_typename(value)} {value!r}")
@@ -319,7 +328,7 @@ def load_manifest(path: Path | str, registry: Registry) -> Manifest:
     if "calibration" in data:
         calibration = check.project_path(data["calibration"], ("data", "calibration"), must_exist=True)
     train = check.project_path(data["train"], ("data", "train"), must_exist=True) if "train" in data else None
-    for role in ("evaluation", "calibration", "train"):
+    for role in DATA_ROLES:
         if role in data and Path(data[role]).suffix == TEXT_SUFFIX:
             _check_text_data(doc, model, root, ("data", role), data[role])
 
@@ -327,12 +336,8 @@ def load_manifest(path: Path | str, registry: Registry) -> Manifest:
     metric = registry.metrics[metric_name]
     report_metrics = []
     if "report_metrics" in raw:
-        value = raw["report_metrics"]
-        if not isinstance(value, list) or not value:
-            raise doc.error(("report_metrics",), f"expected a non-empty list of metric names, got {_typename(value)}")
-        for i, name in enumerate(value):
-            check.choice(name, ("report_metrics", i), list(registry.metrics), "metric")
-        report_metrics = list(dict.fromkeys(value))
+        report_metrics = list(dict.fromkeys(check.choice_list(raw["report_metrics"], ("report_metrics",),
+                                                              list(registry.metrics), "metric", "metric names")))
 
     targets_raw = raw["targets"]
     if not isinstance(targets_raw, list) or not targets_raw:
@@ -354,11 +359,8 @@ def load_manifest(path: Path | str, registry: Registry) -> Manifest:
 
     reports = list(DEFAULT_REPORTS)
     if "reports" in raw:
-        value = raw["reports"]
-        if not isinstance(value, list) or not value:
-            raise doc.error(("reports",), f"expected a non-empty list of report formats, got {_typename(value)}")
-        for i, name in enumerate(value):
-            check.choice(name, ("reports", i), list(registry.reporters), "report format")
+        value = check.choice_list(raw["reports"], ("reports",), list(registry.reporters), "report format",
+                                  "report formats")
         # report.json is the contract `check` and `report` read: always written.
         reports = ["json"] + [name for name in dict.fromkeys(value) if name != "json"]
 
@@ -377,14 +379,9 @@ def load_manifest(path: Path | str, registry: Registry) -> Manifest:
             search["max_time"] = check.duration(block["max_time"], ("search", "max_time"))
         for key in ("precisions", "techniques"):
             if key in block:
-                items = block[key]
-                if not isinstance(items, list) or not items:
-                    raise doc.error(("search", key), f"expected a non-empty list of names, got {_typename(items)}")
                 known = ({p for b in registry.backends.values() if hasattr(b, "precisions") for p in b.precisions()}
                          if key == "precisions" else {name for (_, name) in registry.techniques})
-                for i, item in enumerate(items):
-                    check.choice(item, ("search", key, i), sorted(known), key.rstrip("s"))
-                search[key] = list(items)
+                search[key] = check.choice_list(block[key], ("search", key), sorted(known), key.rstrip("s"), "names")
 
     return Manifest(path=path.resolve(), root=root, model=dict(model), calibration=calibration,
                     evaluation=evaluation, metric=metric_name, targets=targets, output=output, raw=raw,

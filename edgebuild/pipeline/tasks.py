@@ -10,12 +10,10 @@ from typing import Callable
 
 from doit.tools import config_changed
 
-from ..manifest import ENTRY_PATTERN
+from ..manifest import DATA_ROLES, ENTRY_PATTERN
 from ..plugins import code_fingerprint
 from . import qat, search, stages
 from .layout import Build
-
-DATA_ROLES = ("evaluation", "calibration", "train")
 
 
 def model_sources(build: Build) -> list[Path]:
