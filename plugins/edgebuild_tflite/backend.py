@@ -3,6 +3,7 @@
 Heavy toolchain imports happen inside methods, so registering the plugin costs nothing.
 """
 import collections
+import functools
 import importlib.metadata
 import re
 import statistics
@@ -233,9 +234,17 @@ OPT_IN_PRECISIONS = {"int4-block32"}
 
 def weighted_layers(bundle: Path) -> list[dict]:
     """Ops with a constant weight tensor: name, op, scope (what recipe regexes match), parameter count."""
+    stat = bundle.stat()
+    return [dict(layer) for layer in _weighted_layers(str(bundle), stat.st_mtime_ns, stat.st_size)]
+
+
+@functools.lru_cache(maxsize=4)
+def _weighted_layers(bundle: str, mtime_ns: int, size: int) -> tuple[dict, ...]:
+    # Cached by file identity: every candidate and search probe of a variant resolves its recipe
+    # against the same fp32 bundle, and reading an LLM's flatbuffer into Python objects is costly.
     from ai_edge_quantizer.utils import tfl_flatbuffer_utils as flatbuffer
 
-    model = flatbuffer.read_model(str(bundle))
+    model = flatbuffer.read_model(bundle)
     subgraph = model.subgraphs[0]
     names = _display_names(model, subgraph)
     layers = []
@@ -254,7 +263,7 @@ def weighted_layers(bundle: Path) -> list[dict]:
         seen[layer["name"]] = count + 1
         if count:
             layer["name"] = f"{layer['name']}#{count}"
-    return layers
+    return tuple(layers)
 
 
 def resolve_layer_rules(recipe: list[dict], fp32_bundle: Path) -> list[dict]:
