@@ -160,6 +160,18 @@ def test_model_the_converter_rejects_exits_3_naming_the_op(tmp_path):
     assert not (tmp_path / "dist" / "android").exists()
 
 
+def test_labels_that_do_not_fit_the_outputs_exit_2(built_copy):
+    data = dict(np.load(built_copy / "examples" / "digits" / "eval.npz"))
+    count = len(data["y"])
+    np.savez(built_copy / "examples" / "digits" / "eval.npz", x=data["x"], y=np.stack([data["y"], data["y"]], 1))
+    result = run_edgebuild("build", cwd=built_copy)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"examples/digits/eval.npz: array 'y' has shape ({count}, 2); the model's outputs ({count}, 10) take one "
+        "label per sample")
+    assert "Traceback" not in result.stderr
+
+
 def test_eval_data_that_does_not_fit_the_model_exits_2(built_copy):
     np.savez(built_copy / "examples" / "digits" / "eval.npz", x=np.zeros((10, 64), np.float32), y=np.zeros(10, int))
     result = run_edgebuild("build", cwd=built_copy)

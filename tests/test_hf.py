@@ -225,3 +225,25 @@ def test_text_too_short_for_one_window_is_one_line_naming_the_file(tmp_path):
     assert len(lines) == 1 and "one window of sequence_length 16 needs 17" in lines[0], result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "dist").exists()
+
+
+def test_text_the_tokenizer_cannot_serve_is_one_line_naming_the_file(tmp_path):
+    import json
+
+    tiny_model(tmp_path / "models" / "m", "llama")
+    write_manifest(tmp_path, {"path": "models/m", "sequence_length": 4}, {"evaluation": "eval.txt"})
+    (tmp_path / "eval.txt").write_bytes(b"caf\xe9 au lait\n")  # Latin-1, not UTF-8
+    result = run_edgebuild("build", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == "eval.txt: not UTF-8 text (byte 3)"
+
+    (tmp_path / "eval.txt").write_text("edgebuild turns a trained model into mobile bundles.\n", encoding="utf-8")
+    config = tmp_path / "models" / "m" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "vocab_size": 10}))
+    result = run_edgebuild("build", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    # (Loading the weights fails too, against the edited config: a separate line.)
+    lines = [line for line in result.stderr.splitlines() if line.startswith("eval.txt: ")]
+    assert len(lines) == 1 and lines[0].startswith("eval.txt: the tokenizer gives token id ") and lines[0].endswith(
+        ", beyond the model's vocab_size 10: tokenizer and model do not belong together"), result.stderr
+    assert "Traceback" not in result.stderr

@@ -110,3 +110,25 @@ def test_large_model_stages_run_in_their_own_processes_with_the_same_results(tmp
     assert failed.stderr.strip().splitlines()[-1].startswith(
         "stage convert, target android: litert-torch cannot convert op aten.erfinv.default")
     assert "Traceback" not in failed.stderr
+
+
+def test_a_stage_process_that_dies_is_an_error_naming_the_stage(tmp_path):
+    """An isolated stage whose process ends without a result (killed, out of memory) fails the
+    build with exit 3, naming the stage and its exit code."""
+    import yaml
+
+    from tests.conftest import run_edgebuild
+
+    (tmp_path / "net").mkdir()
+    (tmp_path / "net" / "model.py").write_text("import os\n\ndef build():\n    os._exit(7)\n")
+    np.savez(tmp_path / "net" / "eval.npz", x=np.zeros((2, 4), np.float32))
+    (tmp_path / "edgebuild.yaml").write_text(yaml.safe_dump({
+        "version": 1, "model": {"name": "dies", "source": "python", "entry": "net/model.py:build"},
+        "data": {"evaluation": "net/eval.npz"}, "metric": "agreement",
+        "targets": [{"name": "android", "format": "tflite", "devices": ["pixel-8"], "accuracy": {"floor": 0.5}}],
+    }, sort_keys=False))
+    result = run_edgebuild("build", cwd=tmp_path, env={"EDGEBUILD_ISOLATE_STAGES": "1"})
+    assert result.returncode == 3, result.stderr
+    assert ("stage export: unexpected error: the stage's process ended with exit code 7 and no result "
+            "[log: .edgebuild/logs/export.log]") in result.stderr.splitlines()
+    assert "Traceback" not in result.stderr
