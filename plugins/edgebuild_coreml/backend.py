@@ -446,7 +446,7 @@ def simulated_module(bundle: Path, exported_program: Path):
     module = torch.export.load(str(exported_program)).module()
     # Parameters only: buffers (e.g. rotary frequencies) are never compressed.
     parameters = {name.replace(".", "_"): (name, tensor) for name, tensor in module.named_parameters()}
-    copied, float32 = set(), False
+    copied, unfit, float32 = set(), set(), False
     with torch.no_grad():
         # One weight at a time, decompressed as Core ML materialises it at load time: an LLM's
         # decompressed weights never sit in memory all at once (bench/llm_scale.py).
@@ -459,9 +459,13 @@ def simulated_module(bundle: Path, exported_program: Path):
                 continue
             value = output.val if op.op_type == "const" else op.materialized_val_inference()
             _, tensor = parameters[key]
-            if isinstance(value, np.ndarray) and value.dtype.kind == "f" and tuple(value.shape) == tuple(tensor.shape):
+            if not (isinstance(value, np.ndarray) and value.dtype.kind == "f" and value.size > 1):
+                continue
+            if tuple(value.shape) == tuple(tensor.shape):
                 tensor.copy_(torch.from_numpy(np.ascontiguousarray(value)))  # copy_ widens float16 in place
                 copied.add(key)
+            else:
+                unfit.add(key)  # stored under its name but in another shape: not simulated exactly
             del value
         # Vectors (norm scales, biases) are never compressed here; Core ML may fold them into other
         # constants under other names. Stored at the bundle's float width, they are simulated exactly.
@@ -470,7 +474,7 @@ def simulated_module(bundle: Path, exported_program: Path):
         for key, (name, tensor) in parameters.items():
             if key in copied:
                 continue
-            if tensor.dim() <= 1:
+            if tensor.dim() <= 1 and key not in unfit:
                 tensor.copy_(tensor.to(width))
             else:
                 missing.append(name)
