@@ -1,5 +1,7 @@
 """Large models convert to .tflite in two child processes with lightweight constants; the bundle
 must keep the layer names and the numbers of an ordinary in-process conversion."""
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -47,6 +49,24 @@ def test_child_process_conversion_keeps_layer_names_and_outputs(tmp_path, monkey
         expected = module(torch.from_numpy(tokens.astype(np.int64))).numpy()
     np.testing.assert_allclose(run(children, tokens), expected, atol=1e-4)
     np.testing.assert_allclose(run(children, tokens), run(here, tokens), atol=1e-5)
+
+    # The children set the weights aside and write them back into the flatbuffer: the bytes are
+    # those of writing the lowered module with its weights inside.
+    with_weights, set_aside = tmp_path / "with-weights.mlirbc", tmp_path / "set-aside.mlirbc"
+    conversion.lower(program, with_weights, set_aside=False)
+    conversion.lower(program, set_aside)
+    index = json.loads((tmp_path / "set-aside.mlirbc.weights.json").read_text())
+    assert len(index) == len(names)  # every weight is over the 1024-element threshold
+    assert set_aside.stat().st_size < with_weights.stat().st_size - sum(entry["bytes"] for entry in index)
+    conversion.emit(with_weights, tmp_path / "a.tflite")
+    conversion.emit(set_aside, tmp_path / "b.tflite")
+    assert (tmp_path / "a.tflite").read_bytes() == (tmp_path / "b.tflite").read_bytes() == children.read_bytes()
+
+    # A placeholder the flatbuffer lacks is a conversion failure, not a bundle with a hole in it.
+    index.append({"number": len(index) + 1, "offset": 0, "bytes": 4096})
+    (tmp_path / "set-aside.mlirbc.weights.json").write_text(json.dumps(index))
+    with pytest.raises(conversion.ConversionFailed, match="1 weight placeholders are missing"):
+        conversion.emit(set_aside, tmp_path / "c.tflite")
 
 
 class Gaussianize(torch.nn.Module):

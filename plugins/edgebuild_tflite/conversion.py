@@ -12,8 +12,20 @@ Lightweight constants lose their names (litert-torch calls them `arith.constantN
 each the name a non-lightweight conversion would, from the module stack of the op that reads the
 parameter, so layer names in reports and recipes do not depend on the model's size.
 
+The large weights do not travel inside the bytecode either. `lower` replaces each with a splat
+placeholder of its own shape (filled with the weight's number, 1, 2, ...) and writes the weights to a
+side file; `emit` writes the flatbuffer with the placeholders, finds each placeholder's buffer by its
+number and overwrites it with the weight, a chunk at a time. The file is byte-identical to one
+written from the real weights (tests/test_tflite_conversion.py), but neither child holds a second
+copy of the weights: MLIR's bytecode writer hands Python each blob as one `bytes` (~100 MB for an
+LLM's embedding table), and the flatbuffer writer would keep every blob mapped while its buffer
+doubles.
+
 Run as `python -m edgebuild_tflite.conversion lower|emit SOURCE DESTINATION`.
 """
+import json
+import math
+import mmap
 import os
 import re
 import subprocess
@@ -24,6 +36,12 @@ from pathlib import Path
 CHILD_PROCESS_BYTES = 128 * 2**20
 # litert-torch 0.10's name for a lightweight constant's resource blob (pinned in pyproject.toml).
 _RESOURCE = re.compile(r'dense_resource<"TENSOR__ConstantFingerprint\(.*?data_ptr=(\d+), storage_offset=(\d+)\)">')
+
+
+# Placeholder k is filled with -(k + 0.25): a value no real weight tensor consists of, exact in
+# float32 for k < 2**21.
+_MAX_PLACEHOLDERS = 2**21
+_CHUNK = 16 * 2**20
 
 
 class ConversionFailed(Exception):
@@ -47,10 +65,8 @@ def _layer_names(program) -> dict[str, str]:
     return names
 
 
-def _name_constants(module_op, tensors: dict[tuple[int, int], str], layer_names: dict[str, str]) -> None:
-    """Give each lightweight constant the location (and so the tensor name) of its layer."""
-    from litert_converter.mlir import ir
-
+def _lightweight_constants(module_op, tensors: dict[tuple[int, int], str]):
+    """(op, parameter name) for each lightweight constant whose blob is a parameter's memory."""
     def walk(operation):
         for region in operation.regions:
             for block in region.blocks:
@@ -59,15 +75,101 @@ def _name_constants(module_op, tensors: dict[tuple[int, int], str], layer_names:
                     if inner.name == "arith.constant" and "value" in inner.attributes:
                         match = _RESOURCE.search(str(inner.attributes["value"]))
                         name = tensors.get((int(match.group(1)), int(match.group(2)))) if match else None
-                        if name in layer_names:
-                            with inner.context:
-                                inner.location = ir.Location.name(layer_names[name])
-                    walk(inner)
+                        if name is not None:
+                            yield inner, name
+                    yield from walk(inner)
 
-    walk(module_op)
+    yield from walk(module_op)
 
 
-def lower(exported_program: Path, bytecode: Path) -> None:
+def _name_constants(constants, layer_names: dict[str, str]) -> None:
+    """Give each lightweight constant the location (and so the tensor name) of its layer."""
+    from litert_converter.mlir import ir
+
+    for op, name in constants:
+        if name in layer_names:
+            with op.context:
+                op.location = ir.Location.name(layer_names[name])
+
+
+def _set_aside(constants, parameters: dict, weights: Path) -> None:
+    """Replace each lightweight float32 constant by a numbered placeholder (a splat) and write its
+    bytes to `weights`, with an index (`weights`.json) that `emit` puts them back by."""
+    import torch
+    from litert_converter.mlir import ir
+
+    index, numbers = [], {}  # one placeholder per parameter, however many constants read it
+    with open(weights, "wb") as stream:
+        for op, name in constants:
+            tensor = parameters[name]
+            attribute = op.attributes["value"]
+            shaped = ir.ShapedType(attribute.type)
+            if (tensor.dtype != torch.float32 or not tensor.is_contiguous() or not shaped.has_static_shape
+                    or tensor.numel() != math.prod(shaped.shape) or str(shaped.element_type) != "f32"
+                    or len(index) + 1 >= _MAX_PLACEHOLDERS):
+                continue
+            if name not in numbers:
+                numbers[name] = len(index) + 1
+                index.append({"number": numbers[name], "offset": stream.tell(), "bytes": tensor.numel() * 4})
+                stream.write(memoryview(tensor.detach().numpy()).cast("B"))  # the tensor's own memory, not a copy
+            with op.context, op.location:
+                op.attributes["value"] = ir.DenseElementsAttr.get_splat(
+                    attribute.type, ir.FloatAttr.get(ir.F32Type.get(), _placeholder_value(numbers[name])))
+    weights.with_name(weights.name + ".json").write_text(json.dumps(index), encoding="utf-8")
+
+
+def _placeholder_value(number: int) -> float:
+    return -(number + 0.25)
+
+
+def _placeholder_number(values) -> int | None:
+    """The number of the placeholder a buffer holds; None for any other buffer."""
+    number = -float(values[0]) - 0.25
+    if not (number.is_integer() and 1 <= number < _MAX_PLACEHOLDERS):
+        return None
+    return int(number) if (values == values[0]).all() else None
+
+
+def _put_back(flatbuffer: Path, weights: Path) -> None:
+    """Overwrite each placeholder's buffer in `flatbuffer` with the weight `_set_aside` wrote."""
+    import numpy as np
+    from litert_converter import schema_py_generated as schema
+
+    index = {entry["number"]: entry for entry in json.loads(weights.with_name(weights.name + ".json").read_text())}
+    if not index:
+        return
+    smallest = min(entry["bytes"] for entry in index.values())
+    found = {}
+    with open(flatbuffer, "rb") as stream, mmap.mmap(stream.fileno(), 0, access=mmap.ACCESS_READ) as view:
+        model = schema.Model.GetRootAs(view, 0)
+        for position in range(model.BuffersLength()):
+            buffer = model.Buffers(position)
+            size = buffer.DataLength()
+            if size < smallest or size % 4:
+                continue
+            start = buffer._tab.Vector(buffer._tab.Offset(4))  # the data vector's first byte in the file
+            number = _placeholder_number(np.frombuffer(view, dtype="<f4", count=size // 4, offset=start))
+            entry = index.get(number)
+            if entry is not None and entry["bytes"] == size:
+                found.setdefault(number, []).append(start)
+    missing = sorted(set(index) - set(found))
+    if missing:
+        raise ConversionFailed(f"{len(missing)} weight placeholders are missing from the flatbuffer (first: {missing[0]})")
+    with open(weights, "rb") as source, open(flatbuffer, "r+b") as target:
+        for number, starts in sorted(found.items()):
+            entry = index[number]
+            for start in starts:
+                source.seek(entry["offset"])
+                target.seek(start)
+                for done in range(0, entry["bytes"], _CHUNK):
+                    target.write(source.read(min(_CHUNK, entry["bytes"] - done)))
+
+
+def _weights_file(bytecode: Path) -> Path:
+    return bytecode.with_name(bytecode.name + ".weights")
+
+
+def lower(exported_program: Path, bytecode: Path, *, set_aside: bool = True) -> None:
     import torch
     import litert_torch
 
@@ -77,14 +179,17 @@ def lower(exported_program: Path, bytecode: Path) -> None:
     module = program.module()
     del program  # the module holds the weights; nothing else needs the archive's objects
     # Lightweight constants are named after the storage address and offset of their tensor.
+    parameters = dict([*module.named_parameters(), *module.named_buffers()])
     tensors = {(tensor.untyped_storage().data_ptr(), tensor.storage_offset()): name
-               for name, tensor in [*module.named_parameters(), *module.named_buffers()]}
+               for name, tensor in parameters.items()}
     try:
         converted = litert_torch.convert(module, tuple(args), lightweight_conversion=True)
     except Exception as exc:
         raise ConversionFailed(str(exc)) from exc
     module_op = converted._exporter._module_op  # litert-torch 0.10: the lowered module, not yet written
-    _name_constants(module_op, tensors, layer_names)
+    constants = list(_lightweight_constants(module_op, tensors))
+    _name_constants(constants, layer_names)
+    _set_aside(constants if set_aside else [], parameters, _weights_file(bytecode))
     with open(bytecode, "wb") as stream:
         module_op.write_bytecode(stream)
 
@@ -98,6 +203,8 @@ def emit(bytecode: Path, out: Path) -> None:
     with context:
         module = ir.Module.parseFile(str(bytecode))  # not via a Python bytes copy of the whole model
         converter_api_ext.export_flatbuffer_to_file(module.operation, str(out))
+    del module
+    _put_back(out, _weights_file(bytecode))
 
 
 def convert_here(exported_program: Path, out: Path) -> None:
@@ -130,7 +237,8 @@ def convert(exported_program: Path, out: Path, *, in_children: bool | None = Non
                 raise ConversionFailed(failure.split(": ", 1)[1] if failure and ": " in failure
                                        else "\n".join(lines[-20:]) or f"{step} exited {done.returncode}")
     finally:
-        bytecode.unlink(missing_ok=True)
+        for leftover in (bytecode, _weights_file(bytecode), _weights_file(bytecode).with_name(_weights_file(bytecode).name + ".json")):
+            leftover.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":
