@@ -5,21 +5,22 @@ exported program into a LiteRT MLIR module with *lightweight* constants (large w
 the torch tensors instead of being copied into MLIR; the converter folds constants at the end,
 in the LiteRT runtime) and writes it as MLIR bytecode; `emit` parses the bytecode and writes the
 flatbuffer. In a process each, the torch weights and the flatbuffer writer never share an address
-space: a 100M-parameter Llama converts at ~3x its fp32 weight bytes instead of 6x
-(bench/llm_scale.py), and the calling process keeps none of it.
+space, and the calling process keeps none of it.
 
 Lightweight constants lose their names (litert-torch calls them `arith.constantN`); `lower` gives
 each the name a non-lightweight conversion would, from the module stack of the op that reads the
 parameter, so layer names in reports and recipes do not depend on the model's size.
 
-The large weights do not travel inside the bytecode either. `lower` replaces each with a splat
-placeholder of its own shape (filled with the weight's number, 1, 2, ...) and writes the weights to a
-side file; `emit` writes the flatbuffer with the placeholders, finds each placeholder's buffer by its
-number and overwrites it with the weight, a chunk at a time. The file is byte-identical to one
-written from the real weights (tests/test_tflite_conversion.py), but neither child holds a second
-copy of the weights: MLIR's bytecode writer hands Python each blob as one `bytes` (~100 MB for an
-LLM's embedding table), and the flatbuffer writer would keep every blob mapped while its buffer
-doubles.
+The weights do not travel inside the bytecode either. `lower` replaces each lightweight constant
+by a splat placeholder of its shape (placeholder k is filled with -(k + 0.25)) and writes the
+weights to a side file straight from the torch tensors; `emit` writes the flatbuffer with the
+placeholders, finds each placeholder's buffer by its value, and overwrites it with the weight, a
+chunk at a time. The file is byte-identical to one written with the weights inside
+(tests/test_tflite_conversion.py), but neither child holds the weights twice: MLIR's bytecode
+writer hands Python each blob as one `bytes` (~100 MB for an LLM's embedding table), and the
+flatbuffer writer keeps every blob mapped while its buffer doubles. A 100M-parameter Llama
+converts at 2.82x its fp32 weight bytes (3.08x with the weights in the bytecode, 6.0x in one
+process; bench/llm_scale.py).
 
 Run as `python -m edgebuild_tflite.conversion lower|emit SOURCE DESTINATION`.
 """
@@ -36,8 +37,6 @@ from pathlib import Path
 CHILD_PROCESS_BYTES = 128 * 2**20
 # litert-torch 0.10's name for a lightweight constant's resource blob (pinned in pyproject.toml).
 _RESOURCE = re.compile(r'dense_resource<"TENSOR__ConstantFingerprint\(.*?data_ptr=(\d+), storage_offset=(\d+)\)">')
-
-
 # Placeholder k is filled with -(k + 0.25): a value no real weight tensor consists of, exact in
 # float32 for k < 2**21.
 _MAX_PLACEHOLDERS = 2**21
@@ -92,12 +91,18 @@ def _name_constants(constants, layer_names: dict[str, str]) -> None:
                 op.location = ir.Location.name(layer_names[name])
 
 
-def _set_aside(constants, parameters: dict, weights: Path) -> None:
+def _side_files(bytecode: Path) -> tuple[Path, Path]:
+    """Where `lower` sets the weights aside, and the index `emit` puts them back by."""
+    return bytecode.with_name(bytecode.name + ".weights"), bytecode.with_name(bytecode.name + ".weights.json")
+
+
+def _set_aside(constants, parameters: dict, bytecode: Path) -> None:
     """Replace each lightweight float32 constant by a numbered placeholder (a splat) and write its
-    bytes to `weights`, with an index (`weights`.json) that `emit` puts them back by."""
+    bytes to the side files."""
     import torch
     from litert_converter.mlir import ir
 
+    weights, index_file = _side_files(bytecode)
     index, numbers = [], {}  # one placeholder per parameter, however many constants read it
     with open(weights, "wb") as stream:
         for op, name in constants:
@@ -115,7 +120,7 @@ def _set_aside(constants, parameters: dict, weights: Path) -> None:
             with op.context, op.location:
                 op.attributes["value"] = ir.DenseElementsAttr.get_splat(
                     attribute.type, ir.FloatAttr.get(ir.F32Type.get(), _placeholder_value(numbers[name])))
-    weights.with_name(weights.name + ".json").write_text(json.dumps(index), encoding="utf-8")
+    index_file.write_text(json.dumps(index), encoding="utf-8")
 
 
 def _placeholder_value(number: int) -> float:
@@ -130,12 +135,13 @@ def _placeholder_number(values) -> int | None:
     return int(number) if (values == values[0]).all() else None
 
 
-def _put_back(flatbuffer: Path, weights: Path) -> None:
+def _put_back(flatbuffer: Path, bytecode: Path) -> None:
     """Overwrite each placeholder's buffer in `flatbuffer` with the weight `_set_aside` wrote."""
     import numpy as np
     from litert_converter import schema_py_generated as schema
 
-    index = {entry["number"]: entry for entry in json.loads(weights.with_name(weights.name + ".json").read_text())}
+    weights, index_file = _side_files(bytecode)
+    index = {entry["number"]: entry for entry in json.loads(index_file.read_text(encoding="utf-8"))}
     if not index:
         return
     smallest = min(entry["bytes"] for entry in index.values())
@@ -165,10 +171,6 @@ def _put_back(flatbuffer: Path, weights: Path) -> None:
                     target.write(source.read(min(_CHUNK, entry["bytes"] - done)))
 
 
-def _weights_file(bytecode: Path) -> Path:
-    return bytecode.with_name(bytecode.name + ".weights")
-
-
 def lower(exported_program: Path, bytecode: Path, *, set_aside: bool = True) -> None:
     import torch
     import litert_torch
@@ -189,7 +191,7 @@ def lower(exported_program: Path, bytecode: Path, *, set_aside: bool = True) -> 
     module_op = converted._exporter._module_op  # litert-torch 0.10: the lowered module, not yet written
     constants = list(_lightweight_constants(module_op, tensors))
     _name_constants(constants, layer_names)
-    _set_aside(constants if set_aside else [], parameters, _weights_file(bytecode))
+    _set_aside(constants if set_aside else [], parameters, bytecode)
     with open(bytecode, "wb") as stream:
         module_op.write_bytecode(stream)
 
@@ -204,7 +206,7 @@ def emit(bytecode: Path, out: Path) -> None:
         module = ir.Module.parseFile(str(bytecode))  # not via a Python bytes copy of the whole model
         converter_api_ext.export_flatbuffer_to_file(module.operation, str(out))
     del module
-    _put_back(out, _weights_file(bytecode))
+    _put_back(out, bytecode)
 
 
 def convert_here(exported_program: Path, out: Path) -> None:
@@ -237,7 +239,7 @@ def convert(exported_program: Path, out: Path, *, in_children: bool | None = Non
                 raise ConversionFailed(failure.split(": ", 1)[1] if failure and ": " in failure
                                        else "\n".join(lines[-20:]) or f"{step} exited {done.returncode}")
     finally:
-        for leftover in (bytecode, _weights_file(bytecode), _weights_file(bytecode).with_name(_weights_file(bytecode).name + ".json")):
+        for leftover in (bytecode, *_side_files(bytecode)):
             leftover.unlink(missing_ok=True)
 
 
