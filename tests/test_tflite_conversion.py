@@ -152,3 +152,48 @@ def test_a_stage_process_that_dies_is_an_error_naming_the_stage(tmp_path):
     assert ("stage export: unexpected error: the stage's process ended with exit code 7 and no result "
             "[log: .edgebuild/logs/export.log]") in result.stderr.splitlines()
     assert "Traceback" not in result.stderr
+
+
+def test_weights_go_back_into_inline_and_offset_buffers(tmp_path):
+    """Past 2 GB a .tflite keeps its buffers after the flatbuffer (offset/size) instead of inside
+    it; placeholders are found and filled in both layouts, and no other buffer is touched."""
+    import flatbuffers
+    from litert_converter import schema_py_generated as schema
+
+    from edgebuild_tflite import conversion
+
+    rng = np.random.default_rng(0)
+    weights = [rng.standard_normal(64).astype("<f4") for _ in range(2)]
+    other = rng.standard_normal(64).astype("<f4")
+    placeholders = [np.full(64, conversion._placeholder_value(number), "<f4") for number in (1, 2)]
+
+    def pack(tail_at: int) -> bytes:
+        model = schema.ModelT()
+        model.version = 3
+        inline, outside, untouched = schema.BufferT(), schema.BufferT(), schema.BufferT()
+        inline.data = placeholders[0].view(np.uint8)
+        outside.offset, outside.size = tail_at, placeholders[1].nbytes
+        untouched.offset, untouched.size = tail_at + placeholders[1].nbytes, other.nbytes
+        model.buffers = [schema.BufferT(), inline, outside, untouched]
+        builder = flatbuffers.Builder(0)
+        builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+        return bytes(builder.Output())
+
+    head = pack(2**40)
+    tail_at = -(-len(head) // 16) * 16
+    head = pack(tail_at)
+    assert len(head) <= tail_at
+    bundle = tmp_path / "model.tflite"
+    bundle.write_bytes(head.ljust(tail_at, b"\0") + placeholders[1].tobytes() + other.tobytes())
+    bytecode = tmp_path / "model.mlirbc"
+    side, index = conversion._side_files(bytecode)
+    side.write_bytes(b"".join(weight.tobytes() for weight in weights))
+    index.write_text(json.dumps([{"number": number, "offset": 256 * (number - 1), "bytes": 256} for number in (1, 2)]))
+
+    conversion._put_back(bundle, bytecode)
+    data = bundle.read_bytes()
+    model = schema.Model.GetRootAs(data, 0)
+    assert model.Buffers(1).DataAsNumpy().view("<f4").tolist() == weights[0].tolist()
+    assert data[tail_at:tail_at + 256] == weights[1].tobytes()
+    assert data[tail_at + 256:] == other.tobytes()
+    assert len(data) == tail_at + 512

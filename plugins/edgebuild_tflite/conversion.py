@@ -150,10 +150,12 @@ def _put_back(flatbuffer: Path, bytecode: Path) -> None:
         model = schema.Model.GetRootAs(view, 0)
         for position in range(model.BuffersLength()):
             buffer = model.Buffers(position)
-            size = buffer.DataLength()
+            if buffer.Offset() > 1:  # past 2 GB the data follow the flatbuffer, at offset/size
+                start, size = buffer.Offset(), buffer.Size()
+            else:
+                start, size = buffer._tab.Vector(buffer._tab.Offset(4)), buffer.DataLength()
             if size < smallest or size % 4:
                 continue
-            start = buffer._tab.Vector(buffer._tab.Offset(4))  # the data vector's first byte in the file
             number = _placeholder_number(np.frombuffer(view, dtype="<f4", count=size // 4, offset=start))
             entry = index.get(number)
             if entry is not None and entry["bytes"] == size:
