@@ -11,8 +11,6 @@ import shutil
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from ..api import CompressInput, NotApplicable
 from ..fsutil import atomic_output, atomic_write_json, bundle_bytes, bundle_sha256, read_json, remove_path, replace_path
 from ..manifest import Target
@@ -25,12 +23,6 @@ SENSITIVITY_FORMAT = 4       # bump when the table's meaning changes, so old cac
 
 def _digest(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def _sqnr_db(outputs: np.ndarray, reference: np.ndarray) -> float:
-    noise = float(np.sum((outputs.astype(np.float64) - reference) ** 2))
-    signal = float(np.sum(reference.astype(np.float64) ** 2))
-    return 200.0 if noise == 0 else float(min(200.0, 10 * math.log10(max(signal, 1e-30) / noise)))
 
 
 def search_runs(build: Build, target: Target) -> bool:
@@ -95,6 +87,7 @@ def sensitivity_table(build: Build, target: Target, layers: list[dict], precisio
 
     variant = build.variant(target)
     backend = build.registry.backends[variant.backend]
+    sqnr = build.registry.metrics["sqnr"]  # the proxy is the sqnr metric every build registers
     role = "calibration" if build.manifest.calibration else "evaluation"
     fp32_sha = read_json(build.fp32_record(variant.key))["sha256"]
     key = _digest(fp32_sha, bundle_sha256(build.data(role)), list(precisions), layers, backend.version(), SENSITIVITY_SAMPLES,
@@ -136,7 +129,7 @@ def sensitivity_table(build: Build, target: Target, layers: list[dict], precisio
             # What this layer really costs at this precision, scales and zero points included.
             stored_bytes[layer["name"]][precision] = bundle_bytes(bundle) - fp32_size + layer["params"] * reference_width
             outputs = backend.predict(bundle, inputs, threads=1, exported_program=build.exported_program).outputs
-            table[layer["name"]][precision] = round(_sqnr_db(outputs, reference), 3)
+            table[layer["name"]][precision] = round(sqnr.compute(outputs, reference, None), 3)
     remove_path(work)
     result = {"db": table, "bytes": stored_bytes, "refused": refused}
     atomic_write_json(cache, {"key": key, "table": result})
