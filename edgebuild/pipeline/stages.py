@@ -316,6 +316,7 @@ def select(build: Build, target: Target) -> None:
     threshold = target_threshold(build, target)
     backend = build.registry.backends[target.format]
     variant_key = build.variant(target).key
+    baseline = read_json(build.baseline)
     # In technique order; the search's pick and the trained candidate last.
     entries = [entry for _, entry in post_training_entries(build, variant_key)]
     search = read_json(build.search_record(target)) if search_runs(build, target) else None
@@ -353,7 +354,7 @@ def select(build: Build, target: Target) -> None:
         "budget": {"size": target.size, "download": target.download, "latency_ms": target.latency_ms},
         "store": store_limit(build, target),
         "accuracy": {"max_drop": target.max_drop, "floor": target.floor, "threshold": threshold},
-        "baseline": {"metric": read_json(build.baseline)["value"], "metrics": read_json(build.baseline)["metrics"]},
+        "baseline": {"metric": baseline["value"], "metrics": baseline["metrics"]},
         "chosen": None if chosen is None else {
             "technique": chosen["technique"], "path": manifest.relative(bundle_path), "bytes": chosen["bytes"],
             "download_bytes": chosen["download_bytes"], "metric": chosen["metric"], "metrics": chosen["metrics"],
