@@ -48,6 +48,23 @@ def example_project(root: Path, example: str, manifest: dict) -> Path:
     return root
 
 
+def python_project(root: Path, name: str, model_source: str, *, samples=None, metric: str = "agreement",
+                   floor: float = 0.5) -> Path:
+    """A project whose model is `net/model.py:build` (inputs of 4 floats) and one Android target;
+    evaluated on `samples` (two zero rows unless given). Returns the folder."""
+    import numpy as np
+
+    (root / "net").mkdir(parents=True, exist_ok=True)
+    (root / "net" / "model.py").write_text(model_source)
+    np.savez(root / "net" / "eval.npz", x=np.zeros((2, 4), np.float32) if samples is None else samples)
+    (root / "edgebuild.yaml").write_text(yaml.safe_dump({
+        "version": 1, "model": {"name": name, "source": "python", "entry": "net/model.py:build"},
+        "data": {"evaluation": "net/eval.npz"}, "metric": metric,
+        "targets": [{"name": "android", "format": "tflite", "devices": ["pixel-8"], "accuracy": {"floor": floor}}],
+    }, sort_keys=False))
+    return root
+
+
 def run_edgebuild(*args, cwd: Path, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run the installed CLI as a user would, in its own process."""
     return subprocess.run([sys.executable, "-m", "edgebuild", *map(str, args)], cwd=cwd, capture_output=True,

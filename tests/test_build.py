@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.conftest import make_project, read_report, record_figure, run_edgebuild
+from tests.conftest import make_project, python_project, read_report, record_figure, run_edgebuild
 
 pytestmark = pytest.mark.slow
 
@@ -144,14 +144,8 @@ def build():
 
 
 def test_model_the_converter_rejects_exits_3_naming_the_op(tmp_path):
-    (tmp_path / "net").mkdir()
-    (tmp_path / "net" / "model.py").write_text(REJECTED_MODEL)
-    np.savez(tmp_path / "net" / "eval.npz", x=np.random.default_rng(0).uniform(-1, 1, (8, 4)).astype(np.float32))
-    (tmp_path / "edgebuild.yaml").write_text(yaml.safe_dump({
-        "version": 1, "model": {"name": "gauss", "source": "python", "entry": "net/model.py:build"},
-        "data": {"evaluation": "net/eval.npz"}, "metric": "sqnr",
-        "targets": [{"name": "android", "format": "tflite", "devices": ["pixel-8"], "accuracy": {"floor": 30}}],
-    }, sort_keys=False))
+    python_project(tmp_path, "gauss", REJECTED_MODEL, metric="sqnr", floor=30,
+                   samples=np.random.default_rng(0).uniform(-1, 1, (8, 4)).astype(np.float32))
     result = run_edgebuild("build", cwd=tmp_path)
     assert result.returncode == 3
     last = result.stderr.strip().splitlines()[-1]

@@ -97,7 +97,7 @@ def test_large_model_stages_run_in_their_own_processes_with_the_same_results(tmp
 
     import yaml
 
-    from tests.conftest import read_report, run_edgebuild
+    from tests.conftest import python_project, read_report, run_edgebuild
     from tests.test_build import REJECTED_MODEL
 
     tiny_model(tmp_path / "a" / "models" / "llama", "llama")
@@ -116,15 +116,7 @@ def test_large_model_stages_run_in_their_own_processes_with_the_same_results(tmp
     assert first["chosen"]["sha256"] == second["chosen"]["sha256"]
     assert first["chosen"]["metrics"] == second["chosen"]["metrics"]
 
-    rejected = tmp_path / "c"
-    (rejected / "net").mkdir(parents=True)
-    (rejected / "net" / "model.py").write_text(REJECTED_MODEL)
-    np.savez(rejected / "net" / "eval.npz", x=np.zeros((2, 4), np.float32))
-    (rejected / "edgebuild.yaml").write_text(yaml.safe_dump({
-        "version": 1, "model": {"name": "gauss", "source": "python", "entry": "net/model.py:build"},
-        "data": {"evaluation": "net/eval.npz"}, "metric": "agreement",
-        "targets": [{"name": "android", "format": "tflite", "devices": ["pixel-8"], "accuracy": {"floor": 0.5}}],
-    }, sort_keys=False))
+    rejected = python_project(tmp_path / "c", "gauss", REJECTED_MODEL)
     failed = run_edgebuild("build", cwd=rejected, env={"EDGEBUILD_ISOLATE_STAGES": "1"})
     assert failed.returncode == 3
     assert failed.stderr.strip().splitlines()[-1].startswith(
@@ -135,19 +127,10 @@ def test_large_model_stages_run_in_their_own_processes_with_the_same_results(tmp
 def test_a_stage_process_that_dies_is_an_error_naming_the_stage(tmp_path):
     """An isolated stage whose process ends without a result (killed, out of memory) fails the
     build with exit 3, naming the stage and its exit code."""
-    import yaml
+    from tests.conftest import python_project, run_edgebuild
 
-    from tests.conftest import run_edgebuild
-
-    (tmp_path / "net").mkdir()
-    (tmp_path / "net" / "model.py").write_text("import os\n\ndef build():\n    os._exit(7)\n")
-    np.savez(tmp_path / "net" / "eval.npz", x=np.zeros((2, 4), np.float32))
-    (tmp_path / "edgebuild.yaml").write_text(yaml.safe_dump({
-        "version": 1, "model": {"name": "dies", "source": "python", "entry": "net/model.py:build"},
-        "data": {"evaluation": "net/eval.npz"}, "metric": "agreement",
-        "targets": [{"name": "android", "format": "tflite", "devices": ["pixel-8"], "accuracy": {"floor": 0.5}}],
-    }, sort_keys=False))
-    result = run_edgebuild("build", cwd=tmp_path, env={"EDGEBUILD_ISOLATE_STAGES": "1"})
+    project = python_project(tmp_path, "dies", "import os\n\ndef build():\n    os._exit(7)\n")
+    result = run_edgebuild("build", cwd=project, env={"EDGEBUILD_ISOLATE_STAGES": "1"})
     assert result.returncode == 3, result.stderr
     assert ("stage export: unexpected error: the stage's process ended with exit code 7 and no result "
             "[log: .edgebuild/logs/export.log]") in result.stderr.splitlines()
