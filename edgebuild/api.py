@@ -1,9 +1,20 @@
-"""The objects plugins register. Small, declarative, and free of heavy imports."""
+"""The contract plugins see: what they register, what a backend may declare it can do, and the
+records stages exchange. Small, declarative, and free of heavy imports.
+
+Core code asks a backend what it can do through these protocols
+(`isinstance(backend, MixedPrecisionBackend)`), never by probing attributes one by one;
+`edgebuild.testing.check_backend` tells a plugin author whether a backend conforms.
+"""
+import importlib.metadata
+import math
+import time
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
-from typing import Any, Callable, Mapping, Protocol, Sequence
+from typing import Any, Callable, Mapping, Protocol, Sequence, runtime_checkable
 
 import numpy as np
+import yaml
 
 
 @dataclass(frozen=True)
@@ -64,8 +75,12 @@ class Prediction:
     latency_ms: float | None
     runtime: str
     details: dict = field(default_factory=dict)
+    # Why latency_ms is None, in words a release manager reads ("Core ML runs models on macOS only"):
+    # a latency budget that cannot be measured is reported unverified with this reason, never passed.
+    latency_note: str | None = None
 
 
+@runtime_checkable
 class Backend(Protocol):
     """Converts an exported PyTorch program into one bundle format and runs bundles of that format.
 
@@ -92,9 +107,10 @@ class Backend(Protocol):
     def compress(self, technique: Technique, source: CompressInput, out: Path) -> None:
         """Write the candidate bundle for `technique`."""
 
-    def predict(self, bundle: Path, inputs: Sequence[np.ndarray], *, threads: int,
+    def predict(self, bundle: Path, inputs: Sequence[np.ndarray], *, threads: int, batch: int = 1,
                 exported_program: Path | None = None) -> Prediction:
-        """Run the bundle on every sample; measure host latency (None where it means nothing)."""
+        """Run the bundle on every sample (`batch`: the exported batch size); measure host latency
+        (None, with `latency_note` saying why, where it means nothing)."""
 
     def describe(self, bundle: Path) -> dict:
         """Input/output names, shapes, dtypes and quantization parameters of a bundle."""
@@ -117,6 +133,38 @@ class PackageInput:
     backend: Backend
 
 
+@runtime_checkable
+class MixedPrecisionBackend(Backend, Protocol):
+    """A backend that can store each layer at its own precision: the mixed-precision search runs for it."""
+
+    # Bytes per weight in the conversion every candidate starts from (Core ML's is float16: 2).
+    reference_bytes_per_weight: int
+
+    def layers(self, fp32_bundle: Path, options: dict) -> list[dict]:
+        """Layers with a weight: name, op, scope (what a rule matches), params, in_features."""
+
+    def precisions(self, options: dict | None = None) -> dict[str, float]:
+        """Per-layer precision name -> bits per weight, highest first (options: the variant's)."""
+
+    def default_precisions(self, options: dict | None = None) -> list[str]:
+        """The precisions the search tries unless `search.precisions` names others."""
+
+    def mixed_technique(self, assignment: dict[str, str], layers: list[dict], name: str) -> Technique:
+        """One technique (recipe data) that stores each assigned layer at its precision."""
+
+
+@runtime_checkable
+class QATBackend(Backend, Protocol):
+    """A backend that can simulate some of its compressions in training (quantization-aware training)."""
+
+    def qat_plan(self, technique: Technique) -> dict | None:
+        """What training must simulate for this technique; None when it cannot be simulated."""
+
+    def train_quantized(self, technique: Technique, plan: dict, module, example: tuple, train: Callable,
+                        out: Path, work: Path, options: dict) -> None:
+        """Prepare `module`, call `train(module, layers[, after_step])`, write the trained bundle to `out`."""
+
+
 class BackendBase:
     """Defaults for the optional parts of the Backend protocol."""
 
@@ -128,6 +176,134 @@ class BackendBase:
 
     def weights(self, bundle: Path) -> list[dict]:
         return []
+
+
+class Status(str, Enum):
+    """How a candidate, a constraint or a target stands. A string, so records stay plain JSON."""
+
+    PASS = "pass"
+    FAIL = "fail"
+    UNVERIFIED = "unverified"   # this host cannot measure a constraint: never counted as a pass
+    SKIPPED = "skipped"
+    ERROR = "error"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass
+class SearchContext:
+    """What a search strategy works with. Strategies call `evaluate`; everything else is read-only."""
+
+    layers: list[dict]
+    precisions: dict[str, float]           # name -> bits, highest first
+    sensitivity: dict[str, dict[str, float | None]]  # layer -> precision -> SQNR (dB) with only it lowered
+    layer_bytes: dict[str, dict[str, int | None]]    # layer -> precision -> bytes it takes; None: not offered
+    base_bytes: int                        # bytes that no assignment changes
+    max_evaluations: int
+    max_time: float
+    higher_is_better: bool = True          # the gating metric's direction, for tie-breaks
+    evaluate_fn: Callable[[dict], dict] | None = None
+    started: float = field(default_factory=time.monotonic)
+    evaluated: list[dict] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def options(self, layer: dict) -> list[str]:
+        """Precisions this layer can really be stored at, highest first, each smaller than the last
+        (for a tiny layer, int8 with per-channel scales can outweigh float16: then int8 is no option)."""
+        choices, smallest = [], None
+        for precision in self.precisions:
+            cost = self.layer_bytes[layer["name"]][precision]
+            if cost is not None and (smallest is None or cost < smallest):
+                choices.append(precision)
+                smallest = cost
+        return choices
+
+    def estimate_bytes(self, assignment: dict[str, str]) -> int:
+        return self.base_bytes + sum(self.layer_bytes[name][precision] for name, precision in assignment.items())
+
+    def proxy_db(self, assignment: dict[str, str]) -> float:
+        """Combined output SQNR, treating each layer's quantization noise as independent and additive."""
+        noise = sum(10 ** (-self.sensitivity[name][precision] / 10) for name, precision in assignment.items())
+        return 200.0 if noise == 0 else min(200.0, -10 * math.log10(noise))
+
+    def budget_left(self) -> bool:
+        return len(self.evaluated) < self.max_evaluations and time.monotonic() - self.started < self.max_time
+
+    def better(self, point: dict) -> tuple:
+        """A sort key: fewer bytes first, then the better metric in its own direction."""
+        return point["bytes"], -point["metric"] if self.higher_is_better else point["metric"]
+
+    def evaluate(self, assignment: dict[str, str]) -> dict:
+        """Build and run one assignment for real; returns its judged evaluation (cached by content)."""
+        for previous in self.evaluated:
+            if previous["assignment"] == assignment:
+                return previous
+        result = self.evaluate_fn(assignment)
+        entry = {"assignment": dict(assignment), "estimated_bytes": self.estimate_bytes(assignment),
+                 "proxy_db": round(self.proxy_db(assignment), 3), **result}
+        self.evaluated.append(entry)
+        return entry
+
+
+@dataclass(frozen=True)
+class SearchStrategy:
+    """A mixed-precision search strategy for `search.strategy: name`.
+
+    `search(context)` returns the per-layer assignment to ship, or None. A strategy whose `search`
+    is None declares that it never searches: no sensitivity table, no search stage.
+    """
+
+    name: str
+    search: Callable[[SearchContext], dict[str, str] | None] | None
+    description: str = ""
+
+    @property
+    def searches(self) -> bool:
+        return self.search is not None
+
+
+def protocol_members(protocol: type) -> set[str]:
+    """The attributes and methods a protocol declares, its base protocols' included."""
+    names = set()
+    for cls in protocol.__mro__:
+        if cls in (object, Protocol) or cls.__module__ == "typing":
+            continue
+        names.update(getattr(cls, "__annotations__", {}))
+        names.update(name for name, value in vars(cls).items() if callable(value) and not name.startswith("_"))
+    return names
+
+
+def missing_members(value, protocol: type) -> list[str]:
+    """What `value` lacks to satisfy `protocol` (empty: it conforms, as isinstance checks it)."""
+    return sorted(name for name in protocol_members(protocol) if not hasattr(value, name))
+
+
+def package_version(distribution: str) -> str:
+    """An installed distribution's version ("missing" if it is not installed): part of cache keys."""
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return "missing"
+
+
+TECHNIQUE_FIELDS = ("description", "needs_calibration", "compare_with", "knob")
+
+
+def techniques_from_yaml(path: Path, backend: str) -> list[Technique]:
+    """A backend's techniques kept as data: name -> {description, recipe or other recipe fields, ...}.
+
+    A `recipe:` entry is the recipe; without one, every field that is not a Technique field is.
+    """
+    entries = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    techniques = []
+    for name, spec in entries.items():
+        recipe = spec.get("recipe") if "recipe" in spec else {
+            key: value for key, value in spec.items() if key not in TECHNIQUE_FIELDS}
+        techniques.append(Technique(name=name, backend=backend, description=spec["description"], recipe=recipe,
+                                    needs_calibration=bool(spec.get("needs_calibration")),
+                                    compare_with=spec.get("compare_with", ""), knob=spec.get("knob", "")))
+    return techniques
 
 
 Loader = Callable[[Mapping[str, Any], Path], tuple]

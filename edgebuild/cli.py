@@ -10,7 +10,7 @@ from rich.console import Console
 
 from . import __version__
 from .errors import EXIT_BUDGET, EXIT_INPUT, EXIT_OK, EXIT_TOOLCHAIN, EdgebuildError, InputError
-from .reasons import candidate_reason
+from .reasons import candidate_reason, check_text
 from .units import format_size
 
 DEFAULT_MANIFEST = "edgebuild.yaml"
@@ -96,7 +96,9 @@ def cmd_plugins(args, console: Console) -> int:
     registry = default_registry()
     rows = []
     for plugin in registry.plugins:
-        provides = sorted(f"{kind} {name}" for (kind, name), origin in registry.origin.items() if origin == plugin["name"])
+        provides = sorted(f"{kind} {name}" + (f" (replaces {registry.replaced[(kind, name)]}'s)"
+                                              if (kind, name) in registry.replaced else "")
+                          for (kind, name), origin in registry.origin.items() if origin == plugin["name"])
         rows.append({**plugin, "provides": provides})
     if args.json:
         print(json.dumps(rows, indent=2))
@@ -141,6 +143,9 @@ def cmd_build(args, console: Console) -> int:
                           f"→ {chosen['path']}", highlight=False)
         else:
             console.print(f"[red]✘[/red] {target['name']}: no candidate meets every budget and the floor", highlight=False)
+            for check in target["constraints"]:
+                if check["status"] == "unverified":
+                    console.print(f"    {check_text(check)}", highlight=False)
             for candidate in target["candidates"]:
                 console.print(f"    {candidate['technique']}: {candidate_reason(candidate, exact=True)}", highlight=False)
     for target_name, candidate in candidate_errors:
@@ -213,10 +218,9 @@ def _report_formats(names: list[str], registry) -> list[str]:
 def cmd_check(args, console: Console) -> int:
     from .gates import check_bundles
     from .pipeline.layout import Build
-    from .pipeline.tasks import input_files
 
     manifest, registry = _load(args.file, args.target)
-    result = check_bundles(manifest, input_files(Build(manifest, registry)), registry)
+    result = check_bundles(Build(manifest, registry))
     for line in result.ok:
         console.print(f"[green]✔[/green] {line}", highlight=False)
     for line in result.problems:
@@ -227,7 +231,7 @@ def cmd_check(args, console: Console) -> int:
 def cmd_report(args, console: Console) -> int:
     from .gates import compare_reports, growth_violations, load_report, parse_percent
     from .pipeline.layout import Build
-    from .pipeline.stages import write_reports
+    from .pipeline.stages.deliver import write_reports
 
     limit = parse_percent(args.fail_on_growth) if args.fail_on_growth is not None else None
     manifest, registry = _load(args.file)
@@ -260,13 +264,12 @@ def _delta_text(delta: dict) -> str:
 def cmd_inputs(args, console: Console) -> int:
     """Files a build reads and where its bundles land: what a build tool needs for up-to-date checks."""
     from .pipeline.layout import Build
-    from .pipeline.tasks import input_files
 
     manifest, registry = _load(args.file, args.target, args.platform)
     build = Build(manifest, registry)
     print(json.dumps({
         "manifest": str(manifest.path),
-        "inputs": [str(p) for p in input_files(build)],
+        "inputs": [str(p) for p in build.input_files()],
         "output": str(manifest.output),
         "targets": [{"name": t.name, "format": t.format, "platform": registry.backends[t.format].platform,
                      "directory": str(build.target_output(t)),

@@ -65,3 +65,9 @@ class ToolchainError(EdgebuildError):
     def to_record(self) -> dict:
         """The failure as report.json stores it."""
         return {"stage": self.stage, "technique": self.technique, "op": self.op, "message": self.reason}
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception as one short line: its type and the first line of its message."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0][:300]}" if lines else type(exc).__name__

@@ -101,15 +101,50 @@ def atomic_output(path: Path) -> Path:
     return path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
 
 
+class _CountingSink(io.RawIOBase):
+    """A seekable file that keeps no bytes, only how long it would be: zipfile seeks back to finish
+    each local header, exactly as it does in a real file, so the count is the zip's true size."""
+
+    def __init__(self):
+        super().__init__()
+        self.position = self.size = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        length = len(memoryview(data))
+        self.position += length
+        self.size = max(self.size, self.position)
+        return length
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        self.position = {io.SEEK_SET: 0, io.SEEK_CUR: self.position, io.SEEK_END: self.size}[whence] + offset
+        return self.position
+
+    def tell(self) -> int:
+        return self.position
+
+
 def download_bytes(paths: list[Path], root: Path) -> int:
-    """Bytes of a deflate zip of the files, as an app store measures a compressed download."""
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=9) as archive:
+    """Bytes of a deflate zip of the files, as an app store measures a compressed download.
+
+    The zip is streamed through a counter, a megabyte at a time: an LLM's bundle is never held in
+    memory, neither whole nor compressed.
+    """
+    sink = _CountingSink()
+    with zipfile.ZipFile(sink, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=9) as archive:
         for path in sorted(paths):
             info = zipfile.ZipInfo(Path(path).relative_to(root).as_posix(), date_time=_ZIP_EPOCH)
             info.compress_type = zipfile.ZIP_DEFLATED
-            archive.writestr(info, Path(path).read_bytes(), compresslevel=9)
-    return len(buffer.getvalue())
+            info.file_size = Path(path).stat().st_size  # as writestr sets it: same headers, same bytes
+            info._compresslevel = 9  # what writestr(..., compresslevel=9) sets; open() reads it
+            with open(path, "rb") as source, archive.open(info, "w") as entry:
+                shutil.copyfileobj(source, entry, 1 << 20)
+    return sink.size
 
 
 def replace_dir(staged: Path, destination: Path, trash: Path) -> None:
@@ -132,3 +167,15 @@ def remove_dir(destination: Path, trash: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
         os.replace(destination, old)
         shutil.rmtree(old, ignore_errors=True)
+
+
+def record_matches(record_path: Path, output: Path) -> bool:
+    """A cached output counts only if its stage succeeded and its bytes still hash to the record.
+
+    Used as a doit `uptodate` check: a failed, deleted or corrupted output is rebuilt, not trusted.
+    """
+    try:
+        record = read_json(record_path)
+    except (OSError, ValueError):
+        return False
+    return record.get("status", "ok") == "ok" and Path(output).exists() and bundle_sha256(output) == record.get("sha256")

@@ -6,6 +6,8 @@ from pathlib import Path
 from .errors import InputError
 from .fsutil import bundle_bytes, bundle_download_bytes, read_json, sha256_file
 from .manifest import Manifest
+from .policy import judge, problems, target_limits
+from .reasons import candidate_reason
 from .units import format_size
 
 
@@ -24,56 +26,66 @@ def _read_json_file(path: Path, label: str, what: str) -> dict:
         raise InputError(f"{what} is not valid JSON ({exc})", file=label) from None
 
 
-def check_bundles(manifest: Manifest, input_files: list[Path], registry) -> CheckResult:
-    """Verify the built bundles against edgebuild.lock and the manifest's current budgets."""
+def _intact(manifest: Manifest, entry: dict | None, target_name: str, problems: list[str]) -> bool:
+    """Whether every file the lock records for a target is there with its recorded hash."""
+    if entry is None or not entry["files"]:
+        problems.append(f"target {target_name}: no bundle in edgebuild.lock")
+        return False
+    intact = True
+    for name, digest in sorted(entry["files"].items()):
+        path = manifest.root / name
+        if not path.is_file():
+            problems.append(f"{name}: missing")
+            intact = False
+        elif (actual := sha256_file(path)) != digest:
+            problems.append(f"{name}: sha256 mismatch (lock {digest[:12]}…, file {actual[:12]}…)")
+            intact = False
+    return intact
+
+
+def _measured(bundle: Path, reported: dict) -> dict:
+    """What `check` judges: bytes measured now, metric and latency as the build measured them."""
+    chosen = reported["chosen"]
+    candidate = next((c for c in reported["candidates"] if c["technique"] == chosen["technique"]), {})
+    return {"bytes": bundle_bytes(bundle), "download_bytes": bundle_download_bytes(bundle),
+            "metric": chosen["metric"], "latency_ms": chosen["latency_ms"],
+            "latency_note": candidate.get("latency_note")}
+
+
+def check_bundles(build) -> CheckResult:
+    """Verify the built bundles against edgebuild.lock and the manifest's current constraints, judged by
+    the same policy as selection (size, download, store, latency, accuracy)."""
+    manifest, registry = build.manifest, build.registry
     result = CheckResult()
     lock = _read_json_file(manifest.lock_file, manifest.relative(manifest.lock_file), "edgebuild.lock")
     report_path = manifest.output / "report.json"
     report = _read_json_file(report_path, manifest.relative(report_path), "report.json")
     locked_inputs = lock.get("inputs", {})
-    for path in input_files:
+    for path in build.input_files():
         name = manifest.relative(path)
         if name not in locked_inputs:
             result.problems.append(f"{name}: not in edgebuild.lock; the bundles were built from other inputs")
         elif sha256_file(path) != locked_inputs[name]:
             result.problems.append(f"{name}: changed since the bundles were built (sha256 differs from edgebuild.lock)")
     reported = {t["name"]: t for t in report.get("targets", [])}
+    metric = registry.metrics[manifest.metric]
     for target in manifest.targets:
         entry = lock.get("targets", {}).get(target.name)
-        if entry is None or not entry["files"]:
-            result.problems.append(f"target {target.name}: no bundle in edgebuild.lock")
-            continue
-        intact = True
-        for name, digest in sorted(entry["files"].items()):
-            path = manifest.root / name
-            if not path.is_file():
-                result.problems.append(f"{name}: missing")
-                intact = False
-            elif (actual := sha256_file(path)) != digest:
-                result.problems.append(f"{name}: sha256 mismatch (lock {digest[:12]}…, file {actual[:12]}…)")
-                intact = False
-        if not intact:
+        if not _intact(manifest, entry, target.name, result.problems):
             continue
         bundle = manifest.root / entry["bundle"]
-        size, download = bundle_bytes(bundle), bundle_download_bytes(bundle)
-        failures = []
-        if target.size is not None and size > target.size:
-            failures.append(f"size {format_size(size)} > budget {format_size(target.size)}")
-        if target.download is not None and download > target.download:
-            failures.append(f"download {format_size(download)} > budget {format_size(target.download)}")
-        chosen = (reported.get(target.name) or {}).get("chosen")
-        if chosen is None:
-            failures.append("report.json has no chosen candidate")
-        else:
-            metric = registry.metrics[manifest.metric]
-            threshold = target.threshold(reported[target.name]["baseline"]["metric"], metric.higher_is_better)
-            if not metric.meets(chosen["metric"], threshold):
-                failures.append(f"{manifest.metric} {chosen['metric']:.4f} misses the floor {threshold:.4f}")
-        if failures:
-            result.problems.append(f"target {target.name}: " + "; ".join(failures))
+        summary = reported.get(target.name) or {}
+        if summary.get("chosen") is None:
+            result.problems.append(f"target {target.name}: report.json has no chosen candidate")
+            continue
+        limits = target_limits(target, metric, summary["baseline"]["metric"], build.backend(target).platform)
+        failed = problems(judge(limits, _measured(bundle, summary)))
+        if failed:
+            result.problems.append(f"target {target.name}: no longer meets its constraints: "
+                                   + candidate_reason({"status": "fail", "failed": failed}, exact=True))
         else:
             result.ok.append(f"target {target.name}: {bundle.relative_to(manifest.root).as_posix()} "
-                             f"{format_size(size)} matches edgebuild.lock and its budgets")
+                             f"{format_size(bundle_bytes(bundle))} matches edgebuild.lock and its budgets")
     return result
 
 

@@ -1,4 +1,7 @@
-"""The hooks plugins implement. Each receives a `register` callable and calls it once per item."""
+"""The hooks plugins implement. Each receives a `register` callable and calls it once per item.
+
+A name another plugin registered already is refused unless `register(..., replace=True)`.
+"""
 import pluggy
 
 hookspec = pluggy.HookspecMarker("edgebuild")
@@ -37,4 +40,4 @@ def register_reporters(register):
 
 @hookspec
 def register_search_strategies(register):
-    """Register mixed-precision search strategies: register(name, strategy) for `search.strategy`."""
+    """Register mixed-precision search strategies: register(SearchStrategy(...)) for `search.strategy`."""

@@ -10,6 +10,7 @@ import yaml
 
 from . import devices as device_catalog
 from . import hf
+from .api import MixedPrecisionBackend, QATBackend
 from .errors import InputError
 from .plugins import Registry
 from .units import parse_size
@@ -276,19 +277,36 @@ class _Validator:
 def load_manifest(path: Path | str, registry: Registry) -> Manifest:
     """Parse and validate a manifest; raise InputError with file:line:col on the first problem."""
     path = Path(path)
-    label = str(path)
-    raw, doc = read_yaml(path, label)
+    raw, doc = read_yaml(path, str(path))
     root = path.resolve().parent
     check = _Validator(doc, root, registry)
     check.mapping(raw, (), TOP_KEYS)
-
     version = raw["version"]
     if isinstance(version, bool) or version != SUPPORTED_VERSION:
         raise doc.error(("version",), f"unsupported version {version!r}; this edgebuild reads version {SUPPORTED_VERSION}")
+    model = _model(check, doc, raw["model"])
+    data = _data(check, doc, raw["data"], model)
+    metric_name = check.choice(raw.get("metric", "top1"), ("metric",), list(registry.metrics), "metric")
+    report_metrics = []
+    if "report_metrics" in raw:
+        report_metrics = list(dict.fromkeys(check.choice_list(raw["report_metrics"], ("report_metrics",),
+                                                              list(registry.metrics), "metric", "metric names")))
+    targets_raw = raw["targets"]
+    if not isinstance(targets_raw, list) or not targets_raw:
+        raise doc.error(("targets",), f"expected a non-empty list of targets, got {_typename(targets_raw)}")
+    seen: set[str] = set()
+    targets = [_target(check, doc, entry, ("targets", i), registry.metrics[metric_name], seen, data)
+               for i, entry in enumerate(targets_raw)]
+    return Manifest(path=path.resolve(), root=root, model=dict(model), calibration=data.get("calibration"),
+                    evaluation=data["evaluation"], metric=metric_name, targets=targets,
+                    output=_output(check, doc, raw, model, data), raw=raw, reports=_reports(check, raw),
+                    search=_search(check, doc, raw), train=data.get("train"), report_metrics=report_metrics)
 
-    model = check.mapping(raw["model"], ("model",), MODEL_KEYS)
+
+def _model(check: "_Validator", doc: "_Document", value: Any) -> dict:
+    model = check.mapping(value, ("model",), MODEL_KEYS)
     check.name(model["name"], ("model", "name"))
-    source = check.choice(model["source"], ("model", "source"), list(registry.loaders), "model source")
+    source = check.choice(model["source"], ("model", "source"), list(check.registry.loaders), "model source")
     for key in ("description", "version"):
         if key in model:
             check.string(model[key], ("model", key))
@@ -303,89 +321,85 @@ def load_manifest(path: Path | str, registry: Registry) -> Manifest:
     elif "entry" in model:
         raise doc.error(("model", "entry"), f"'entry' is for source 'python'; source {source!r} takes 'path'", at_key=True)
     if source == "hf":
-        if "path" not in model:
-            raise doc.error(("model", "path"), "required key is missing: source 'hf' takes path: FOLDER")
-        folder = check.project_path(model["path"], ("model", "path"), must_exist=False)
-        for required in ("config.json",):
-            if not (folder / required).is_file():
-                raise doc.error(("model", "path"), f"{required} not found in {model['path']!r} (a local Hugging Face "
-                                                   "folder is needed; nothing is downloaded)")
-        if "sequence_length" in model:
-            value = model["sequence_length"]
-            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 131072:
-                raise doc.error(("model", "sequence_length"), f"expected a whole number from 1 to 131072, got {value!r}")
-        if "task" in model:
-            check.choice(model["task"], ("model", "task"),
-                         list(hf.TASKS), "task")
+        _hf_model(check, doc, model)
     elif source != "python":
         if "path" not in model:
             raise doc.error(("model", "path"), f"required key is missing: source {source!r} takes path: FILE")
         check.project_path(model["path"], ("model", "path"), must_exist=True)
+    return model
 
-    data = check.mapping(raw["data"], ("data",), DATA_KEYS)
-    evaluation = check.project_path(data["evaluation"], ("data", "evaluation"), must_exist=True)
-    calibration = None
-    if "calibration" in data:
-        calibration = check.project_path(data["calibration"], ("data", "calibration"), must_exist=True)
-    train = check.project_path(data["train"], ("data", "train"), must_exist=True) if "train" in data else None
+
+def _hf_model(check: "_Validator", doc: "_Document", model: dict) -> None:
+    if "path" not in model:
+        raise doc.error(("model", "path"), "required key is missing: source 'hf' takes path: FOLDER")
+    folder = check.project_path(model["path"], ("model", "path"), must_exist=False)
+    if not (folder / "config.json").is_file():
+        raise doc.error(("model", "path"), f"config.json not found in {model['path']!r} (a local Hugging Face "
+                                           "folder is needed; nothing is downloaded)")
+    if "sequence_length" in model:
+        value = model["sequence_length"]
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 131072:
+            raise doc.error(("model", "sequence_length"), f"expected a whole number from 1 to 131072, got {value!r}")
+    if "task" in model:
+        check.choice(model["task"], ("model", "task"), list(hf.TASKS), "task")
+
+
+def _data(check: "_Validator", doc: "_Document", value: Any, model: dict) -> dict[str, Path]:
+    """Each data role the manifest gives -> its resolved file."""
+    data = check.mapping(value, ("data",), DATA_KEYS)
+    files = {role: check.project_path(data[role], ("data", role), must_exist=True)
+             for role in DATA_ROLES if role in data}
     for role in DATA_ROLES:
         if role in data and Path(data[role]).suffix == TEXT_SUFFIX:
-            _check_text_data(doc, model, root, ("data", role), data[role])
+            _check_text_data(doc, model, check.root, ("data", role), data[role])
+    return files
 
-    metric_name = check.choice(raw.get("metric", "top1"), ("metric",), list(registry.metrics), "metric")
-    metric = registry.metrics[metric_name]
-    report_metrics = []
-    if "report_metrics" in raw:
-        report_metrics = list(dict.fromkeys(check.choice_list(raw["report_metrics"], ("report_metrics",),
-                                                              list(registry.metrics), "metric", "metric names")))
 
-    targets_raw = raw["targets"]
-    if not isinstance(targets_raw, list) or not targets_raw:
-        raise doc.error(("targets",), f"expected a non-empty list of targets, got {_typename(targets_raw)}")
-    targets: list[Target] = []
-    seen: set[str] = set()
-    for i, entry in enumerate(targets_raw):
-        targets.append(_target(check, doc, entry, ("targets", i), metric, seen))
-
+def _output(check: "_Validator", doc: "_Document", raw: dict, model: dict, data: dict[str, Path]) -> Path:
+    root = check.root
     output_value = raw.get("output", "dist")
     output = check.project_path(output_value, ("output",), must_exist=False)
     if output == root or output == root / STATE_DIR or (root / STATE_DIR) in output.parents:
         raise doc.error(("output",), f"output {output_value!r} must be a folder of its own inside the project")
-    protected = {root / p for p in ([model.get("path")] if "path" in model else [])} | {evaluation}
-    if calibration:
-        protected.add(calibration)
+    protected = {root / p for p in ([model.get("path")] if "path" in model else [])}
+    protected.update(data[role] for role in ("evaluation", "calibration") if role in data)
     if any(output == p or output in p.parents for p in protected):
         raise doc.error(("output",), f"output {output_value!r} would hold the manifest's own inputs")
+    return output
 
-    reports = list(DEFAULT_REPORTS)
-    if "reports" in raw:
-        value = check.choice_list(raw["reports"], ("reports",), list(registry.reporters), "report format",
-                                  "report formats")
-        # report.json is the contract `check` and `report` read: always written.
-        reports = ["json"] + [name for name in dict.fromkeys(value) if name != "json"]
 
+def _reports(check: "_Validator", raw: dict) -> list[str]:
+    if "reports" not in raw:
+        return list(DEFAULT_REPORTS)
+    value = check.choice_list(raw["reports"], ("reports",), list(check.registry.reporters), "report format",
+                              "report formats")
+    # report.json is the contract `check` and `report` read: always written.
+    return ["json"] + [name for name in dict.fromkeys(value) if name != "json"]
+
+
+def _search(check: "_Validator", doc: "_Document", raw: dict) -> dict:
     search = dict(SEARCH_DEFAULTS)
-    if "search" in raw:
-        block = check.mapping(raw["search"], ("search",), SEARCH_KEYS)
-        if "strategy" in block:
-            search["strategy"] = check.choice(block["strategy"], ("search", "strategy"), list(registry.strategies),
-                                              "search strategy")
-        if "max_evaluations" in block:
-            value = block["max_evaluations"]
-            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 100_000:
-                raise doc.error(("search", "max_evaluations"), f"expected a whole number from 1 to 100000, got {value!r}")
-            search["max_evaluations"] = value
-        if "max_time" in block:
-            search["max_time"] = check.duration(block["max_time"], ("search", "max_time"))
-        for key in ("precisions", "techniques"):
-            if key in block:
-                known = ({p for b in registry.backends.values() if hasattr(b, "precisions") for p in b.precisions()}
-                         if key == "precisions" else {name for (_, name) in registry.techniques})
-                search[key] = check.choice_list(block[key], ("search", key), sorted(known), key.rstrip("s"), "names")
-
-    return Manifest(path=path.resolve(), root=root, model=dict(model), calibration=calibration,
-                    evaluation=evaluation, metric=metric_name, targets=targets, output=output, raw=raw,
-                    reports=reports, search=search, train=train, report_metrics=report_metrics)
+    if "search" not in raw:
+        return search
+    registry = check.registry
+    block = check.mapping(raw["search"], ("search",), SEARCH_KEYS)
+    if "strategy" in block:
+        search["strategy"] = check.choice(block["strategy"], ("search", "strategy"), list(registry.strategies),
+                                          "search strategy")
+    if "max_evaluations" in block:
+        value = block["max_evaluations"]
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 100_000:
+            raise doc.error(("search", "max_evaluations"), f"expected a whole number from 1 to 100000, got {value!r}")
+        search["max_evaluations"] = value
+    if "max_time" in block:
+        search["max_time"] = check.duration(block["max_time"], ("search", "max_time"))
+    known = {"precisions": {p for b in registry.backends.values() if isinstance(b, MixedPrecisionBackend)
+                            for p in b.precisions()},
+             "techniques": {name for (_, name) in registry.techniques}}
+    for key in ("precisions", "techniques"):
+        if key in block:
+            search[key] = check.choice_list(block[key], ("search", key), sorted(known[key]), key.rstrip("s"), "names")
+    return search
 
 
 def _check_text_data(doc: _Document, model: dict, root: Path, path: tuple, value: str) -> None:
@@ -406,7 +420,8 @@ def _check_text_data(doc: _Document, model: dict, root: Path, path: tuple, value
                               f"to tokenize {value!r}")
 
 
-def _target(check: _Validator, doc: _Document, entry: Any, path: tuple, metric, seen: set[str]) -> Target:
+def _target(check: _Validator, doc: _Document, entry: Any, path: tuple, metric, seen: set[str],
+            data: dict[str, Path]) -> Target:
     check.mapping(entry, path, TARGET_KEYS)
     name = check.name(entry["name"], path + ("name",))
     if name in seen:
@@ -489,13 +504,14 @@ def _target(check: _Validator, doc: _Document, entry: Any, path: tuple, metric, 
         min_ios = value
     qat = None
     if "qat" in entry:
-        qat = _qat_settings(check, doc, entry["qat"], path + ("qat",), fmt)
+        qat = _qat_settings(check, doc, entry["qat"], path + ("qat",), fmt, data)
     return Target(name=name, format=fmt, devices=list(devices), size=size, download=download,
                   max_drop=max_drop, floor=floor, raw=entry, delivery=delivery, android=android, min_ios=min_ios,
                   latency_ms=latency_ms, qat=qat)
 
 
-def _qat_settings(check: _Validator, doc: _Document, value: Any, path: tuple, fmt: str) -> dict | None:
+def _qat_settings(check: _Validator, doc: _Document, value: Any, path: tuple, fmt: str,
+                  data: dict[str, Path]) -> dict | None:
     """`qat: off | auto | always`, or a mapping with `mode` and training settings."""
     if isinstance(value, bool) and value is False:  # YAML reads a bare `off` as false
         return None
@@ -505,8 +521,12 @@ def _qat_settings(check: _Validator, doc: _Document, value: Any, path: tuple, fm
                         ["off", "auto", "always"], "qat mode")
     if mode == "off":
         return None
-    if not hasattr(check.registry.backends[fmt], "train_quantized"):
+    if not isinstance(check.registry.backends[fmt], QATBackend):
         raise doc.error(path, f"format {fmt!r} has no quantization-aware training path", at_key=True)
+    if "train" not in data and "calibration" not in data:
+        # Training on the evaluation set and then judging on it would report a floor it does not hold.
+        raise doc.error(path, "quantization-aware training needs data.train or data.calibration to train on; "
+                              "data.evaluation only judges the result", at_key=True)
     settings["mode"] = mode
     if "trainable" in block:
         trainable = check.string(block["trainable"], path + ("trainable",))

@@ -7,7 +7,8 @@ from pathlib import Path
 import pluggy
 
 from . import hookspecs
-from .api import Backend, Metric, Technique
+from .api import Backend, Metric, SearchStrategy, Technique, missing_members
+from .errors import InputError
 
 ENTRY_POINT_GROUP = "edgebuild"
 
@@ -31,40 +32,73 @@ class Registry:
     metrics: dict[str, Metric] = field(default_factory=dict)
     packagers: dict = field(default_factory=dict)
     reporters: dict = field(default_factory=dict)
-    strategies: dict = field(default_factory=dict)
+    strategies: dict[str, SearchStrategy] = field(default_factory=dict)
     origin: dict[tuple[str, str], str] = field(default_factory=dict)  # (kind, name) -> plugin name
+    replaced: dict[tuple[str, str], str] = field(default_factory=dict)  # (kind, name) -> the plugin replaced
     plugins: list[dict] = field(default_factory=list)
 
     def techniques_for(self, backend: str) -> list[Technique]:
         return [t for (b, _), t in self.techniques.items() if b == backend]
 
 
+class PluginError(InputError):
+    """A plugin registered something edgebuild cannot use; names the plugin and the item."""
+
+
+def _checked(kind: str, value, expected: type):
+    if not isinstance(value, expected):
+        missing = missing_members(value, expected) if expected is Backend else []
+        detail = f" (missing: {', '.join(missing)})" if missing else ""
+        raise TypeError(f"a {kind} must be an edgebuild.api.{expected.__name__}, got {type(value).__name__}{detail}")
+    return value
+
+
+# hook -> (kind, the registry field it fills, register's arguments -> (key, item))
+HOOKS = {
+    "register_loaders": ("loader", "loaders", lambda name, load: (name, load)),
+    "register_backends": ("backend", "backends", lambda b: (_checked("backend", b, Backend).name, b)),
+    "register_techniques": ("technique", "techniques",
+                            lambda t: ((_checked("technique", t, Technique).backend, t.name), t)),
+    "register_metrics": ("metric", "metrics", lambda m: (_checked("metric", m, Metric).name, m)),
+    "register_packagers": ("packager", "packagers", lambda fmt, p: (fmt, p)),
+    "register_reporters": ("reporter", "reporters", lambda name, r: (name, r)),
+    "register_search_strategies": ("strategy", "strategies",
+                                   lambda s: (_checked("search strategy", s, SearchStrategy).name, s)),
+}
+
+
 def collect(pm: pluggy.PluginManager) -> Registry:
-    """Call every register_* hook, one plugin at a time, so each item knows its origin."""
+    """Call every register_* hook, one plugin at a time, so each item knows its origin.
+
+    A name registered twice is refused unless the later plugin says `register(..., replace=True)`:
+    a plugin never silently replaces a built-in. `edgebuild plugins` lists what was replaced.
+    """
     registry = Registry()
 
-    def keyed(kind, store, key_of):
-        def register_for(plugin_name):
-            def register(*args):
-                key, value = key_of(*args)
-                store[key] = value
-                registry.origin[(kind, key if isinstance(key, str) else "/".join(key))] = plugin_name
-            return register
-        return register_for
+    def register_for(hook_name: str, plugin_name: str):
+        kind, store_name, key_of = HOOKS[hook_name]
+        store = getattr(registry, store_name)
 
-    hooks = {
-        "register_loaders": keyed("loader", registry.loaders, lambda name, load: (name, load)),
-        "register_backends": keyed("backend", registry.backends, lambda b: (b.name, b)),
-        "register_techniques": keyed("technique", registry.techniques, lambda t: ((t.backend, t.name), t)),
-        "register_metrics": keyed("metric", registry.metrics, lambda m: (m.name, m)),
-        "register_packagers": keyed("packager", registry.packagers, lambda fmt, p: (fmt, p)),
-        "register_reporters": keyed("reporter", registry.reporters, lambda name, r: (name, r)),
-        "register_search_strategies": keyed("strategy", registry.strategies, lambda name, s: (name, s)),
-    }
-    for hook_name, register_for in hooks.items():
-        # get_hookimpls() is in registration order: a later plugin overrides an earlier one's names.
+        def register(*args, replace: bool = False):
+            try:
+                key, value = key_of(*args)
+            except TypeError as exc:
+                raise PluginError(f"{hook_name}: {exc}", file=f"plugin {plugin_name!r}") from None
+            label = key if isinstance(key, str) else "/".join(key)
+            previous = registry.origin.get((kind, label))
+            if previous is not None and not replace:
+                raise PluginError(f"registers {kind} {label!r}, which plugin {previous!r} already registered; "
+                                  f"pass replace=True to register() to replace it", file=f"plugin {plugin_name!r}")
+            if previous is not None:
+                registry.replaced[(kind, label)] = previous
+            store[key] = value
+            registry.origin[(kind, label)] = plugin_name
+        return register
+
+    for hook_name in HOOKS:
+        # get_hookimpls() is in registration order: built-ins (entry points) before later plugins.
         for impl in getattr(pm.hook, hook_name).get_hookimpls():
-            impl.function(register=register_for(impl.plugin_name))
+            impl.function(register=register_for(hook_name, impl.plugin_name))
 
     distribution_of = {id(plugin): dist for plugin, dist in pm.list_plugin_distinfo()}
     for name, plugin in pm.list_name_plugin():
@@ -102,10 +136,9 @@ def code_fingerprint(registry: Registry, *items: tuple[str, str]) -> str:
     Part of a stage's cache key: a new release (or a local edit) of the code that produces a
     stage's output reruns that stage, and adding an unrelated plugin reruns nothing.
     """
-    import edgebuild
     import edgebuild_templates
 
-    roots = {Path(edgebuild.__file__).parent, Path(edgebuild_templates.__file__).parent}
+    roots = {Path(__file__).parent, Path(edgebuild_templates.__file__).parent}
     files = {plugin["name"]: plugin["file"] for plugin in registry.plugins}
     for item in items:
         plugin = registry.origin.get(item)

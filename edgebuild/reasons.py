@@ -1,7 +1,6 @@
 """Why a candidate was not chosen, in one line: shared by the CLI and the reports."""
+from .policy import BYTE_CONSTRAINTS
 from .units import format_size
-
-BYTE_CONSTRAINTS = ("size", "download", "store")
 
 
 def candidate_reason(candidate: dict, exact: bool = False) -> str:
@@ -14,6 +13,10 @@ def candidate_reason(candidate: dict, exact: bool = False) -> str:
     parts = []
     for failure in candidate.get("failed", []):
         constraint, actual, limit = failure["constraint"], failure["actual"], failure["limit"]
+        if failure.get("status") == "unverified":  # this host cannot measure it: never a pass
+            shown = f"{limit:.3f} ms" if constraint == "latency" else f"{limit}"
+            parts.append(f"{constraint} unverified (limit {shown}): {failure['reason']}")
+            continue
         # The comparison reads off the numbers, so it is right for lower-is-better metrics (kl) too.
         sign = ">" if actual > limit else "<"
         if constraint in BYTE_CONSTRAINTS:
@@ -24,3 +27,28 @@ def candidate_reason(candidate: dict, exact: bool = False) -> str:
             shown = (f"{actual:.4f}", f"{'floor ' if exact else ''}{limit:.4f}")
         parts.append(f"{constraint} {shown[0]} {sign} {shown[1]}")
     return "; ".join(parts) or ("passes" if exact else "")
+
+
+STATUS_MARK = {"pass": "✅ pass", "fail": "❌ fail", "unverified": "⚠️ unverified"}
+
+
+def check_text(check: dict) -> str:
+    """One judged constraint for a report row: 'size 23.4 KB ≤ 60.0 KB', 'latency unverified: ...'."""
+    constraint, actual, limit = check["constraint"], check["actual"], check["limit"]
+    if check.get("status") == "unverified":
+        return f"{constraint} unverified: {check.get('reason', '')}"
+    if actual is None:
+        return f"{constraint}: {check.get('reason') or 'not measured'}"
+    if constraint in BYTE_CONSTRAINTS:
+        shown = format_size(actual), format_size(limit)
+    elif constraint == "latency":
+        shown = f"{actual:.3f} ms", f"{limit:.3f} ms"
+    else:
+        shown = f"{actual:.4f}", f"{limit:.4f}"
+    met = check.get("status") == "pass"
+    if constraint == "accuracy":
+        sign = ("≥" if actual >= limit else "≤") if met else ("<" if actual < limit else ">")
+    else:
+        sign = "≤" if met else ">"
+    by = f" ({check['candidate']})" if check.get("candidate") else ""
+    return f"{constraint} {shown[0]} {sign} {shown[1]}{by}"

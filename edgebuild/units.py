@@ -1,4 +1,5 @@
 """Byte sizes as manifests write them: a number and a unit (1 KB = 1000 B, 1 KiB = 1024 B)."""
+import math
 import re
 
 UNITS = {"B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3}
@@ -16,7 +17,10 @@ def parse_size(text) -> int:
     number, unit = match.groups()
     if unit not in UNITS:
         raise ValueError(f"unknown unit {unit!r}; use one of {', '.join(UNITS)}")
-    size = round(float(number) * UNITS[unit])
+    value = float(number) * UNITS[unit]
+    if not math.isfinite(value) or value > MAX_BYTES:  # 400 digits read as a float are infinite
+        raise ValueError(f"size {text!r} is larger than 1TB")
+    size = round(value)
     if size <= 0:
         raise ValueError(f"size must be greater than zero, got {text!r}")
     if size > MAX_BYTES:

@@ -7,7 +7,7 @@ import pytest
 from edgebuild import hookspecs
 from edgebuild.api import Metric, Technique
 from edgebuild.hookspecs import hookimpl
-from edgebuild.plugins import collect, make_plugin_manager
+from edgebuild.plugins import PluginError, collect, make_plugin_manager
 from tests.conftest import read_report, run_edgebuild
 
 BUILT_INS = {"loaders", "metrics", "tflite", "reports"}
@@ -40,17 +40,56 @@ class ThirdParty:
 
     @hookimpl
     def register_techniques(self, register):
-        register(Technique("fp32", "tflite", "a replacement fp32"))
+        register(Technique("fp32", "tflite", "a replacement fp32"), replace=True)
 
 
-def test_later_plugins_add_and_override():
+def test_later_plugins_add_and_override_only_when_they_say_so():
     pm = make_plugin_manager()
     pm.register(ThirdParty(), name="third-party")
     registry = collect(pm)
     assert registry.metrics["always-half"].compute(None, None, None) == 0.5
     assert registry.techniques[("tflite", "fp32")].description == "a replacement fp32"
     assert registry.origin[("technique", "tflite/fp32")] == "third-party"
+    assert registry.replaced == {("technique", "tflite/fp32"): "tflite"}
     assert registry.origin[("technique", "tflite/fp16")] == "tflite"
+
+
+class Shadowing:
+    @hookimpl
+    def register_metrics(self, register):
+        register(Metric("top1", "not the built-in top1", lambda outputs, reference, labels: 1.0))
+
+
+def test_a_plugin_never_silently_replaces_a_built_in_name():
+    pm = make_plugin_manager()
+    pm.register(Shadowing(), name="shadowing")
+    with pytest.raises(PluginError) as raised:
+        collect(pm)
+    message = str(raised.value)
+    assert message.startswith("plugin 'shadowing': registers metric 'top1', which plugin 'metrics' already "
+                              "registered; pass replace=True")
+    assert raised.value.exit_code == 2
+
+
+class NotABackend:
+    name, platform = "half", "android"
+
+    def version(self):
+        return "1"
+
+
+class RegistersHalfABackend:
+    @hookimpl
+    def register_backends(self, register):
+        register(NotABackend())
+
+
+def test_a_backend_missing_protocol_methods_is_refused_naming_them():
+    pm = make_plugin_manager()
+    pm.register(RegistersHalfABackend(), name="half")
+    with pytest.raises(PluginError, match=r"must be an edgebuild.api.Backend, got NotABackend \(missing: compress, "
+                                          r"convert, describe, extension, predict, skip_reason, variant, weights\)"):
+        collect(pm)
 
 
 def test_unknown_hook_is_rejected():

@@ -16,7 +16,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from ..errors import EdgebuildError, InputError, ToolchainError
+from ..errors import EdgebuildError, InputError, ToolchainError, first_line
 from ..fsutil import atomic_write_json, read_json
 
 ISOLATE_BYTES = 128 * 2**20  # model files this large (weights, a Hugging Face folder) or larger
@@ -76,8 +76,8 @@ def run(manifest: Path, task_name: str, state: Path) -> None:
 def main(manifest: str, task_name: str, result: str) -> int:
     from ..manifest import load_manifest
     from ..plugins import default_registry
+    from .graph import build_tasks
     from .layout import Build
-    from .tasks import build_tasks
 
     try:
         registry = default_registry()
@@ -90,10 +90,7 @@ def main(manifest: str, task_name: str, result: str) -> int:
         outcome = {"ok": False, "error": error_record(exc)}
     except Exception as exc:  # the runner logs it as an unexpected error; the traceback goes to the log here
         traceback.print_exc()
-        lines = str(exc).strip().splitlines()
-        outcome = {"ok": False, "error": {"kind": "unexpected",
-                                          "message": f"{type(exc).__name__}: {lines[0][:300]}" if lines
-                                          else type(exc).__name__}}
+        outcome = {"ok": False, "error": {"kind": "unexpected", "message": first_line(exc)}}
     atomic_write_json(Path(result), outcome)
     return 0
 

@@ -1,10 +1,12 @@
-"""Where each stage keeps its state under `.edgebuild/`; one place, so tasks and stages agree."""
+"""Where each stage keeps its state under `.edgebuild/`, and what a build is made of (variants,
+techniques, searches, input files): one place, so the task graph and the stages agree."""
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
-from ..manifest import TEXT_SUFFIX, Manifest, Target
-from ..plugins import Registry
+from ..api import MixedPrecisionBackend, QATBackend, Technique
+from ..manifest import ENTRY_PATTERN, TEXT_SUFFIX, Manifest, Target
+from ..plugins import Registry, code_fingerprint
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,70 @@ class Build:
 
     def backends_in_use(self) -> list[str]:
         return sorted({t.format for t in self.manifest.targets})
+
+    def backend(self, target: Target):
+        return self.registry.backends[target.format]
+
+    def code(self, *items: tuple[str, str]) -> str:
+        """Fingerprint of edgebuild's code and of the plugins that registered `items`: part of
+        every cache key, so a new release or a local plugin edit reruns what that code produces."""
+        return code_fingerprint(self.registry, *items)
+
+    def runnable_techniques(self, variant_key: str) -> list[tuple[Technique, str | None]]:
+        """Every technique of the variant's backend, with the reason it is skipped (None: it runs)."""
+        variant = self.variants[variant_key]
+        backend = self.registry.backends[variant.backend]
+        allowed = self.manifest.search.get("techniques")
+        result = []
+        for technique in self.registry.techniques_for(variant.backend):
+            reason = backend.skip_reason(technique, variant.options)
+            if reason is None and allowed is not None and technique.name not in allowed:
+                reason = "not in search.techniques"
+            if reason is None and technique.needs_calibration and self.manifest.calibration is None:
+                reason = "needs data.calibration, which the manifest does not give"
+            result.append((technique, reason))
+        return result
+
+    def searches(self, target: Target) -> bool:
+        """Whether this build searches mixed precision for the target: the strategy declares that
+        it searches and the backend declares per-layer precisions."""
+        strategy = self.registry.strategies[self.manifest.search["strategy"]]
+        return strategy.searches and isinstance(self.backend(target), MixedPrecisionBackend)
+
+    def trains(self, target: Target) -> bool:
+        """Whether the target asks for quantization-aware training (validation checked the backend can)."""
+        return target.qat is not None and isinstance(self.backend(target), QATBackend)
+
+    # files a build reads
+    def model_sources(self) -> list[Path]:
+        """Files whose change must re-export the model.
+
+        A python entry may read anything beside it (weights, configs, sibling modules), so its whole
+        folder counts; unchanged re-exports produce identical bytes and stop the rebuild there.
+        """
+        manifest = self.manifest
+        if manifest.model["source"] != "python":
+            path = (manifest.root / manifest.model["path"]).resolve()
+            # A Hugging Face model is a folder: every file in it (weights, config, tokenizer) counts.
+            return sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        entry = (manifest.root / ENTRY_PATTERN.match(manifest.model["entry"])["file"]).resolve()
+        skip = {manifest.state_dir, manifest.output, manifest.lock_file}
+        files = []
+        for path in sorted(entry.parent.rglob("*")):
+            if not path.is_file() or any(s == path or s in path.parents for s in skip):
+                continue
+            relative = path.relative_to(entry.parent).parts
+            if any(part.startswith(".") or part == "__pycache__" for part in relative):
+                continue
+            files.append(path)
+        return files
+
+    def input_files(self) -> list[Path]:
+        """Every file a build reads: the manifest, the model's files, the data."""
+        manifest = self.manifest
+        files = {manifest.path, manifest.evaluation, *self.model_sources()}
+        files.update(p for p in (manifest.calibration, manifest.train) if p)
+        return sorted(files)
 
     # data: each role's file as stages read it
     def data_source(self, role: str) -> Path | None:
@@ -108,6 +174,13 @@ class Build:
 
     def qat_record(self, target: Target) -> Path:
         return self.state / "targets" / target.name / "qat.json"
+
+    def sensitivity_cache(self, variant: str) -> Path:
+        return self.state / variant / "sensitivity.json"
+
+    def search_cache(self, variant: str) -> Path:
+        """Full evaluations of mixed assignments, shared by every target of the variant."""
+        return self.state / variant / "search"
 
     def qat_bundle(self, target: Target) -> Path:
         return self.state / "targets" / target.name / f"qat{self._extension(self.variant(target).key)}"

@@ -17,12 +17,12 @@ from doit.exceptions import UnmetDependency
 from rich.console import Console
 
 from .. import progress
-from ..errors import EdgebuildError, InputError, ToolchainError
+from ..errors import EdgebuildError, InputError, ToolchainError, first_line
 from ..fsutil import remove_path
-from .layout import Build
-from .stages import target_summary
 from . import isolated
-from .tasks import build_tasks, model_sources
+from .graph import build_tasks
+from .layout import Build
+from .stages.deliver import target_summary
 
 HEAVY_STAGES = ("export", "reference", "convert", "compress", "evaluate", "search", "qat")
 
@@ -180,7 +180,7 @@ def run_pipeline(build: Build, *, console: Console, wait: bool = True, only: lis
     """Run every stage that is not up to date; `only` names tasks (e.g. 'convert:tflite') to run
     just those and whatever they need (bench/llm_scale.py measures stages one per process)."""
     result = RunResult()
-    model_bytes = sum(path.stat().st_size for path in model_sources(build) if path.is_file())
+    model_bytes = sum(path.stat().st_size for path in build.model_sources() if path.is_file())
     isolate = isolated.wanted(model_bytes)
 
     def wrap(task_name: str, stage: Callable) -> Callable:
@@ -206,10 +206,7 @@ def run_pipeline(build: Build, *, console: Console, wait: bool = True, only: lis
                 return False
             except Exception as exc:  # a bug or an unforeseen toolchain failure: name the stage, keep the trace
                 _append_traceback(log)
-                lines = str(exc).strip().splitlines()
-                reason = f"{type(exc).__name__}: {lines[0][:300]}" if lines else type(exc).__name__
-                if isinstance(exc, isolated.StageCrashed):
-                    reason = str(exc)
+                reason = str(exc) if isinstance(exc, isolated.StageCrashed) else first_line(exc)
                 result.errors.append(ToolchainError(f"unexpected error: {reason}", stage=task_name.split(":")[0],
                                                     log=build.manifest.relative(log)))
                 return False

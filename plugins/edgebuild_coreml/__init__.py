@@ -4,10 +4,8 @@ import re
 import shutil
 from pathlib import Path
 
-import yaml
-
 from edgebuild import __version__
-from edgebuild.api import PackageInput, Technique
+from edgebuild.api import PackageInput, techniques_from_yaml
 from edgebuild.codegen import code_environment
 from edgebuild.fsutil import bundle_sha256
 from edgebuild.hookspecs import hookimpl
@@ -63,16 +61,6 @@ def package_coreml(job: PackageInput) -> list[Path]:
     return [job.directory / "Package.swift", sources / f"{module}.swift", bundle, job.directory / f"{job.model_name}.json"]
 
 
-def load_techniques() -> list[Technique]:
-    text = (Path(__file__).with_name("techniques.yaml")).read_text(encoding="utf-8")
-    return [Technique(name=name, backend=CoreMLBackend.name, description=spec["description"],
-                      recipe={"requires_ios": spec["requires_ios"], "compress": spec["compress"],
-                              "needs_prediction": bool(spec.get("needs_prediction"))},
-                      needs_calibration=bool(spec.get("needs_calibration")),
-                      compare_with=spec.get("compare_with", ""), knob=spec.get("knob", ""))
-            for name, spec in yaml.safe_load(text).items()]
-
-
 @hookimpl
 def register_backends(register):
     register(CoreMLBackend())
@@ -80,7 +68,7 @@ def register_backends(register):
 
 @hookimpl
 def register_techniques(register):
-    for technique in load_techniques():
+    for technique in techniques_from_yaml(Path(__file__).with_name("techniques.yaml"), CoreMLBackend.name):
         register(technique)
 
 

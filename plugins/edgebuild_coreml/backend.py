@@ -6,7 +6,6 @@ stores (decompressed exactly as the runtime materialises it). Activations run in
 float16 compute and activation quantization are not simulated; reports say so.
 """
 import gc
-import importlib.metadata
 import json
 import re
 import shutil
@@ -20,9 +19,9 @@ from typing import Sequence
 import numpy as np
 
 from edgebuild import devices
-from edgebuild.api import BackendBase, CompressInput, NotApplicable, Prediction, Technique
+from edgebuild.api import BackendBase, CompressInput, NotApplicable, Prediction, Technique, package_version
 from edgebuild.data import run_torch_module
-from edgebuild.errors import ToolchainError
+from edgebuild.errors import ToolchainError, first_line
 
 from .ops import lean_conversion_memory, register_missing_ops
 
@@ -34,18 +33,6 @@ _OP_PATTERNS = (re.compile(r"convert function for op '([^']+)' not implemented")
                 re.compile(r"Unsupported fx node (\S+)"),
                 re.compile(r"op '([^']+)' is not supported"),
                 re.compile(r"Unsupported op[^:]*: '?([\w.:]+)"))
-
-
-def _version(dist: str) -> str:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return "missing"
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0][:300]}" if lines else type(exc).__name__
 
 
 def unsupported_op(exc: BaseException) -> str | None:
@@ -74,7 +61,7 @@ class CoreMLBackend(BackendBase):
     reference_bytes_per_weight = 2  # the conversion every candidate starts from is float16
 
     def version(self) -> str:
-        return f"coremltools {_version('coremltools')}, torch {_version('torch')}, scikit-learn {_version('scikit-learn')}"
+        return f"coremltools {package_version('coremltools')}, torch {package_version('torch')}, scikit-learn {package_version('scikit-learn')}"
 
     def variant(self, target) -> tuple[str, dict]:
         catalog = devices.catalog()
@@ -109,7 +96,7 @@ class CoreMLBackend(BackendBase):
                                compute_precision=getattr(ct.precision, precision), skip_model_load=True)
         except Exception as exc:
             op = unsupported_op(exc)
-            reason = f"coremltools cannot convert op {op}" if op else f"coremltools failed: {_first_line(exc)}"
+            reason = f"coremltools cannot convert op {op}" if op else f"coremltools failed: {first_line(exc)}"
             raise ToolchainError(reason, stage="convert", op=op) from exc
         model.save(str(out))
         normalize_package(out, options.get("model", {}))
@@ -126,7 +113,6 @@ class CoreMLBackend(BackendBase):
             self._convert(source.exported_program, out, source.options, "FLOAT32")
             return
         import coremltools as ct
-        import coremltools.optimize.coreml as optimize
 
         lean_conversion_memory()
         base = ct.models.MLModel(str(source.fp32_bundle), skip_model_load=True)
@@ -134,59 +120,11 @@ class CoreMLBackend(BackendBase):
             # Compress the model's weights (its parameters), never other constants such as an
             # attention mask full of -inf.
             layers = self.layers(source.fp32_bundle, source.options)
-            weights = [layer["scope"] for layer in layers]
-            if settings["kind"] == "palettize":
-                config = optimize.OpPalettizerConfig(mode="kmeans", nbits=settings["nbits"],
-                                                     granularity=settings["granularity"],
-                                                     group_size=settings.get("group_size", 32), weight_threshold=0)
-                model = optimize.palettize_weights(base, optimize.OptimizationConfig(
-                    op_name_configs={name: config for name in weights}))
-            elif settings["kind"] == "linear":
-                def linear(fields: dict):
-                    return optimize.OpLinearQuantizerConfig(
-                        mode=fields["mode"], dtype=fields["dtype"], granularity=fields["granularity"],
-                        block_size=fields.get("block_size", 32), weight_threshold=0)
-
-                block = settings.get("block_size", 32) if settings["granularity"] == "per_block" else None
-                uneven = [layer for layer in layers if block and layer["in_features"] % block]
-                # coremltools leaves such weights in float16 (the report lists each weight's dtype);
-                # when they are most of the model, the technique would not be what its name says.
-                if uneven and 2 * sum(l["params"] for l in uneven) > sum(l["params"] for l in layers):
-                    raise NotApplicable(f"blocks of {block} need input dimensions divisible by {block}; "
-                                        f"{len(uneven)} of {len(layers)} weights, most of the parameters, "
-                                        f"are not (e.g. {uneven[0]['name']}: {uneven[0]['in_features']})")
-                per_op = {name: linear(settings) for name in weights}
-                # `overrides` pick layers by name (e.g. embeddings and lm_head kept at int8).
-                for override in settings.get("overrides", []):
-                    pattern = re.compile(override["layers"])
-                    matched = [layer["scope"] for layer in layers if pattern.search(layer["name"])]
-                    if not matched:
-                        raise NotApplicable(f"no layer of this model matches {override['layers']!r}")
-                    fields = {**settings, **{k: v for k, v in override.items() if k != "layers"}}
-                    per_op.update({name: linear(fields) for name in matched})
-                model = optimize.linear_quantize_weights(base, optimize.OptimizationConfig(op_name_configs=per_op))
-            elif settings["kind"] == "mixed":
-                if settings["ops"]:
-                    per_op = {op: optimize.OpPalettizerConfig(mode="kmeans", nbits=bits, granularity="per_tensor",
-                                                              weight_threshold=0)
-                              for op, bits in settings["ops"].items()}
-                    model = optimize.palettize_weights(base, optimize.OptimizationConfig(op_name_configs=per_op))
-                else:
-                    model = base
-            elif settings["kind"] == "w8a8":
-                activation = optimize.experimental.OpActivationLinearQuantizerConfig(mode="linear_symmetric")
-                names = [i.name for i in base.get_spec().description.input]
-                samples = [dict(zip(names, sample)) for sample in source.calibration or []]
-                model = optimize.experimental.linear_quantize_activations(
-                    base, optimize.OptimizationConfig(global_config=activation), sample_data=samples)
-                weights = optimize.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8", weight_threshold=0)
-                model = optimize.linear_quantize_weights(model, optimize.OptimizationConfig(global_config=weights))
-            else:
-                raise ValueError(f"unknown compression kind {settings['kind']!r}")
+            model = COMPRESSIONS[settings["kind"]](base, settings, layers, source)
         except NotApplicable:
             raise
         except Exception as exc:
-            raise ToolchainError(f"coremltools.optimize failed: {_first_line(exc)}", stage="compress",
+            raise ToolchainError(f"coremltools.optimize failed: {first_line(exc)}", stage="compress",
                                  technique=technique.name) from exc
         model.save(str(out))
         normalize_package(out, None)
@@ -211,6 +149,9 @@ class CoreMLBackend(BackendBase):
         if options is not None and options.get("min_ios", 18) < 18:
             del choices["pal3"]
         return choices
+
+    def default_precisions(self, options: dict | None = None) -> list[str]:
+        return list(self.precisions(options))
 
     def mixed_technique(self, assignment: dict[str, str], layers: list[dict], name: str) -> Technique:
         bits = self.precisions()
@@ -251,7 +192,7 @@ class CoreMLBackend(BackendBase):
             model = ct.convert(traced, inputs=inputs, convert_to="mlprogram", skip_model_load=True,
                                minimum_deployment_target=_deployment_target(options["min_ios"]))
         except Exception as exc:
-            raise ToolchainError(f"coremltools failed on the trained model: {_first_line(exc)}", stage="qat",
+            raise ToolchainError(f"coremltools failed on the trained model: {first_line(exc)}", stage="qat",
                                  technique=technique.name, op=unsupported_op(exc)) from exc
         model.save(str(out))
         normalize_package(out, options.get("model", {}))
@@ -260,15 +201,15 @@ class CoreMLBackend(BackendBase):
 
     def runtime(self) -> str:
         if can_predict():
-            return f"Core ML {_version('coremltools')} MLModel.predict (macOS host)"
-        return f"{SIMULATION} (coremltools {_version('coremltools')} decompressed weights, float32 activations)"
+            return f"Core ML {package_version('coremltools')} MLModel.predict (macOS host)"
+        return f"{SIMULATION} (coremltools {package_version('coremltools')} decompressed weights, float32 activations)"
 
-    def predict(self, bundle: Path, inputs: Sequence[np.ndarray], *, threads: int = 1,
+    def predict(self, bundle: Path, inputs: Sequence[np.ndarray], *, threads: int = 1, batch: int = 1,
                 exported_program: Path | None = None) -> Prediction:
         if can_predict():
             return self._predict_core_ml(bundle, inputs)
         module, missing = simulated_module(bundle, exported_program)
-        outputs = run_torch_module(module, tuple(inputs), _example_batch(exported_program))
+        outputs = run_torch_module(module, tuple(inputs), batch)
         # The fx module sits in reference cycles: free its float32 weights now, not at some later
         # collection while the next step (reading the bundle's weights) holds memory of its own.
         del module
@@ -279,7 +220,8 @@ class CoreMLBackend(BackendBase):
             runtime = (f"torch simulation, NOT weights-exact: {len(missing)} parameter(s) not found in the bundle "
                        f"kept their float32 values ({', '.join(missing[:5])}{', …' if len(missing) > 5 else ''})")
         # Host latency of a simulation says nothing about a phone: not reported.
-        return Prediction(outputs=outputs, latency_ms=None, runtime=runtime, details=details)
+        return Prediction(outputs=outputs, latency_ms=None, runtime=runtime, details=details,
+                          latency_note="Core ML runs models on macOS only; this host evaluated a torch simulation")
 
     def _predict_core_ml(self, bundle: Path, inputs: Sequence[np.ndarray]) -> Prediction:
         import coremltools as ct
@@ -328,6 +270,73 @@ class CoreMLBackend(BackendBase):
                 kind, shape = _compression_kind(op), [int(d) for d in op.outputs[0].shape]
             rows.append({"name": _parameter_key(op.name), "dtype": kind, "shape": shape, "bytes": int(stored)})
         return sorted(rows, key=lambda r: (-r["bytes"], r["name"]))
+
+
+# ---- compressions, one small function per recipe kind (techniques.yaml's `compress.kind`) -------
+
+def _palettize(base, settings: dict, layers: list[dict], source: CompressInput):
+    import coremltools.optimize.coreml as optimize
+
+    config = optimize.OpPalettizerConfig(mode="kmeans", nbits=settings["nbits"], granularity=settings["granularity"],
+                                         group_size=settings.get("group_size", 32), weight_threshold=0)
+    return optimize.palettize_weights(base, optimize.OptimizationConfig(
+        op_name_configs={layer["scope"]: config for layer in layers}))
+
+
+def _linear_config(fields: dict):
+    import coremltools.optimize.coreml as optimize
+
+    return optimize.OpLinearQuantizerConfig(mode=fields["mode"], dtype=fields["dtype"],
+                                            granularity=fields["granularity"],
+                                            block_size=fields.get("block_size", 32), weight_threshold=0)
+
+
+def _linear(base, settings: dict, layers: list[dict], source: CompressInput):
+    import coremltools.optimize.coreml as optimize
+
+    block = settings.get("block_size", 32) if settings["granularity"] == "per_block" else None
+    uneven = [layer for layer in layers if block and layer["in_features"] % block]
+    # coremltools leaves such weights in float16 (the report lists each weight's dtype);
+    # when they are most of the model, the technique would not be what its name says.
+    if uneven and 2 * sum(l["params"] for l in uneven) > sum(l["params"] for l in layers):
+        raise NotApplicable(f"blocks of {block} need input dimensions divisible by {block}; "
+                            f"{len(uneven)} of {len(layers)} weights, most of the parameters, "
+                            f"are not (e.g. {uneven[0]['name']}: {uneven[0]['in_features']})")
+    per_op = {layer["scope"]: _linear_config(settings) for layer in layers}
+    # `overrides` pick layers by name (e.g. embeddings and lm_head kept at int8).
+    for override in settings.get("overrides", []):
+        pattern = re.compile(override["layers"])
+        matched = [layer["scope"] for layer in layers if pattern.search(layer["name"])]
+        if not matched:
+            raise NotApplicable(f"no layer of this model matches {override['layers']!r}")
+        fields = {**settings, **{k: v for k, v in override.items() if k != "layers"}}
+        per_op.update({name: _linear_config(fields) for name in matched})
+    return optimize.linear_quantize_weights(base, optimize.OptimizationConfig(op_name_configs=per_op))
+
+
+def _mixed(base, settings: dict, layers: list[dict], source: CompressInput):
+    import coremltools.optimize.coreml as optimize
+
+    if not settings["ops"]:
+        return base
+    per_op = {op: optimize.OpPalettizerConfig(mode="kmeans", nbits=bits, granularity="per_tensor", weight_threshold=0)
+              for op, bits in settings["ops"].items()}
+    return optimize.palettize_weights(base, optimize.OptimizationConfig(op_name_configs=per_op))
+
+
+def _w8a8(base, settings: dict, layers: list[dict], source: CompressInput):
+    import coremltools.optimize.coreml as optimize
+
+    activation = optimize.experimental.OpActivationLinearQuantizerConfig(mode="linear_symmetric")
+    names = [i.name for i in base.get_spec().description.input]
+    samples = [dict(zip(names, sample)) for sample in source.calibration or []]
+    model = optimize.experimental.linear_quantize_activations(
+        base, optimize.OptimizationConfig(global_config=activation), sample_data=samples)
+    weights = optimize.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8", weight_threshold=0)
+    return optimize.linear_quantize_weights(model, optimize.OptimizationConfig(global_config=weights))
+
+
+COMPRESSIONS = {"palettize": _palettize, "linear": _linear, "mixed": _mixed, "w8a8": _w8a8}
 
 
 # ---- package normalisation ---------------------------------------------------------------------
@@ -428,11 +437,6 @@ def _input_names(module) -> list[str]:
     import inspect
 
     return [name for name in inspect.signature(module.forward).parameters if name != "self"]
-
-
-def _example_batch(exported_program: Path) -> int:
-    meta = json.loads((exported_program.parent / "model.json").read_text())
-    return int(meta["inputs"][0]["shape"][0]) or 1
 
 
 def simulated_module(bundle: Path, exported_program: Path):

@@ -3,7 +3,7 @@ from functools import cache
 
 from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
 
-from edgebuild.reasons import candidate_reason
+from edgebuild.reasons import STATUS_MARK, candidate_reason, check_text
 from edgebuild.units import format_size
 
 
@@ -15,6 +15,8 @@ def environment() -> Environment:
     env.filters["size"] = format_size
     env.filters["metric"] = lambda value: "n/a" if value is None else f"{value:.4f}"
     env.filters["why"] = candidate_reason
+    env.filters["check"] = check_text
+    env.filters["mark"] = lambda status: STATUS_MARK.get(status, status)
     env.filters["signed"] = lambda value, digits=4: "n/a" if value is None else f"{value:+.{digits}f}"
     env.filters["ms"] = lambda value: "not measured" if value is None else f"{value:.3f} ms"
     env.filters["percent"] = lambda value: "n/a" if value is None else f"{value:+.1f}%"

@@ -6,6 +6,7 @@ runs it for real; every call counts against `search.max_evaluations`.
 """
 import itertools
 
+from edgebuild.api import SearchContext, SearchStrategy
 from edgebuild.hookspecs import hookimpl
 
 
@@ -13,7 +14,7 @@ def _holds_floor(point: dict) -> bool:
     return not any(f["constraint"] == "accuracy" for f in point["failed"])
 
 
-def pareto_chain(context) -> list[dict]:
+def pareto_chain(context: SearchContext) -> list[dict]:
     """Assignments from all-highest precision down to all-lowest, each step lowering the layer
     that costs the least proxy noise per byte saved: a list ordered by falling size."""
     options = {layer["name"]: context.options(layer) for layer in context.layers}
@@ -38,7 +39,7 @@ def pareto_chain(context) -> list[dict]:
         chain.append(dict(current))
 
 
-def sensitivity_search(context):
+def sensitivity_search(context: SearchContext):
     """Binary search along the Pareto chain for the smallest assignment holding the floor, then a
     short local search from there; a handful of full evaluations instead of all of them."""
     chain = pareto_chain(context)
@@ -84,7 +85,7 @@ def sensitivity_search(context):
     return assignment
 
 
-def exhaustive_search(context):
+def exhaustive_search(context: SearchContext):
     """Every assignment over the per-layer grid, smallest estimated first (an audit mode)."""
     grid = [dict(zip([layer["name"] for layer in context.layers], combo))
             for combo in itertools.product(*(context.options(layer) for layer in context.layers))]
@@ -97,22 +98,17 @@ def exhaustive_search(context):
             break
         point = context.evaluate(assignment)
         if point["status"] == "pass":
-            passing.append((point["bytes"], -point["metric"], point))
+            passing.append(point)
     if not passing:
         return None
-    return min(passing, key=lambda item: item[:2])[2]["assignment"]
-
-
-def uniform_search(context):
-    """Stock whole-model recipes only: no mixed assignment."""
-    return None
-
-
-uniform_search.runs_search = False  # nothing to compute: no sensitivity table, no search stage
+    # Fewest bytes; on a tie the better metric in its own direction (lower kl, higher top1).
+    return min(passing, key=context.better)["assignment"]
 
 
 @hookimpl
 def register_search_strategies(register):
-    register("sensitivity", sensitivity_search)
-    register("exhaustive", exhaustive_search)
-    register("uniform", uniform_search)
+    register(SearchStrategy("sensitivity", sensitivity_search,
+                            "Pareto chain from per-layer sensitivity, binary search, short local search"))
+    register(SearchStrategy("exhaustive", exhaustive_search, "every assignment over the per-layer grid (audit)"))
+    # Declared, not inferred: this strategy never searches (no sensitivity table, no search stage).
+    register(SearchStrategy("uniform", None, "stock whole-model recipes only"))

@@ -1,14 +1,15 @@
 """Built-in TFLite backend for Android targets: conversion, quantization recipes, packaging."""
 import json
 import shutil
+from pathlib import Path
 
 from edgebuild import __version__
-from edgebuild.api import PackageInput
+from edgebuild.api import PackageInput, techniques_from_yaml
 from edgebuild.codegen import code_environment
 from edgebuild.fsutil import sha256_file
 from edgebuild.hookspecs import hookimpl
 
-from .backend import TFLiteBackend, load_techniques
+from .backend import TFLiteBackend
 
 
 def kotlin_object_name(model_name: str) -> str:
@@ -56,7 +57,7 @@ def register_backends(register):
 
 @hookimpl
 def register_techniques(register):
-    for technique in load_techniques():
+    for technique in techniques_from_yaml(Path(__file__).with_name("techniques.yaml"), TFLiteBackend.name):
         register(technique)
 
 

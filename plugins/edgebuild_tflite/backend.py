@@ -4,7 +4,6 @@ Heavy toolchain imports happen inside methods, so registering the plugin costs n
 """
 import collections
 import functools
-import importlib.metadata
 import re
 import statistics
 import time
@@ -13,20 +12,13 @@ from typing import Sequence
 
 import numpy as np
 
-from edgebuild.api import BackendBase, CompressInput, NotApplicable, Prediction, Technique
+from edgebuild.api import BackendBase, CompressInput, NotApplicable, Prediction, Technique, package_version
 from edgebuild.data import padded_batches
-from edgebuild.errors import ToolchainError
+from edgebuild.errors import ToolchainError, first_line
 
 SIGNATURE = "serving_default"
 _LOWERING = re.compile(r"Lowering not found: (\S+)")
 _EXECUTING = re.compile(r"target=(torch\.ops\.[\w.]+)")
-
-
-def _version(dist: str) -> str:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return "missing"
 
 
 def unsupported_op(exc: BaseException) -> str | None:
@@ -39,11 +31,6 @@ def unsupported_op(exc: BaseException) -> str | None:
     return None
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0][:300]}" if text else type(exc).__name__
-
-
 def _ordered(names) -> list[str]:
     """args_0, args_1, ..., args_10 in positional order."""
     return sorted(names, key=lambda n: [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", n)])
@@ -53,13 +40,14 @@ class TFLiteBackend(BackendBase):
     name = "tflite"
     platform = "android"
     extension = ".tflite"
+    reference_bytes_per_weight = 4  # candidates start from the float32 conversion
 
     def version(self) -> str:
-        return (f"litert-torch {_version('litert-torch')}, ai-edge-quantizer {_version('ai-edge-quantizer')}, "
-                f"ai-edge-litert {_version('ai-edge-litert')}")
+        return (f"litert-torch {package_version('litert-torch')}, ai-edge-quantizer {package_version('ai-edge-quantizer')}, "
+                f"ai-edge-litert {package_version('ai-edge-litert')}")
 
     def runtime(self) -> str:
-        return f"ai-edge-litert {_version('ai-edge-litert')} (XNNPACK, host CPU)"
+        return f"ai-edge-litert {package_version('ai-edge-litert')} (XNNPACK, host CPU)"
 
     def convert(self, exported_program: Path, out: Path, options: dict) -> None:
         from .conversion import convert
@@ -68,7 +56,7 @@ class TFLiteBackend(BackendBase):
             convert(exported_program, out)
         except Exception as exc:
             op = unsupported_op(exc)
-            reason = f"litert-torch cannot convert op {op}" if op else f"litert-torch failed: {_first_line(exc)}"
+            reason = f"litert-torch cannot convert op {op}" if op else f"litert-torch failed: {first_line(exc)}"
             raise ToolchainError(reason, stage="convert", op=op) from exc
 
     def compress(self, technique: Technique, source: CompressInput, out: Path) -> None:
@@ -94,7 +82,7 @@ class TFLiteBackend(BackendBase):
         except NotApplicable:
             raise
         except Exception as exc:
-            raise ToolchainError(f"ai-edge-quantizer failed: {_first_line(exc)}", stage="compress",
+            raise ToolchainError(f"ai-edge-quantizer failed: {first_line(exc)}", stage="compress",
                                  technique=technique.name) from exc
 
     def _interpreter(self, bundle: Path, threads: int = 1):
@@ -104,9 +92,9 @@ class TFLiteBackend(BackendBase):
         interpreter.allocate_tensors()
         return interpreter
 
-    def predict(self, bundle: Path, inputs: Sequence[np.ndarray], *, threads: int = 1,
+    def predict(self, bundle: Path, inputs: Sequence[np.ndarray], *, threads: int = 1, batch: int = 1,
                 exported_program: Path | None = None) -> Prediction:
-        """Run every sample through the bundle at its exported batch size; latency is the median invoke."""
+        """Run every sample through the bundle at its own (exported) batch size; latency is the median invoke."""
         interpreter = self._interpreter(bundle, threads)
         runner = interpreter.get_signature_runner(SIGNATURE)
         in_details = runner.get_input_details()
@@ -138,7 +126,7 @@ class TFLiteBackend(BackendBase):
         """Precision name -> bits per weight, highest first."""
         return {name: bits for name, (bits, _) in PRECISIONS.items()}
 
-    def default_precisions(self) -> list[str]:
+    def default_precisions(self, options: dict | None = None) -> list[str]:
         """What the search tries unless `search.precisions` says otherwise."""
         return [name for name in PRECISIONS if name not in OPT_IN_PRECISIONS]
 
@@ -419,14 +407,3 @@ def _dequantize(array: np.ndarray, detail: dict) -> np.ndarray:
     if np.dtype(detail["dtype"]).kind in "iu" and scale:
         return (array.astype(np.float32) - zero_point) * scale
     return array.astype(np.float32, copy=False)
-
-
-def load_techniques() -> list[Technique]:
-    import yaml
-
-    text = (Path(__file__).with_name("techniques.yaml")).read_text(encoding="utf-8")
-    return [Technique(name=name, backend=TFLiteBackend.name, description=spec["description"],
-                      recipe=spec.get("recipe"), needs_calibration=bool(spec.get("needs_calibration")),
-                      compare_with=spec.get("compare_with", ""), knob=spec.get("knob", ""))
-            for name, spec in yaml.safe_load(text).items()]
-

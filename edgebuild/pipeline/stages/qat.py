@@ -4,19 +4,46 @@ them. The backend owns the simulation and the conversion (`qat_plan`, `train_qua
 module owns the training loop, the loss and the decision when to train.
 
 Loss: distillation from the fp32 model's outputs (no labels needed), or cross-entropy on labels.
-Seeds are fixed and training runs single-threaded: same inputs, same bytes.
+Seeds are fixed and training runs single-threaded: same inputs, same bytes. Training data is
+`data.train`, else `data.calibration`; never the evaluation set that judges the result (the
+manifest refuses QAT without one of them).
 """
 import copy
 import time
 
 import numpy as np
 
-from .. import progress
-from ..fsutil import atomic_output, atomic_write_json, bundle_sha256, read_json, remove_path, replace_path
-from ..manifest import Target
-from .layout import Build
+from ... import progress
+from ...api import QATBackend
+from ...fsutil import atomic_output, atomic_write_json, bundle_sha256, read_json, remove_path, replace_path
+from ...manifest import Target
+from ...policy import Status, judge, problems, verdict
+from ..evaluation import evaluate_bundle, limits, post_training_entries, read_data
+from ..layout import Build
 
 QAT_PREFIX = "qat-"
+BATCH = 32
+TRAINING_ROLES = ("train", "calibration")  # never "evaluation": it judges the trained candidate
+
+
+def cross_entropy_loss(output, labels):
+    """Cross-entropy over the class axis, the last one: a classifier's [N, C] logits against [N]
+    labels, or a language model's [N, T, V] against [N, T]; negative labels (no label) are ignored."""
+    import torch
+
+    flat_labels = labels.reshape(-1).long()
+    flat_labels = torch.where(flat_labels < 0, torch.full_like(flat_labels, -100), flat_labels)
+    return torch.nn.functional.cross_entropy(output.reshape(-1, output.shape[-1]), flat_labels, ignore_index=-100)
+
+
+def teacher_outputs(teacher, inputs: list, batch: int = BATCH):
+    """The fp32 model's outputs, a batch at a time: a whole data set in one forward pass can
+    need more memory than the model itself."""
+    import torch
+
+    with torch.no_grad():
+        return torch.cat([teacher(*(part[start:start + batch] for part in inputs))
+                          for start in range(0, len(inputs[0]), batch)])
 
 
 def distillation_loss(student, teacher):
@@ -46,10 +73,9 @@ def train(module, layers: list, inputs: tuple[np.ndarray, ...], labels: np.ndarr
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # deterministic reductions
     try:
-        with torch.no_grad():
-            module.eval()
-            x = [torch.from_numpy(array) for array in inputs]
-            teacher_out = settings["teacher"](*x)
+        module.eval()
+        x = [torch.from_numpy(array) for array in inputs]
+        teacher_out = teacher_outputs(settings["teacher"], x)
         trainable = settings["trainable"]
         if trainable != "all":  # last:N fine-tunes the last N compressed layers, the rest stay frozen
             for parameter in module.parameters():
@@ -64,7 +90,7 @@ def train(module, layers: list, inputs: tuple[np.ndarray, ...], labels: np.ndarr
                 parameter.requires_grad_(False)
         parameters = [p for p in module.parameters() if p.requires_grad]
         optimiser = torch.optim.Adam(parameters, lr=settings["learning_rate"])
-        batches = (len(inputs[0]) + 31) // 32
+        batches = (len(inputs[0]) + BATCH - 1) // BATCH
         planned = min(settings["max_steps"], settings["epochs"] * batches)
         # Cosine decay to zero over the planned steps: large moves early, settling on the grid late.
         schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -75,11 +101,11 @@ def train(module, layers: list, inputs: tuple[np.ndarray, ...], labels: np.ndarr
         module.train()
         for epoch in range(settings["epochs"]):
             order = torch.randperm(len(x[0]), generator=generator)
-            for start in range(0, len(order), 32):
-                index = order[start:start + 32]
+            for start in range(0, len(order), BATCH):
+                index = order[start:start + BATCH]
                 output = module(*(part[index] for part in x))
                 if settings["loss"] == "cross_entropy":
-                    loss = torch.nn.functional.cross_entropy(output, y[index])
+                    loss = cross_entropy_loss(output, y[index])
                 else:
                     loss = distillation_loss(output, teacher_out[index])
                 optimiser.zero_grad()
@@ -100,42 +126,49 @@ def train(module, layers: list, inputs: tuple[np.ndarray, ...], labels: np.ndarr
         torch.set_num_threads(threads)
 
 
+def _skip(build: Build, target: Target) -> str | None:
+    """Why the target trains nothing this build (None: it trains)."""
+    record = build.search_record(target)
+    search_passes = build.searches(target) and read_json(record).get("candidate") is not None
+    passing = any(entry["status"] == "ok" and verdict(judge(limits(build, target), entry)) == Status.PASS
+                  for _, entry in post_training_entries(build, build.variant(target).key))
+    if target.qat["mode"] == "auto" and (search_passes or passing):
+        return "a post-training candidate already meets every budget and the floor (qat: auto)"
+    return None
+
+
+def _training_candidate(build: Build, target: Target, backend: QATBackend):
+    """The smallest candidate whose only problem is accuracy, on a grid QAT can simulate."""
+    target_limits = limits(build, target)
+    fitting = []
+    for technique, entry in post_training_entries(build, build.variant(target).key):
+        if entry["status"] != "ok" or not backend.qat_plan(technique):
+            continue
+        blocking = problems(judge(target_limits, entry))
+        if all(f["constraint"] == "accuracy" and f["status"] == Status.FAIL for f in blocking):
+            fitting.append((technique, entry))
+    return min(fitting, key=lambda item: (item[1]["bytes"], item[0].name), default=None)
+
+
 def run_qat(build: Build, target: Target) -> None:
     """The qat stage for one target: writes `.edgebuild/targets/<t>/qat.json` and, when it trained, the bundle."""
-    from .search import search_runs
-    from .stages import read_data, candidate_verdict, evaluate_bundle, post_training_entries, target_threshold
-
     settings = target.qat
     record_path = build.qat_record(target)
     variant = build.variant(target)
-    backend = build.registry.backends[variant.backend]
-    threshold = target_threshold(build, target)
-    judged = [(technique, entry, candidate_verdict(build, target, entry, threshold))
-              for technique, entry in post_training_entries(build, variant.key) if entry["status"] == "ok"]
-    search_pass = False
-    if search_runs(build, target):
-        search = read_json(build.search_record(target))
-        search_pass = bool(search.get("candidate"))
-    if settings["mode"] == "auto" and (search_pass or any(not failed for _, _, failed in judged)):
-        atomic_write_json(record_path, {"status": "skipped", "reason": "a post-training candidate already meets "
-                                        "every budget and the floor (qat: auto)"})
+    backend = build.backend(target)
+    reason = _skip(build, target)
+    chosen = None if reason else _training_candidate(build, target, backend)
+    if reason or chosen is None:
+        atomic_write_json(record_path, {"status": "skipped", "reason": reason or "no candidate with a simulable "
+                                        "weight grid fits the size budgets"})
         return
-    # Train for the smallest candidate whose only problem is accuracy, on a grid QAT can simulate.
-    fitting = [(t, e) for t, e, failed in judged
-               if backend.qat_plan(t) and all(f["constraint"] == "accuracy" for f in failed)]
-    if not fitting:
-        atomic_write_json(record_path, {"status": "skipped", "reason": "no candidate with a simulable weight grid "
-                                        "fits the size budgets"})
-        return
-    technique, ptq = min(fitting, key=lambda item: (item[1]["bytes"], item[0].name))
+    technique, ptq = chosen
     plan = backend.qat_plan(technique)
-
-    role = next(r for r in ("train", "calibration", "evaluation") if build.data_source(r))
-    data_file = build.data_source(role)
+    role = next(r for r in TRAINING_ROLES if build.data_source(r))
     data = read_data(build, role, need_labels=settings["loss"] == "cross_entropy")
     loader = build.registry.loaders[build.manifest.model["source"]]
     module, example = loader(build.manifest.model, build.manifest.root)
-    lines, results = [], {}
+    lines, result = [], {}
     teacher = copy.deepcopy(module).eval()
 
     def log(line: str) -> None:
@@ -143,8 +176,8 @@ def run_qat(build: Build, target: Target) -> None:
         progress.report(f"  qat {target.name} ({technique.name}): {line}")
 
     def run_training(prepared, layers, after_step=None):
-        results.update(train(prepared, layers, data.inputs, data.labels, {**settings, "teacher": teacher},
-                             log, after_step))
+        result.update(train(prepared, layers, data.inputs, data.labels, {**settings, "teacher": teacher},
+                            log, after_step))
 
     work = build.state / "targets" / target.name / "qat"
     work.mkdir(parents=True, exist_ok=True)
@@ -156,12 +189,11 @@ def run_qat(build: Build, target: Target) -> None:
         replace_path(temporary, bundle)
     finally:
         remove_path(temporary)
-    result = results
     evaluation = evaluate_bundle(build, backend, bundle)
     name = QAT_PREFIX + technique.name
     atomic_write_json(record_path, {
         "status": "trained", "technique": name, "trained_for": technique.name,
-        "plan": plan, "data": build.manifest.relative(data_file), "loss": settings["loss"],
+        "plan": plan, "data": build.manifest.relative(build.data_source(role)), "loss": settings["loss"],
         "trainable": settings["trainable"], "training": result, "log": lines,
         "post_training": {"bytes": ptq["bytes"], "metric": ptq["metric"]},
         "candidate": {"technique": name, "description": f"quantization-aware training for {technique.name} "

@@ -1,0 +1,193 @@
+"""The doit task graph: plain dicts with file_dep, targets and uptodate, one function per stage.
+
+This module decides *when* a stage runs; `stages/` says what it does. Changing one target's budget
+changes only that target's search, qat, select and package config, so only they (and the report)
+rerun; conversions and evaluations are keyed by model, data, toolchain and code.
+"""
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+from doit.tools import config_changed
+
+from ..fsutil import record_matches
+from ..manifest import DATA_ROLES, Target
+from .evaluation import LATENCY_THREADS
+from .layout import Build
+from .stages import candidates, deliver, model, qat, search
+
+
+@dataclass
+class Graph:
+    """Builds the task dicts of one build; `wrap(task_name, stage)` adds logging and error capture."""
+
+    build: Build
+    wrap: Callable
+
+    def rel(self, path) -> str:
+        # doit runs in the manifest's folder; relative paths keep the cache valid when the project moves.
+        return os.path.relpath(path, self.build.manifest.root)
+
+    def task(self, name: str, stage: Callable, *args, code: tuple = (), config: dict | None = None, **fields) -> dict:
+        # One config_changed per task (doit keeps a single slot for it): the settings that shape the
+        # task's output, plus the code that produces it (edgebuild and the plugins named in `code`).
+        key = {"code": self.build.code(*code), **(config or {})}
+        fields["uptodate"] = [config_changed(key)] + fields.get("uptodate", [])
+        return {"name": name, "actions": [(self.wrap(name, stage), (self.build, *args))], "clean": True,
+                "verbosity": 0, **fields}
+
+    @property
+    def toolchain(self) -> dict[str, str]:
+        registry = self.build.registry
+        return {name: registry.backends[name].version() for name in self.build.backends_in_use()}
+
+    @property
+    def metric_code(self) -> tuple:
+        return tuple(("metric", name) for name in self.build.manifest.metrics)
+
+    @property
+    def evaluation(self) -> str:
+        return self.rel(self.build.data("evaluation"))
+
+    def sources(self) -> list[str]:
+        return [self.rel(p) for p in self.build.model_sources()]
+
+    # ---- load ----------------------------------------------------------------------------------
+
+    def load(self) -> list[dict]:
+        build, manifest, rel = self.build, self.build.manifest, self.rel
+        tasks = [self.task(f"tokenize:{role}", model.tokenize, role,
+                           # The model folder holds the tokenizer; unchanged tokens stop any rebuild here.
+                           file_dep=[rel(build.data_source(role))] + self.sources(),
+                           targets=[rel(build.data(role))],
+                           config={"sequence_length": manifest.model.get("sequence_length")})
+                 for role in DATA_ROLES if build.is_text(role)]
+        return tasks + [
+            self.task("export", model.export_model,
+                      file_dep=self.sources(), targets=[rel(build.exported_program), rel(build.model_meta)],
+                      code=(("loader", manifest.model["source"]),), config={"model": manifest.model},
+                      uptodate=[(record_matches, (build.model_meta, build.exported_program))]),
+            self.task("reference", model.reference_outputs,
+                      file_dep=[rel(build.exported_program), rel(build.model_meta), self.evaluation],
+                      targets=[rel(build.reference)]),
+            self.task("baseline", model.baseline_metric,
+                      file_dep=[rel(build.reference), self.evaluation], targets=[rel(build.baseline)],
+                      code=self.metric_code, config={"metrics": manifest.metrics}),
+        ]
+
+    # ---- convert / compress / evaluate ---------------------------------------------------------
+
+    def candidates(self, key: str) -> list[dict]:
+        build, rel = self.build, self.rel
+        backend = build.variants[key].backend
+        toolchain = self.toolchain[backend]
+        tasks = [self.task(f"convert:{key}", candidates.convert, key,
+                           file_dep=[rel(build.exported_program)], targets=[rel(build.fp32_record(key))],
+                           code=(("backend", backend),),
+                           config={"toolchain": toolchain, "options": build.variants[key].options},
+                           uptodate=[(record_matches, (build.fp32_record(key), build.fp32_bundle(key)))])]
+        for technique, skip in build.runnable_techniques(key):
+            if skip:
+                continue  # select() reports it as skipped, with the reason
+            name = f"{key}:{technique.name}"
+            calibration = [rel(build.data("calibration"))] if technique.needs_calibration else []
+            valid = [(candidates.candidate_is_valid, (build, key, technique.name))]
+            tasks.append(self.task(
+                f"compress:{name}", candidates.compress, key, technique.name,
+                file_dep=[rel(build.fp32_record(key))] + calibration,
+                targets=[rel(build.candidate_record(key, technique.name))],
+                code=(("backend", backend), ("technique", f"{backend}/{technique.name}")),
+                config={"recipe": technique.recipe, "toolchain": toolchain},
+                # A failed or tampered candidate is never up to date: it is rebuilt, not trusted.
+                uptodate=valid))
+            tasks.append(self.task(
+                f"evaluate:{name}", candidates.evaluate, key, technique.name,
+                file_dep=[rel(build.candidate_record(key, technique.name)), rel(build.reference), self.evaluation],
+                targets=[rel(build.evaluation(key, technique.name))],
+                code=(("backend", backend),) + self.metric_code,
+                config={"metrics": self.build.manifest.metrics, "threads": LATENCY_THREADS}, uptodate=valid))
+        return tasks
+
+    # ---- search / qat / select / package, per target ---------------------------------------------
+
+    def evaluations(self, target: Target) -> list[str]:
+        key = self.build.variant(target).key
+        return [self.rel(self.build.evaluation(key, t.name)) for t, skip in self.build.runnable_techniques(key)
+                if not skip]
+
+    def search(self, target: Target) -> dict:
+        build, manifest, rel = self.build, self.build.manifest, self.rel
+        data = [rel(build.data(role)) for role in ("evaluation", "calibration") if build.data(role)]
+        return self.task(
+            f"search:{target.name}", search.run_search, target,
+            file_dep=[rel(build.fp32_record(build.variant(target).key)), rel(build.reference),
+                      rel(build.baseline)] + data,
+            targets=[rel(build.search_record(target))],
+            code=(("backend", target.format), ("strategy", manifest.search["strategy"])) + self.metric_code,
+            config={"search": manifest.search, "target": target.raw, "metrics": manifest.metrics,
+                    "toolchain": self.toolchain[target.format]},
+            uptodate=[(search.search_is_intact, (build, target))])
+
+    def qat(self, target: Target, evaluations: list[str]) -> dict:
+        build, manifest, rel = self.build, self.build.manifest, self.rel
+        data = [rel(build.data(role)) for role in DATA_ROLES if build.data(role)]
+        return self.task(
+            f"qat:{target.name}", qat.run_qat, target,
+            file_dep=sorted(set(evaluations + data + self.sources()
+                                + [rel(build.reference), rel(build.baseline), rel(build.model_meta)])),
+            targets=[rel(build.qat_record(target))],
+            code=(("backend", target.format), ("loader", manifest.model["source"])) + self.metric_code,
+            config={"qat": target.qat, "target": target.raw, "metrics": manifest.metrics,
+                    "toolchain": self.toolchain[target.format]},
+            uptodate=[(qat.qat_is_intact, (build, target))])
+
+    def deliver(self, target: Target) -> list[dict]:
+        build, manifest, rel = self.build, self.build.manifest, self.rel
+        evaluations = self.evaluations(target)
+        tasks = []
+        if build.searches(target):
+            tasks.append(self.search(target))
+            evaluations.append(rel(build.search_record(target)))
+        if build.trains(target):
+            tasks.append(self.qat(target, evaluations))
+            evaluations.append(rel(build.qat_record(target)))
+        tasks.append(self.task(f"select:{target.name}", deliver.select, target,
+                               file_dep=evaluations + [rel(build.baseline)], targets=[rel(build.selection(target))],
+                               code=self.metric_code,
+                               config={"target": target.raw, "output": rel(manifest.output),
+                                       "model": manifest.model_name}))
+        tasks.append(self.task(f"package:{target.name}", deliver.package, target,
+                               file_dep=[rel(build.selection(target))], targets=[rel(build.packaged(target))],
+                               code=(("packager", target.format), ("backend", target.format)),
+                               uptodate=[(deliver.packaged_is_intact, (build, target))]))
+        return tasks
+
+    # ---- report / lock ---------------------------------------------------------------------------
+
+    def report(self) -> list[dict]:
+        build, manifest, rel = self.build, self.build.manifest, self.rel
+        selections = [rel(build.selection(t)) for t in manifest.targets]
+        packaged = [rel(build.packaged(t)) for t in manifest.targets]
+        return [
+            self.task("report", deliver.write_reports, manifest.reports,
+                      file_dep=selections + packaged + [rel(build.model_meta)], targets=[rel(build.report_record)],
+                      code=tuple(("reporter", name) for name in manifest.reports),
+                      config={"reporters": manifest.reports, "targets": [t.name for t in manifest.targets]},
+                      uptodate=[(deliver.reports_are_intact, (build,))]),
+            self.task("lock", deliver.write_lock,
+                      file_dep=sorted({rel(p) for p in build.input_files()}) + packaged,
+                      targets=[rel(manifest.lock_file)], config={"targets": [t.name for t in manifest.targets]}),
+        ]
+
+    def tasks(self) -> list[dict]:
+        tasks = self.load()
+        for key in self.build.variants:
+            tasks += self.candidates(key)
+        for target in self.build.manifest.targets:
+            tasks += self.deliver(target)
+        return tasks + self.report()
+
+
+def build_tasks(build: Build, wrap: Callable) -> list[dict]:
+    """All tasks for the manifest. `wrap(task_name, stage_fn)` adds logging and error capture."""
+    return Graph(build, wrap).tasks()

@@ -1,0 +1,94 @@
+"""Convert, compress, evaluate: the fp32 bundle per variant, one candidate per technique, and each
+candidate run in its runtime on the evaluation set."""
+from ...api import CompressInput, NotApplicable
+from ...errors import EdgebuildError, ToolchainError, first_line
+from ...fsutil import atomic_output, atomic_write_json, bundle_sha256, read_json, record_matches, remove_path, replace_path
+from ..evaluation import evaluate_bundle, read_data
+from ..layout import Build
+
+CALIBRATION_SAMPLES = 256  # enough for min/max ranges; more only slows the quantizer
+
+
+def convert(build: Build, variant_key: str) -> None:
+    variant = build.variants[variant_key]
+    backend = build.registry.backends[variant.backend]
+    out = build.fp32_bundle(variant_key)
+    temporary = atomic_output(out)
+    targets = ", ".join(t.name for t in build.manifest.targets if build.variant(t).key == variant_key)
+    try:
+        backend.convert(build.exported_program, temporary, variant.options)
+        replace_path(temporary, out)
+    except ToolchainError as exc:
+        raise ToolchainError(exc.reason, stage=exc.stage, target=targets, op=exc.op) from exc
+    except Exception as exc:
+        raise ToolchainError(f"{variant.backend} conversion failed: {first_line(exc)}", stage="convert",
+                             target=targets) from exc
+    finally:
+        remove_path(temporary)
+    # Bundles may be folders (.mlpackage); doit tracks this record of their hash instead.
+    atomic_write_json(build.fp32_record(variant_key), {"sha256": bundle_sha256(out)})
+
+
+def compress(build: Build, variant_key: str, technique_name: str) -> None:
+    """Build one candidate; a toolchain failure is recorded (and retried next build), not fatal."""
+    variant = build.variants[variant_key]
+    backend = build.registry.backends[variant.backend]
+    technique = build.registry.techniques[(variant.backend, technique_name)]
+    out = build.candidate_bundle(variant_key, technique_name)
+    calibration = None
+    if technique.needs_calibration:
+        calibration = read_data(build, "calibration", need_labels=False).samples(CALIBRATION_SAMPLES)
+    temporary = atomic_output(out)
+    try:
+        backend.compress(technique, CompressInput(fp32_bundle=build.fp32_bundle(variant_key),
+                                                  exported_program=build.exported_program,
+                                                  calibration=calibration, work_dir=out.parent,
+                                                  options=variant.options), temporary)
+        replace_path(temporary, out)
+        record = {"technique": technique_name, "status": "ok", "sha256": bundle_sha256(out)}
+    except NotApplicable as exc:
+        record = {"technique": technique_name, "status": "skipped", "reason": str(exc)}
+        remove_path(out)
+    except Exception as exc:
+        error = exc if isinstance(exc, ToolchainError) else ToolchainError(
+            first_line(exc), stage="compress", technique=technique_name)
+        record = {"technique": technique_name, "status": "error", "error": error.to_record()}
+        remove_path(out)
+    finally:
+        remove_path(temporary)
+    atomic_write_json(build.candidate_record(variant_key, technique_name), record)
+
+
+def candidate_is_valid(build: Build, variant_key: str, technique_name: str) -> bool:
+    try:
+        if read_json(build.candidate_record(variant_key, technique_name)).get("status") == "skipped":
+            return True  # nothing to build for this model; settled until its inputs change
+    except (OSError, ValueError):
+        return False
+    return record_matches(build.candidate_record(variant_key, technique_name),
+                          build.candidate_bundle(variant_key, technique_name))
+
+
+def evaluate(build: Build, variant_key: str, technique_name: str) -> None:
+    """Run the candidate in its runtime on the evaluation set; record metric, size and latency."""
+    variant = build.variants[variant_key]
+    backend = build.registry.backends[variant.backend]
+    technique = build.registry.techniques[(variant.backend, technique_name)]
+    record = read_json(build.candidate_record(variant_key, technique_name))
+    result = {"technique": technique_name, "description": technique.description}
+    destination = build.evaluation(variant_key, technique_name)
+    if record["status"] == "skipped":
+        atomic_write_json(destination, {**result, "status": "skipped", "reason": record["reason"]})
+        return
+    if record["status"] != "ok":
+        atomic_write_json(destination, {**result, "status": "error", "error": record["error"]})
+        return
+    try:
+        measured = evaluate_bundle(build, backend, build.candidate_bundle(variant_key, technique_name))
+    except EdgebuildError:
+        raise
+    except Exception as exc:
+        error = ToolchainError(first_line(exc), stage="evaluate", technique=technique_name)
+        atomic_write_json(destination, {**result, "status": "error", "error": error.to_record()})
+        return
+    atomic_write_json(destination, {**result, "status": "ok", "sha256": record["sha256"], **measured})

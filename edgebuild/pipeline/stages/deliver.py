@@ -1,0 +1,223 @@
+"""Select, package, report, lock: the chosen candidate per target, laid out in `output`, the reports
+release managers read, and edgebuild.lock for `edgebuild check`."""
+import os
+import shutil
+
+from ... import __version__
+from ...api import PackageInput
+from ...fsutil import atomic_write_json, bundle_files, read_json, remove_dir, replace_dir, sha256_file
+from ...manifest import Target
+from ...policy import choose, is_judged, judged, nearest, pareto_front, store_limit, target_checks
+from ..evaluation import limits, metrics, post_training_entries
+from ..layout import Build
+
+
+def _candidates(build: Build, target: Target) -> list[tuple[dict, str | None]]:
+    """Every candidate of the target with the state path of its bundle (None where nothing was built):
+    the post-training techniques in order, then the search's pick and the trained candidate."""
+    key = build.variant(target).key
+    entries = [(entry, build.candidate_bundle(key, technique.name) if entry["status"] == "ok" else None)
+               for technique, entry in post_training_entries(build, key)]
+    if build.searches(target):
+        search = read_json(build.search_record(target))
+        if search.get("candidate"):
+            entries.append((search["candidate"], build.search_bundle(target)))
+    if build.trains(target):
+        trained = read_json(build.qat_record(target))
+        if trained.get("candidate"):
+            entries.append((trained["candidate"], build.qat_bundle(target)))
+    return [(entry, build.manifest.relative(bundle) if bundle else None) for entry, bundle in entries]
+
+
+def _comparisons(build: Build, target: Target, by_name: dict) -> list[dict]:
+    """What one knob bought: techniques against the one that differs from them in that knob alone."""
+    rows = []
+    for technique in build.registry.techniques_for(target.format):
+        this, other = by_name.get(technique.name), by_name.get(technique.compare_with)
+        if technique.compare_with and this and other and "metric" in this and "metric" in other:
+            rows.append({"technique": technique.name, "compared_with": technique.compare_with,
+                         "knob": technique.knob, "metric_delta": this["metric"] - other["metric"],
+                         "bytes_delta": this["bytes"] - other["bytes"]})
+    return rows
+
+
+def _extras(build: Build, target: Target) -> dict:
+    """The search's and training's own records, for the reports."""
+    extras = {}
+    if build.trains(target):
+        extras["qat"] = {k: v for k, v in read_json(build.qat_record(target)).items() if k != "candidate"}
+    if build.searches(target):
+        search = read_json(build.search_record(target))
+        extras["search"] = {k: search[k] for k in ("strategy", "precisions", "layers", "evaluations",
+                                                   "max_evaluations", "seconds", "notes", "chosen", "evaluated")}
+    return extras
+
+
+def select(build: Build, target: Target) -> None:
+    """The smallest candidate meeting every constraint (policy.py); ties go to the better metric."""
+    manifest = build.manifest
+    metric = build.registry.metrics[manifest.metric]
+    target_limits = limits(build, target)
+    baseline = read_json(build.baseline)
+    candidates, sources = [], {}
+    for entry, source in _candidates(build, target):
+        candidates.append(entry if entry["status"] in ("skipped", "error") else judged(entry, target_limits))
+        sources[entry["technique"]] = source
+    chosen = choose(candidates, metric.higher_is_better)
+    bundle_path = build.target_output(target) / f"{manifest.model_name}{build.backend(target).extension}"
+    measured = [c for c in candidates if is_judged(c)]
+    selection = {
+        "name": target.name,
+        "format": target.format,
+        "devices": target.devices,
+        "status": "pass" if chosen else "fail",
+        "budget": {"size": target.size, "download": target.download, "latency_ms": target.latency_ms},
+        "store": store_limit(build.backend(target).platform, target.delivery),
+        "accuracy": {"max_drop": target.max_drop, "floor": target.floor, "threshold": target_limits.accuracy},
+        "constraints": target_checks(target_limits, candidates, chosen),
+        "baseline": {"metric": baseline["value"], "metrics": baseline["metrics"]},
+        "chosen": None if chosen is None else {
+            "technique": chosen["technique"], "path": manifest.relative(bundle_path), "bytes": chosen["bytes"],
+            "download_bytes": chosen["download_bytes"], "metric": chosen["metric"], "metrics": chosen["metrics"],
+            "latency_ms": chosen["latency_ms"], "sha256": chosen["sha256"]},
+        # Where package finds the chosen bundle: recorded here, never derived from a technique's name.
+        "bundle_source": sources[chosen["technique"]] if chosen else None,
+        "candidates": candidates,
+        "comparisons": _comparisons(build, target, {c["technique"]: c for c in candidates}),
+        "pareto_front": [{"technique": c["technique"], "bytes": c["bytes"], "metric": c["metric"]}
+                         for c in pareto_front(measured, metric.higher_is_better)],
+        **_extras(build, target),
+    }
+    if chosen is None and measured:
+        selection["nearest"] = nearest(candidates)
+    atomic_write_json(build.selection(target), selection)
+
+
+def package(build: Build, target: Target) -> None:
+    """Swap the chosen bundle into `output/<target>/`; a failing target leaves no bundle behind."""
+    selection = read_json(build.selection(target))
+    destination = build.target_output(target)
+    if selection["chosen"] is None:
+        remove_dir(destination, build.trash)
+        atomic_write_json(build.packaged(target), {"files": []})
+        return
+    staged = build.staging / target.name
+    shutil.rmtree(staged, ignore_errors=True)
+    staged.mkdir(parents=True)
+    backend = build.backend(target)
+    written = build.registry.packagers[target.format](PackageInput(
+        bundle=build.manifest.root / selection["bundle_source"], directory=staged,
+        model_name=build.manifest.model_name, model_description=build.manifest.model.get("description", ""),
+        manifest_file=build.manifest.path.name, target=target, chosen=selection["chosen"], backend=backend))
+    files = [{"path": build.manifest.relative(destination / f.relative_to(staged)), "sha256": sha256_file(f),
+              "bytes": f.stat().st_size} for p in sorted(written) for f in bundle_files(p)]
+    bundle_path = next((p for p in sorted(written) if p.name.endswith(backend.extension)), None)
+    replace_dir(staged, destination, build.trash)
+    atomic_write_json(build.packaged(target), {
+        "bundle": build.manifest.relative(destination / bundle_path.relative_to(staged)) if bundle_path else None,
+        "files": files})
+
+
+def packaged_is_intact(build: Build, target: Target) -> bool:
+    try:
+        files = read_json(build.packaged(target))["files"]
+    except (OSError, ValueError, KeyError):
+        return False
+    for entry in files:
+        path = build.manifest.root / entry["path"]
+        if not path.is_file() or sha256_file(path) != entry["sha256"]:
+            return False
+    return True
+
+
+def report_data(build: Build) -> dict:
+    manifest = build.manifest
+    metric = build.registry.metrics[manifest.metric]
+    meta = read_json(build.model_meta)
+    return {
+        "schema_version": 1,
+        "edgebuild_version": __version__,
+        "manifest": manifest.path.name,
+        "model": {"name": manifest.model_name, "source": manifest.model["source"], "parameters": meta["parameters"],
+                  "inputs": meta["inputs"]},
+        "metric": {"name": metric.name, "description": metric.description, "unit": metric.unit,
+                   "higher_is_better": metric.higher_is_better},
+        # The gating metric first, then those the manifest only reports.
+        "metrics": [{"name": m.name, "description": m.description, "unit": m.unit,
+                     "higher_is_better": m.higher_is_better} for m in metrics(build).values()],
+        "toolchain": {name: build.registry.backends[name].version() for name in build.backends_in_use()},
+        "targets": [summary for t in manifest.targets if (summary := target_summary(build, t)) is not None],
+    }
+
+
+def target_summary(build: Build, target: Target) -> dict | None:
+    """A target's selection as the reports show it, the chosen bundle's path as its packager laid it out."""
+    if not build.selection(target).is_file():
+        return None
+    summary = read_json(build.selection(target))
+    summary.pop("bundle_source", None)  # state-folder detail, not part of the report
+    if summary["chosen"] is not None and build.packaged(target).is_file():
+        bundle = read_json(build.packaged(target)).get("bundle")
+        if bundle:
+            summary["chosen"]["path"] = bundle
+    return summary
+
+
+def write_reports(build: Build, reporters: list[str], data: dict | None = None) -> None:
+    """Write each selected report format and record what was written, for the up-to-date check."""
+    data = report_data(build) if data is None else data
+    output = build.manifest.output
+    output.mkdir(parents=True, exist_ok=True)
+    # Reporters write into staging; each finished file is then renamed into `output`, so a crash
+    # never leaves a half-written or temporary file there.
+    staged = build.staging / "reports"
+    shutil.rmtree(staged, ignore_errors=True)
+    staged.mkdir(parents=True)
+    written = []
+    for name in reporters:
+        path = build.registry.reporters[name](data, staged)
+        os.replace(path, output / path.name)
+        written.append(output / path.name)
+    files = {build.manifest.relative(p): sha256_file(p) for p in written}
+    try:
+        previous = read_json(build.report_record)["files"]
+    except (OSError, ValueError, KeyError):
+        previous = {}
+    for stale in set(previous) - set(files):  # a format dropped from `reports:` leaves no stale file
+        (build.manifest.root / stale).unlink(missing_ok=True)
+    atomic_write_json(build.report_record, {"files": files})
+
+
+def reports_are_intact(build: Build) -> bool:
+    try:
+        files = read_json(build.report_record)["files"]
+    except (OSError, ValueError, KeyError):
+        return False
+    return all((build.manifest.root / path).is_file() and sha256_file(build.manifest.root / path) == digest
+               for path, digest in files.items())
+
+
+def write_lock(build: Build) -> None:
+    """edgebuild.lock: sha256 of every input and every emitted bundle file, for `edgebuild check`."""
+    manifest = build.manifest
+    try:
+        previous = read_json(build.manifest.lock_file).get("targets", {})
+    except (OSError, ValueError):
+        previous = {}
+    targets = dict(previous)  # a --target build keeps the other targets' entries
+    for target in manifest.targets:
+        selection = read_json(build.selection(target))
+        packaged = read_json(build.packaged(target))
+        targets[target.name] = {
+            "status": selection["status"],
+            "technique": selection["chosen"]["technique"] if selection["chosen"] else None,
+            "bundle": packaged.get("bundle"),
+            "files": {entry["path"]: entry["sha256"] for entry in packaged["files"]},
+        }
+    atomic_write_json(build.manifest.lock_file, temp_dir=build.staging, value={
+        "lock_version": 1,
+        "edgebuild_version": __version__,
+        "manifest": manifest.path.name,
+        "inputs": {manifest.relative(path): sha256_file(path) for path in build.input_files()},
+        "targets": {name: targets[name] for name in sorted(targets)},
+    })

@@ -1,0 +1,85 @@
+"""Load: export the model, tokenize text data, the fp32 reference outputs and baseline metrics."""
+import os
+
+import numpy as np
+
+from ... import hf
+from ...data import run_torch_module
+from ...errors import EdgebuildError, InputError, ToolchainError, first_line
+from ...fsutil import atomic_output, atomic_write_json, read_json, sha256_file
+from ..evaluation import evaluation_data, example_batch, measure, read_data
+from ..layout import Build
+
+
+def _torch_dtype_name(dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def export_model(build: Build) -> None:
+    """Load the model through its loader and save it as a torch.export program with its signature."""
+    import torch
+
+    manifest = build.manifest
+    loader = build.registry.loaders[manifest.model["source"]]
+    try:
+        module, example = loader(manifest.model, manifest.root)
+    except EdgebuildError:
+        raise
+    except Exception as exc:
+        raise InputError(f"loading the model failed: {first_line(exc)}", file=manifest.path.name,
+                         field="model") from exc
+    try:
+        program = torch.export.export(module, example)
+    except Exception as exc:
+        raise ToolchainError(f"torch.export failed: {first_line(exc)}", stage="export") from exc
+
+    names = list(program.graph_signature.user_inputs)
+    inputs = [{"name": name, "shape": list(tensor.shape), "dtype": _torch_dtype_name(tensor.dtype)}
+              for name, tensor in zip(names, example)]
+    with torch.no_grad():
+        result = module(*example)
+    results = result if isinstance(result, (tuple, list)) else (result,)
+    outputs = [{"shape": list(r.shape), "dtype": _torch_dtype_name(r.dtype)} for r in results]
+    parameters = int(sum(p.numel() for p in module.parameters()))
+
+    temporary = atomic_output(build.exported_program)
+    torch.export.save(program, str(temporary))
+    os.replace(temporary, build.exported_program)
+    atomic_write_json(build.model_meta, {"name": manifest.model_name, "inputs": inputs, "outputs": outputs,
+                                         "parameters": parameters, "torch": torch.__version__,
+                                         "sha256": sha256_file(build.exported_program)})
+
+
+def tokenize(build: Build, role: str) -> None:
+    """A text data file cut into next-token windows by the model's own tokenizer (a causal LM's data)."""
+    manifest = build.manifest
+    source = build.data_source(role)
+    length = int(manifest.model.get("sequence_length", hf.DEFAULT_SEQUENCE_LENGTH))
+    arrays = hf.tokenize_text(source, manifest.root / manifest.model["path"], length, manifest.relative(source))
+    out = build.data(role)
+    temporary = atomic_output(out)
+    np.savez(temporary, **arrays)
+    os.replace(temporary, out)
+
+
+def reference_outputs(build: Build) -> None:
+    """fp32 outputs of the exported program on the evaluation set: what every candidate is compared to."""
+    import torch
+
+    data = read_data(build, "evaluation", need_labels=False)
+    program = torch.export.load(str(build.exported_program))
+    outputs = run_torch_module(program.module(), data.inputs, example_batch(build))
+    temporary = atomic_output(build.reference)
+    np.savez(temporary, outputs=outputs)
+    os.replace(temporary, build.reference)
+
+
+def baseline_metric(build: Build) -> None:
+    """The fp32 model's metrics; `max_drop` floors are measured from the gating one."""
+    with np.load(build.reference) as stored:
+        reference = stored["outputs"]
+    values = measure(build, reference, reference, evaluation_data(build))
+    # Metrics measured against fp32 itself (sqnr) have no fp32 value of their own.
+    values = {name: value if build.registry.metrics[name].has_baseline else None for name, value in values.items()}
+    atomic_write_json(build.baseline, {"metric": build.manifest.metric, "value": values[build.manifest.metric],
+                                       "metrics": values, "evaluated_by": "torch fp32 (exported program)"})

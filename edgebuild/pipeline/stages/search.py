@@ -1,0 +1,232 @@
+"""Mixed-precision search: per-layer sensitivity, then a strategy plugin picks the smallest
+per-layer assignment that meets a target's budgets and floor, using few full evaluations.
+
+Full evaluations build the real bundle and run it in the backend's runtime; they are cached by
+content hash (and the code that produced them), so rerunning a search, or another target's, reuses them.
+"""
+import hashlib
+import json
+import shutil
+import time
+
+from ...api import CompressInput, MixedPrecisionBackend, NotApplicable, SearchContext
+from ...fsutil import (atomic_output, atomic_write_json, bundle_bytes, bundle_sha256, read_json, remove_path,
+                       replace_path)
+from ...manifest import Target
+from ...policy import judged
+from ..evaluation import evaluate_bundle, example_batch, limits, read_data
+from ..layout import Build
+
+MIXED = "mixed-precision"
+SENSITIVITY_SAMPLES = 64
+SENSITIVITY_FORMAT = 4       # bump when the table's meaning changes, so old caches are not reused
+
+
+def _digest(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def sensitivity_key(build: Build, target: Target, layers: list[dict], precisions: dict, role: str) -> str:
+    """What the sensitivity table depends on: the fp32 bundle, the data, the grid, the toolchain
+    and the code of edgebuild, the backend and the sqnr metric."""
+    variant = build.variant(target)
+    backend = build.backend(target)
+    return _digest(read_json(build.fp32_record(variant.key))["sha256"], bundle_sha256(build.data(role)),
+                   list(precisions), layers, backend.version(), SENSITIVITY_SAMPLES, SENSITIVITY_FORMAT,
+                   build.code(("backend", backend.name), ("metric", "sqnr")))
+
+
+def _probe(backend: MixedPrecisionBackend, technique, source: CompressInput, bundle) -> None:
+    remove_path(bundle)
+    backend.compress(technique, source, bundle)
+
+
+def sensitivity_table(build: Build, target: Target, layers: list[dict], precisions: dict[str, float]) -> dict:
+    """Output SQNR vs fp32 with one layer lowered to one precision, on a calibration subset. Cached."""
+    variant = build.variant(target)
+    backend = build.backend(target)
+    sqnr = build.registry.metrics["sqnr"]  # the proxy is the sqnr metric every build registers
+    role = "calibration" if build.manifest.calibration else "evaluation"
+    key = sensitivity_key(build, target, layers, precisions, role)
+    cache = build.sensitivity_cache(variant.key)
+    if cache.is_file() and read_json(cache).get("key") == key:
+        return read_json(cache)["table"]
+    samples = read_data(build, role, need_labels=False)
+    inputs = tuple(array[:SENSITIVITY_SAMPLES] for array in samples.inputs)
+    fp32 = build.fp32_bundle(variant.key)
+
+    def run(bundle):
+        return backend.predict(bundle, inputs, threads=1, batch=example_batch(build),
+                               exported_program=build.exported_program).outputs
+
+    reference = run(fp32)
+    work = build.state / variant.key / "sensitivity"
+    work.mkdir(parents=True, exist_ok=True)
+    source = CompressInput(fp32_bundle=fp32, exported_program=build.exported_program, calibration=None,
+                           work_dir=work, options=variant.options)
+    table, stored_bytes, refused = {}, {}, {}
+    fp32_size = bundle_bytes(fp32)
+    for layer in layers:
+        name = layer["name"]
+        table[name], stored_bytes[name] = {}, {}
+        for precision in precisions:
+            table[name][precision] = stored_bytes[name][precision] = None
+            bundle = work / f"probe{backend.extension}"
+            try:
+                _probe(backend, backend.mixed_technique({name: precision}, layers, "sensitivity"), source, bundle)
+            except NotApplicable as exc:  # e.g. blocks that do not divide this layer
+                refused.setdefault(name, {})[precision] = str(exc)
+                continue
+            stored = next((t["dtype"] for t in backend.weights(bundle) if t["name"] == name), None)
+            if stored in ("float32", "float16") and precisions[precision] < (32 if stored == "float32" else 16):
+                continue  # the backend stores this op's weight wider than asked: no such precision here
+            # What this layer really costs at this precision, scales and zero points included.
+            stored_bytes[name][precision] = (bundle_bytes(bundle) - fp32_size
+                                             + layer["params"] * backend.reference_bytes_per_weight)
+            table[name][precision] = round(sqnr.compute(run(bundle), reference, None), 3)
+    remove_path(work)
+    result = {"db": table, "bytes": stored_bytes, "refused": refused}
+    atomic_write_json(cache, {"key": key, "table": result})
+    return result
+
+
+def _grid(build: Build, target: Target) -> tuple[list[dict], dict[str, float], dict[str, float]]:
+    """(layers, precisions asked for and offered, every precision the backend offers)."""
+    variant = build.variant(target)
+    backend = build.backend(target)
+    offered = backend.precisions(variant.options)
+    asked = build.manifest.search.get("precisions", backend.default_precisions(variant.options))
+    precisions = {p: bits for p, bits in offered.items() if p in asked}
+    return backend.layers(build.fp32_bundle(variant.key), variant.options), precisions, offered
+
+
+def _not_offered_notes(backend, layers: list[dict], measured: dict) -> list[str]:
+    """Where the backend stores a weight wider than asked, or refuses a precision, and so why it is not offered."""
+    notes = []
+    for layer in layers:
+        for precision, cost in measured["bytes"][layer["name"]].items():
+            reason = measured.get("refused", {}).get(layer["name"], {}).get(precision)
+            if cost is None and reason:
+                notes.append(f"{layer['name']} ({layer['op']}): {precision} is not offered for it: {reason}")
+            elif cost is None:
+                notes.append(f"{layer['name']} ({layer['op']}): {backend.name} keeps this weight in float when "
+                             f"asked {precision}, so {precision} is not offered for it")
+    return notes
+
+
+def _evaluator(build: Build, target: Target, layers: list[dict]):
+    """A function building and running one assignment for real, cached by content and code."""
+    variant = build.variant(target)
+    backend = build.backend(target)
+    target_limits = limits(build, target)
+    cache_dir = build.search_cache(variant.key)
+    fixed = (read_json(build.fp32_record(variant.key))["sha256"], bundle_sha256(build.data("evaluation")),
+             build.manifest.metrics, backend.version(),
+             build.code(("backend", backend.name), *(("metric", m) for m in build.manifest.metrics)))
+
+    def evaluate(assignment: dict[str, str]) -> dict:
+        technique = backend.mixed_technique(assignment, layers, MIXED)
+        key = _digest(fixed[0], technique.recipe, *fixed[1:])[:32]
+        bundle = cache_dir / f"{key}{backend.extension}"
+        cached = cache_dir / f"{key}.json"
+        if cached.is_file() and bundle.exists() and read_json(cached).get("sha256") == bundle_sha256(bundle):
+            evaluation = read_json(cached)
+        else:
+            temporary = atomic_output(bundle)
+            try:
+                backend.compress(technique, CompressInput(fp32_bundle=build.fp32_bundle(variant.key),
+                                                          exported_program=build.exported_program, calibration=None,
+                                                          work_dir=cache_dir, options=variant.options), temporary)
+                replace_path(temporary, bundle)
+            finally:
+                remove_path(temporary)
+            evaluation = {**evaluate_bundle(build, backend, bundle), "sha256": bundle_sha256(bundle)}
+            atomic_write_json(cached, evaluation)
+        point = judged({"technique": MIXED, **evaluation}, target_limits)
+        return {"bytes": point["bytes"], "download_bytes": point["download_bytes"], "metric": point["metric"],
+                "latency_ms": point["latency_ms"], "status": point["status"], "failed": point["failed"], "key": key}
+
+    return evaluate
+
+
+def _chosen(build: Build, target: Target, context: SearchContext, chosen: dict, measured: dict) -> dict:
+    """The record of the chosen assignment, its bundle moved out of the shared cache into the target's state."""
+    backend = build.backend(target)
+    point = context.evaluate(chosen)  # already evaluated: returns the cached entry
+    table = measured["db"]
+    record = {
+        "assignment": chosen, "bytes": point["bytes"], "metric": point["metric"],
+        "decision_log": [{"layer": layer["name"], "params": layer["params"], "precision": chosen[layer["name"]],
+                          "sensitivity_db": table[layer["name"]][chosen[layer["name"]]],
+                          "bytes_saved": layer["params"] * 4 - measured["bytes"][layer["name"]][chosen[layer["name"]]]}
+                         for layer in context.layers],
+    }
+    # Select and package read the chosen bundle from the target's own state: a later search
+    # cannot change it underneath them.
+    cache_dir = build.search_cache(build.variant(target).key)
+    source = cache_dir / f"{point['key']}{backend.extension}"
+    destination = build.search_bundle(target)
+    temporary = atomic_output(destination)
+    if source.is_dir():
+        shutil.copytree(source, temporary)
+    else:
+        shutil.copyfile(source, temporary)
+    replace_path(temporary, destination)
+    candidate = {"technique": MIXED, "description": backend.mixed_technique(chosen, context.layers, MIXED).description,
+                 "status": "ok", **read_json(cache_dir / f"{point['key']}.json")}
+    stored = {}
+    for tensor in candidate.get("layers", []):  # largest first: a layer's weight before its bias
+        stored.setdefault(tensor["name"], tensor["dtype"])
+    for entry in record["decision_log"]:
+        entry["stored_as"] = stored.get(entry["layer"], "")
+    return {"chosen": record, "candidate": candidate}
+
+
+def run_search(build: Build, target: Target) -> None:
+    """The search stage for one target: writes `.edgebuild/targets/<t>/search.json` and the chosen bundle."""
+    settings = build.manifest.search
+    backend = build.backend(target)
+    layers, precisions, offered = _grid(build, target)
+    record = {"strategy": settings["strategy"], "precisions": list(precisions), "layers": [], "evaluations": 0,
+              "max_evaluations": settings["max_evaluations"], "seconds": 0.0, "notes": [], "evaluated": [],
+              "chosen": None}
+    if not layers or len(precisions) < 2:
+        record["notes"] = [f"{backend.name} offers {', '.join(precisions) or 'none'} of the precisions asked for; a "
+                           f"search needs two (it offers {', '.join(offered)})" if len(precisions) < 2
+                           else "no layer has a choice of precision"]
+        atomic_write_json(build.search_record(target), record)
+        return
+    measured = sensitivity_table(build, target, layers, precisions)
+    variant_key = build.variant(target).key
+    base = max(0, bundle_bytes(build.fp32_bundle(variant_key))
+               - sum(layer["params"] * backend.reference_bytes_per_weight for layer in layers))
+    context = SearchContext(layers=layers, precisions=precisions, sensitivity=measured["db"],
+                            layer_bytes=measured["bytes"], base_bytes=base,
+                            max_evaluations=settings["max_evaluations"], max_time=settings["max_time"],
+                            higher_is_better=build.registry.metrics[build.manifest.metric].higher_is_better,
+                            evaluate_fn=_evaluator(build, target, layers),
+                            notes=_not_offered_notes(backend, layers, measured))
+    chosen = build.registry.strategies[settings["strategy"]].search(context)
+    record.update({
+        "layers": [{**layer, "sensitivity_db": measured["db"][layer["name"]],
+                    "stored_bytes": measured["bytes"][layer["name"]]} for layer in layers],
+        "evaluations": len(context.evaluated),
+        "seconds": round(time.monotonic() - context.started, 2),
+        "notes": context.notes,
+        "evaluated": [{k: v for k, v in e.items() if k != "key"} for e in context.evaluated],
+    })
+    if chosen is not None:
+        record.update(_chosen(build, target, context, chosen, measured))
+    atomic_write_json(build.search_record(target), record)
+
+
+def search_is_intact(build: Build, target: Target) -> bool:
+    try:
+        record = read_json(build.search_record(target))
+    except (OSError, ValueError):
+        return False
+    if record.get("chosen") is None:
+        return True
+    bundle = build.search_bundle(target)
+    return bundle.exists() and bundle_sha256(bundle) == record["candidate"]["sha256"]
+

@@ -1,0 +1,184 @@
+"""Every constraint a bundle must meet, defined once.
+
+Selection, the mixed-precision search, quantization-aware training, `edgebuild check`, the reports
+and junit all judge through here. A constraint is `pass`, `fail`, or `unverified`: this host cannot
+measure it (Core ML gives no latency on Linux). An unverified constraint never counts as a pass: the
+candidate is not chosen, and the target fails with the reason.
+"""
+import math
+from dataclasses import asdict, dataclass
+
+from . import devices as device_catalog
+from .api import Metric, Status
+
+# The order reports list them in; all but accuracy are "lower is better".
+CONSTRAINTS = ("size", "download", "store", "latency", "accuracy")
+BYTE_CONSTRAINTS = ("size", "download", "store")
+MEASURED_BY = {"size": "bytes", "download": "download_bytes", "store": "download_bytes", "latency": "latency_ms",
+               "accuracy": "metric"}
+
+
+@dataclass(frozen=True)
+class Check:
+    """One constraint judged on one candidate: its status, limit and actual value."""
+
+    constraint: str
+    status: Status
+    limit: float
+    actual: float | None
+    reason: str = ""           # why it is unverified
+    candidate: str = ""        # for a target with no bundle: the candidate that came closest on it
+
+    def to_json(self) -> dict:
+        record = {key: value for key, value in asdict(self).items() if value != "" or key == "constraint"}
+        record["status"] = self.status.value
+        return record
+
+    @classmethod
+    def from_json(cls, record: dict) -> "Check":
+        return cls(**{**record, "status": Status(record["status"])})
+
+    @property
+    def distance(self) -> float:
+        """How far the actual value is past the limit, relative to it (0 when met or not measured)."""
+        if self.status != Status.FAIL:
+            return 0.0
+        return abs(self.actual - self.limit) / max(abs(self.limit), 1e-12)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """A target's limits: its budgets, the store's hard download limit, the accuracy threshold."""
+
+    size: int | None
+    download: int | None
+    store: int | None
+    latency_ms: float | None
+    accuracy: float
+    higher_is_better: bool
+
+    def items(self) -> list[tuple[str, float]]:
+        """(constraint, limit) for every constraint this target has, in report order."""
+        limits = {"size": self.size, "download": self.download, "store": self.store, "latency": self.latency_ms,
+                  "accuracy": self.accuracy}
+        return [(name, limits[name]) for name in CONSTRAINTS if limits[name] is not None]
+
+    def met(self, constraint: str, actual: float, limit: float) -> bool:
+        if constraint == "accuracy":
+            return actual >= limit if self.higher_is_better else actual <= limit
+        return actual <= limit
+
+
+def store_limit(platform: str, delivery: str | None) -> dict | None:
+    """A store's hard download limit; it applies even when the manifest's own budget is larger."""
+    store = device_catalog.store_for(platform)
+    if store and delivery:
+        return {"store": store[0], "delivery": delivery, "limit": store[1][delivery]}
+    return None
+
+
+def accuracy_threshold(target, metric: Metric, baseline: float | None) -> float:
+    """The metric a candidate must reach: the floor, or the fp32 baseline less max_drop."""
+    return target.threshold(baseline, metric.higher_is_better)
+
+
+def target_limits(target, metric: Metric, baseline: float | None, platform: str) -> Limits:
+    store = store_limit(platform, target.delivery)
+    return Limits(size=target.size, download=target.download, store=store["limit"] if store else None,
+                  latency_ms=target.latency_ms, accuracy=accuracy_threshold(target, metric, baseline),
+                  higher_is_better=metric.higher_is_better)
+
+
+def _unmeasured_reason(constraint: str, measured: dict) -> str:
+    if constraint == "latency":
+        return f"latency not measured: {measured.get('latency_note') or 'the runtime reported no latency'}"
+    return f"{constraint} not measured"
+
+
+def judge(limits: Limits, measured: dict) -> list[Check]:
+    """Every constraint of the target, judged on one candidate's measured values."""
+    checks = []
+    for constraint, limit in limits.items():
+        actual = measured.get(MEASURED_BY[constraint])
+        if actual is None or (isinstance(actual, float) and math.isnan(actual)):
+            checks.append(Check(constraint, Status.UNVERIFIED, limit, None, _unmeasured_reason(constraint, measured)))
+        else:
+            status = Status.PASS if limits.met(constraint, actual, limit) else Status.FAIL
+            checks.append(Check(constraint, status, limit, actual))
+    return checks
+
+
+def verdict(checks: list[Check]) -> Status:
+    """fail if any constraint fails; unverified if any cannot be measured here; else pass."""
+    statuses = {check.status for check in checks}
+    if Status.FAIL in statuses:
+        return Status.FAIL
+    return Status.UNVERIFIED if Status.UNVERIFIED in statuses else Status.PASS
+
+
+def problems(checks: list[Check]) -> list[dict]:
+    """The checks that keep a candidate from being chosen, as report.json's `failed` lists them."""
+    return [check.to_json() for check in checks if check.status != Status.PASS]
+
+
+def judged(entry: dict, limits: Limits) -> dict:
+    """An evaluated candidate with its status and the constraints that block it."""
+    checks = judge(limits, entry)
+    return {**entry, "status": verdict(checks).value, "failed": problems(checks)}
+
+
+def choose(candidates: list[dict], higher_is_better: bool) -> dict | None:
+    """The smallest passing candidate; a tie goes to the better metric, then the name."""
+    sign = -1 if higher_is_better else 1
+    passing = [c for c in candidates if c["status"] == Status.PASS]
+    return min(passing, key=lambda c: (c["bytes"], sign * c["metric"], c["technique"]), default=None)
+
+
+def is_judged(candidate: dict) -> bool:
+    """Built and evaluated (whatever the verdict), as opposed to skipped or failed to build."""
+    return candidate["status"] in (Status.PASS, Status.FAIL, Status.UNVERIFIED)
+
+
+def nearest(candidates: list[dict]) -> dict | None:
+    """The judged candidate closest to passing (smallest relative violation summed over what it
+    breaks), and by how much each constraint blocks it."""
+    judged_ = [c for c in candidates if is_judged(c)]
+    if not judged_:
+        return None
+    closest = min(judged_, key=lambda c: (sum(Check.from_json(f).distance for f in c["failed"]), c["bytes"],
+                                          c["technique"]))
+    return {"technique": closest["technique"], "blocked_by": [
+        {**f, "by": None if f["actual"] is None else abs(f["actual"] - f["limit"])} for f in closest["failed"]]}
+
+
+def target_checks(limits: Limits, candidates: list[dict], chosen: dict | None) -> list[dict]:
+    """Each constraint of a target: judged on the chosen bundle, or, when there is none, on the
+    candidate that does best on that constraint alone (so a report says which budgets no candidate
+    can meet, and which this host cannot verify)."""
+    if chosen is not None:
+        return [check.to_json() for check in judge(limits, chosen)]
+    judged_ = [c for c in candidates if is_judged(c)]
+    rows = []
+    for constraint, limit in limits.items():
+        checks = [(check, c["technique"]) for c in judged_ for check in judge(limits, c)
+                  if check.constraint == constraint]
+        if not checks:
+            rows.append(Check(constraint, Status.FAIL, limit, None, "no candidate was evaluated").to_json())
+            continue
+        rank = {Status.PASS: 0, Status.FAIL: 1, Status.UNVERIFIED: 2}
+        sign = -1 if constraint == "accuracy" and limits.higher_is_better else 1
+        best, technique = min(checks, key=lambda item: (rank[item[0].status],
+                                                        sign * (item[0].actual if item[0].actual is not None else 0)))
+        rows.append(Check(best.constraint, best.status, best.limit, best.actual, best.reason, technique).to_json())
+    return rows
+
+
+def pareto_front(points: list[dict], higher_is_better: bool) -> list[dict]:
+    """Points no other point beats on both bytes (smaller) and metric."""
+    sign = 1 if higher_is_better else -1
+    front, best = [], -math.inf
+    for point in sorted(points, key=lambda p: (p["bytes"], -sign * p["metric"])):
+        if sign * point["metric"] > best:
+            front.append(point)
+            best = sign * point["metric"]
+    return front
