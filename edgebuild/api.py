@@ -132,6 +132,11 @@ class PackageInput:
     chosen: dict                 # the chosen candidate's report entry (technique, bytes, sha256, metric ...)
     backend: Backend
 
+    def metadata(self, bundle: Path) -> dict:
+        """The fields every packager's `<model>.json` starts with."""
+        return {"model": self.model_name, "description": self.model_description, "target": self.target.name,
+                "manifest": self.manifest_file, "file": bundle.name}
+
 
 @runtime_checkable
 class MixedPrecisionBackend(Backend, Protocol):
@@ -181,6 +186,7 @@ class BackendBase:
 class Status(str, Enum):
     """How a candidate, a constraint or a target stands. A string, so records stay plain JSON."""
 
+    OK = "ok"                   # built and evaluated, not yet judged against a target
     PASS = "pass"
     FAIL = "fail"
     UNVERIFIED = "unverified"   # this host cannot measure a constraint: never counted as a pass
@@ -244,6 +250,28 @@ class SearchContext:
                  "proxy_db": round(self.proxy_db(assignment), 3), **result}
         self.evaluated.append(entry)
         return entry
+
+
+@dataclass(frozen=True)
+class CandidateRecord:
+    """What the compress stage records for one candidate: built (ok, with the bundle's sha256),
+    skipped (the technique has nothing to act on here, with the reason) or error (the toolchain's)."""
+
+    technique: str
+    status: Status
+    sha256: str | None = None
+    reason: str | None = None
+    error: dict | None = None
+
+    def to_json(self) -> dict:
+        fields = (("sha256", self.sha256), ("reason", self.reason), ("error", self.error))
+        return {"technique": self.technique, "status": self.status.value,
+                **{key: value for key, value in fields if value is not None}}
+
+    @classmethod
+    def from_json(cls, record: dict) -> "CandidateRecord":
+        return cls(record["technique"], Status(record["status"]), record.get("sha256"), record.get("reason"),
+                   record.get("error"))
 
 
 @dataclass(frozen=True)

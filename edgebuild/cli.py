@@ -120,38 +120,10 @@ def cmd_build(args, console: Console) -> int:
         manifest.reports = _report_formats(args.report, registry)
     build = Build(manifest, registry)
     result = run_pipeline(build, console=console, wait=not args.no_wait)
-
-    if result.executed or result.failed:
-        heavy = [s for s in result.executed if s.split(":")[0] in ("export", "convert", "compress", "evaluate")]
-        failed = f", {len(result.failed)} failed ({', '.join(result.failed)})" if result.failed else ""
-        if result.blocked:
-            failed += f", {len(result.blocked)} not run because of that"
-        console.print(f"ran {len(result.executed)} stage(s), {len(result.up_to_date)} up to date{failed}"
-                      f"{'' if heavy else ' (no conversion or evaluation rerun)'}", highlight=False)
-    else:
-        console.print(f"nothing changed: all {len(result.up_to_date)} stages up to date; "
-                      "no conversion or evaluation rerun", highlight=False)
-
+    _print_stages(result, console)
     targets = read_targets(build)
     candidate_errors = [(t["name"], c) for t in targets for c in t["candidates"] if c["status"] == "error"]
-    for target in targets:
-        chosen = target["chosen"]
-        if chosen:
-            budget = f" (budget {format_size(target['budget']['size'])})" if target["budget"]["size"] else ""
-            console.print(f"[green]✔[/green] {target['name']}: {chosen['technique']} {format_size(chosen['bytes'])}{budget}, "
-                          f"{manifest.metric} {chosen['metric']:.4f} (floor {target['accuracy']['threshold']:.4f}) "
-                          f"→ {chosen['path']}", highlight=False)
-        else:
-            console.print(f"[red]✘[/red] {target['name']}: no candidate meets every budget and the floor", highlight=False)
-            for check in target["constraints"]:
-                if check["status"] == "unverified":
-                    console.print(f"    {check_text(check)}", highlight=False)
-            for candidate in target["candidates"]:
-                console.print(f"    {candidate['technique']}: {candidate_reason(candidate, exact=True)}", highlight=False)
-    for target_name, candidate in candidate_errors:
-        error = candidate["error"]
-        console.print(f"[red]error[/red] stage {error['stage']}, target {target_name}, technique {candidate['technique']}: "
-                      f"{error['message']}", highlight=False)
+    _print_targets(targets, candidate_errors, manifest.metric, console)
     report = manifest.output / "report.json"
     if report.is_file() and not result.errors:
         console.print(f"report: {manifest.relative(report)}", highlight=False)
@@ -186,6 +158,42 @@ def cmd_build(args, console: Console) -> int:
                          "files": _packaged_files(build, t["name"])} for t in targets],
         }, indent=2))
     return code
+
+
+def _print_stages(result, console: Console) -> None:
+    """What ran: stages executed, up to date, failed, not run."""
+    if not (result.executed or result.failed):
+        console.print(f"nothing changed: all {len(result.up_to_date)} stages up to date; "
+                      "no conversion or evaluation rerun", highlight=False)
+        return
+    heavy = [s for s in result.executed if s.split(":")[0] in ("export", "convert", "compress", "evaluate")]
+    failed = f", {len(result.failed)} failed ({', '.join(result.failed)})" if result.failed else ""
+    if result.blocked:
+        failed += f", {len(result.blocked)} not run because of that"
+    console.print(f"ran {len(result.executed)} stage(s), {len(result.up_to_date)} up to date{failed}"
+                  f"{'' if heavy else ' (no conversion or evaluation rerun)'}", highlight=False)
+
+
+def _print_targets(targets: list[dict], candidate_errors: list, metric: str, console: Console) -> None:
+    """Per target, the chosen bundle, or why every candidate was not chosen; then toolchain errors."""
+    for target in targets:
+        chosen = target["chosen"]
+        if chosen:
+            budget = f" (budget {format_size(target['budget']['size'])})" if target["budget"]["size"] else ""
+            console.print(f"[green]✔[/green] {target['name']}: {chosen['technique']} {format_size(chosen['bytes'])}{budget}, "
+                          f"{metric} {chosen['metric']:.4f} (floor {target['accuracy']['threshold']:.4f}) "
+                          f"→ {chosen['path']}", highlight=False)
+            continue
+        console.print(f"[red]✘[/red] {target['name']}: no candidate meets every budget and the floor", highlight=False)
+        for check in target["constraints"]:
+            if check["status"] == "unverified":
+                console.print(f"    {check_text(check)}", highlight=False)
+        for candidate in target["candidates"]:
+            console.print(f"    {candidate['technique']}: {candidate_reason(candidate, exact=True)}", highlight=False)
+    for target_name, candidate in candidate_errors:
+        error = candidate["error"]
+        console.print(f"[red]error[/red] stage {error['stage']}, target {target_name}, technique {candidate['technique']}: "
+                      f"{error['message']}", highlight=False)
 
 
 def _packaged_files(build, target_name: str) -> list[str]:

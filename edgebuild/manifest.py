@@ -237,7 +237,11 @@ class _Validator:
         return list(value)
 
     def number(self, value: Any, path: tuple, low: float | None = None, high: float | None = None) -> float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise self.doc.error(path, f"expected a number, got {_typename(value)} {value!r}")
+        if isinstance(value, int) and abs(value) > 1e300:  # YAML ints are unbounded; float() would overflow
+            raise self.doc.error(path, f"expected a number, got an integer of {len(str(abs(value)))} digits")
+        if not math.isfinite(value):
             raise self.doc.error(path, f"expected a number, got {_typename(value)} {value!r}")
         if (low is not None and value < low) or (high is not None and value > high):
             if high is None:
@@ -429,85 +433,105 @@ def _target(check: _Validator, doc: _Document, entry: Any, path: tuple, metric, 
     seen.add(name)
     fmt = check.choice(entry["format"], path + ("format",), list(check.registry.backends), "format")
     platform = check.registry.backends[fmt].platform
+    devices = _devices(check, doc, entry["devices"], path + ("devices",), fmt, platform)
+    size, download, latency_ms = _budget(check, entry, path + ("budget",))
+    max_drop, floor = _accuracy(check, doc, entry["accuracy"], path + ("accuracy",), metric)
+    delivery = _delivery(check, doc, entry, path, fmt, platform)
+    android = _android(check, doc, entry, path, fmt, platform)
+    min_ios = _min_ios(doc, entry, path, fmt, platform, devices)
+    qat = _qat_settings(check, doc, entry["qat"], path + ("qat",), fmt, data) if "qat" in entry else None
+    return Target(name=name, format=fmt, devices=devices, size=size, download=download, max_drop=max_drop,
+                  floor=floor, raw=entry, delivery=delivery, android=android, min_ios=min_ios, latency_ms=latency_ms,
+                  qat=qat)
 
-    devices = entry["devices"]
+
+def _devices(check: _Validator, doc: _Document, devices: Any, path: tuple, fmt: str, platform: str) -> list[str]:
     if not isinstance(devices, list) or not devices:
-        raise doc.error(path + ("devices",), f"expected a non-empty list of device names, got {_typename(devices)}")
+        raise doc.error(path, f"expected a non-empty list of device names, got {_typename(devices)}")
     catalog = device_catalog.catalog()
     for j, device in enumerate(devices):
-        check.string(device, path + ("devices", j))
+        check.string(device, path + (j,))
         if device not in catalog:
             near = device_catalog.closest(device, platform)
             hint = f"; closest: {', '.join(near)}" if near else ""
-            raise doc.error(path + ("devices", j), f"unknown device {device!r}{hint}")
+            raise doc.error(path + (j,), f"unknown device {device!r}{hint}")
         if catalog[device]["platform"] != platform:
-            raise doc.error(path + ("devices", j),
+            raise doc.error(path + (j,),
                             f"device {device!r} is an {catalog[device]['platform']} device; format {fmt!r} targets {platform}")
+    return list(devices)
 
-    size = download = latency_ms = None
-    if "budget" in entry:
-        budget = check.mapping(entry["budget"], path + ("budget",), BUDGET_KEYS)
-        if "size" in budget:
-            size = check.size(budget["size"], path + ("budget", "size"))
-        if "download" in budget:
-            download = check.size(budget["download"], path + ("budget", "download"))
-        if "latency_ms" in budget:
-            latency_ms = check.number(budget["latency_ms"], path + ("budget", "latency_ms"), 0.001, 3_600_000.0)
 
-    accuracy = check.mapping(entry["accuracy"], path + ("accuracy",), ACCURACY_KEYS)
+def _budget(check: _Validator, entry: dict, path: tuple) -> tuple[int | None, int | None, float | None]:
+    """(size, download, latency_ms), each None when not given."""
+    if "budget" not in entry:
+        return None, None, None
+    budget = check.mapping(entry["budget"], path, BUDGET_KEYS)
+    size = check.size(budget["size"], path + ("size",)) if "size" in budget else None
+    download = check.size(budget["download"], path + ("download",)) if "download" in budget else None
+    latency_ms = None
+    if "latency_ms" in budget:
+        latency_ms = check.number(budget["latency_ms"], path + ("latency_ms",), 0.001, 3_600_000.0)
+    return size, download, latency_ms
+
+
+def _accuracy(check: _Validator, doc: _Document, value: Any, path: tuple, metric) -> tuple[float | None, float | None]:
+    """(max_drop, floor): exactly one is given."""
+    accuracy = check.mapping(value, path, ACCURACY_KEYS)
     if ("max_drop" in accuracy) == ("floor" in accuracy):
-        raise doc.error(path + ("accuracy",), "give exactly one of 'max_drop' or 'floor'")
-    max_drop = floor = None
-    if "max_drop" in accuracy:
-        if not metric.has_baseline:
-            raise doc.error(path + ("accuracy", "max_drop"),
-                            f"metric {metric.name!r} has no fp32 baseline to drop from; use 'floor'", at_key=True)
-        low, high = metric.bounds
-        # How far from fp32 a candidate may fall (a rise, for metrics where lower is better).
-        widest = high - low if low is not None and high is not None else None
-        max_drop = check.number(accuracy["max_drop"], path + ("accuracy", "max_drop"), 0.0, widest)
-    else:
-        floor = check.number(accuracy["floor"], path + ("accuracy", "floor"), *metric.bounds)
-    delivery = None
+        raise doc.error(path, "give exactly one of 'max_drop' or 'floor'")
+    if "floor" in accuracy:
+        return None, check.number(accuracy["floor"], path + ("floor",), *metric.bounds)
+    if not metric.has_baseline:
+        raise doc.error(path + ("max_drop",), f"metric {metric.name!r} has no fp32 baseline to drop from; use 'floor'",
+                        at_key=True)
+    low, high = metric.bounds
+    # How far from fp32 a candidate may fall (a rise, for metrics where lower is better).
+    widest = high - low if low is not None and high is not None else None
+    return check.number(accuracy["max_drop"], path + ("max_drop",), 0.0, widest), None
+
+
+def _delivery(check: _Validator, doc: _Document, entry: dict, path: tuple, fmt: str, platform: str) -> str | None:
     store = device_catalog.store_for(platform)
-    if "delivery" in entry:
-        if store is None:
-            raise doc.error(path + ("delivery",), f"format {fmt!r} has no store delivery options", at_key=True)
-        delivery = check.choice(entry["delivery"], path + ("delivery",), list(store[1]), "delivery")
-    elif store is not None:
-        delivery = next(iter(store[1]))
+    if "delivery" not in entry:
+        return next(iter(store[1])) if store is not None else None
+    if store is None:
+        raise doc.error(path + ("delivery",), f"format {fmt!r} has no store delivery options", at_key=True)
+    return check.choice(entry["delivery"], path + ("delivery",), list(store[1]), "delivery")
+
+
+def _android(check: _Validator, doc: _Document, entry: dict, path: tuple, fmt: str, platform: str) -> dict:
     android = dict(ANDROID_DEFAULTS) if platform == "android" else {}
-    if "android" in entry:
-        if platform != "android":
-            raise doc.error(path + ("android",), f"only android targets take this block; format {fmt!r} targets {platform}",
-                            at_key=True)
-        android.update(check.mapping(entry["android"], path + ("android",), ANDROID_KEYS))
-        for key, pattern, example in (("assets_dir", ASSETS_DIR_PATTERN, "models/vision"),
-                                      ("kotlin_package", KOTLIN_PACKAGE_PATTERN, "com.example.models")):
-            if key in android:
-                check.string(android[key], path + ("android", key))
-                if not pattern.match(android[key]):
-                    raise doc.error(path + ("android", key), f"invalid value {android[key]!r} (for example {example!r})")
-    min_ios = None
-    if "min_ios" in entry:
-        if platform != "ios":
-            raise doc.error(path + ("min_ios",), f"only ios targets take min_ios; format {fmt!r} targets {platform}",
-                            at_key=True)
-        value = entry["min_ios"]
-        if isinstance(value, bool) or not isinstance(value, int) or not MIN_IOS_RANGE[0] <= value <= MIN_IOS_RANGE[1]:
-            raise doc.error(path + ("min_ios",), f"expected an iOS major version from {MIN_IOS_RANGE[0]} to "
-                                                 f"{MIN_IOS_RANGE[1]}, got {value!r}")
-        for device in devices:
-            if catalog[device]["ios"] < value:
-                raise doc.error(path + ("min_ios",), f"device {device!r} runs at most iOS {catalog[device]['ios']}; "
-                                                     f"min_ios {value} would exclude it")
-        min_ios = value
-    qat = None
-    if "qat" in entry:
-        qat = _qat_settings(check, doc, entry["qat"], path + ("qat",), fmt, data)
-    return Target(name=name, format=fmt, devices=list(devices), size=size, download=download,
-                  max_drop=max_drop, floor=floor, raw=entry, delivery=delivery, android=android, min_ios=min_ios,
-                  latency_ms=latency_ms, qat=qat)
+    if "android" not in entry:
+        return android
+    if platform != "android":
+        raise doc.error(path + ("android",), f"only android targets take this block; format {fmt!r} targets {platform}",
+                        at_key=True)
+    android.update(check.mapping(entry["android"], path + ("android",), ANDROID_KEYS))
+    for key, pattern, example in (("assets_dir", ASSETS_DIR_PATTERN, "models/vision"),
+                                  ("kotlin_package", KOTLIN_PACKAGE_PATTERN, "com.example.models")):
+        if key in android:
+            check.string(android[key], path + ("android", key))
+            if not pattern.match(android[key]):
+                raise doc.error(path + ("android", key), f"invalid value {android[key]!r} (for example {example!r})")
+    return android
+
+
+def _min_ios(doc: _Document, entry: dict, path: tuple, fmt: str, platform: str, devices: list[str]) -> int | None:
+    if "min_ios" not in entry:
+        return None
+    if platform != "ios":
+        raise doc.error(path + ("min_ios",), f"only ios targets take min_ios; format {fmt!r} targets {platform}",
+                        at_key=True)
+    value = entry["min_ios"]
+    if isinstance(value, bool) or not isinstance(value, int) or not MIN_IOS_RANGE[0] <= value <= MIN_IOS_RANGE[1]:
+        raise doc.error(path + ("min_ios",), f"expected an iOS major version from {MIN_IOS_RANGE[0]} to "
+                                             f"{MIN_IOS_RANGE[1]}, got {value!r}")
+    catalog = device_catalog.catalog()
+    for device in devices:
+        if catalog[device]["ios"] < value:
+            raise doc.error(path + ("min_ios",), f"device {device!r} runs at most iOS {catalog[device]['ios']}; "
+                                                 f"min_ios {value} would exclude it")
+    return value
 
 
 def _qat_settings(check: _Validator, doc: _Document, value: Any, path: tuple, fmt: str,

@@ -106,8 +106,14 @@ def broken_manifests(draw):
             manifest["model"]["entry"] = draw(st.sampled_from(["../model.py:build", "/tmp/model.py:build",
                                                                "model.py", "examples/digits/model.py:"]))
     elif kind == "huge":
-        manifest["targets"][0]["budget"]["size"] = draw(st.sampled_from(["99999999999999GB", "1" + "0" * 40 + "KB",
-                                                                         "5000GB", "2000000MiB"]))
+        # Sizes past 1 TB, numbers too large for a float (YAML integers are unbounded), NaN and infinity.
+        huge = draw(st.sampled_from(["99999999999999GB", "1" + "0" * 40 + "KB", "5000GB", "2000000MiB",
+                                     "9" * 400 + "KB", "9" * 400 + ".5B", "1" * 310 + "GiB"]))
+        field = draw(st.sampled_from(["size", "download", "latency_ms"]))
+        if field == "latency_ms":
+            huge = draw(st.sampled_from([10 ** 400, -(10 ** 400), 10 ** 309, float("nan"), float("inf"),
+                                         float("-inf"), 10 ** 12]))
+        manifest["targets"][0]["budget"][field] = huge
     elif kind == "version":
         manifest["version"] = draw(st.sampled_from([0, 2, "1", 1.5, None, [1]]))
     return kind, yaml.safe_dump(manifest, sort_keys=False)

@@ -121,9 +121,9 @@ def register_techniques(register):
 '''
 
 
-def install_fake_distribution(site, name="edgebuild_extra"):
+def install_fake_distribution(site, name="edgebuild_extra", source=PLUGIN):
     """A plugin package with a dist-info, found by importlib.metadata like any pip-installed one."""
-    (site / f"{name}.py").write_text(PLUGIN)
+    (site / f"{name}.py").write_text(source)
     info = site / f"{name}-1.0.dist-info"
     info.mkdir()
     (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n")

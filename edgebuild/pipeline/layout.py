@@ -18,6 +18,11 @@ class Variant:
     options: dict
 
 
+def _in_state(*parts: str) -> property:
+    """A fixed file under the build's state folder."""
+    return property(lambda self: self.state.joinpath(*parts))
+
+
 @dataclass
 class Build:
     """A manifest, the plugins that serve it, and the paths of everything a build writes."""
@@ -127,21 +132,10 @@ class Build:
         return self.data_source(role)
 
     # load / export
-    @property
-    def exported_program(self) -> Path:
-        return self.state / "model" / "exported.pt2"
-
-    @property
-    def model_meta(self) -> Path:
-        return self.state / "model" / "model.json"
-
-    @property
-    def reference(self) -> Path:
-        return self.state / "model" / "reference.npz"
-
-    @property
-    def baseline(self) -> Path:
-        return self.state / "model" / "baseline.json"
+    exported_program = _in_state("model", "exported.pt2")
+    model_meta = _in_state("model", "model.json")
+    reference = _in_state("model", "reference.npz")      # fp32 outputs on the evaluation set
+    baseline = _in_state("model", "baseline.json")       # fp32 metrics
 
     # convert / compress / evaluate, per variant
     def _extension(self, variant: str) -> str:
@@ -191,18 +185,9 @@ class Build:
     def target_output(self, target: Target) -> Path:
         return self.manifest.output / target.name
 
-    @property
-    def report_record(self) -> Path:
-        """Which report files the last report stage wrote, with their hashes."""
-        return self.state / "reports.json"
-
-    @property
-    def staging(self) -> Path:
-        return self.state / "staging"
-
-    @property
-    def trash(self) -> Path:
-        return self.state / "trash"
+    report_record = _in_state("reports.json")  # which report files the last report stage wrote, with hashes
+    staging = _in_state("staging")
+    trash = _in_state("trash")
 
     def log(self, task_name: str) -> Path:
         return self.state / "logs" / (task_name.replace(":", "-") + ".log")

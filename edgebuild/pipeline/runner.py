@@ -176,10 +176,9 @@ def _stage_name(task_name: str) -> str:
     return task_name.removeprefix("edgebuild:")
 
 
-def run_pipeline(build: Build, *, console: Console, wait: bool = True, only: list[str] | None = None) -> RunResult:
-    """Run every stage that is not up to date; `only` names tasks (e.g. 'convert:tflite') to run
-    just those and whatever they need (bench/llm_scale.py measures stages one per process)."""
-    result = RunResult()
+def _stage_wrapper(build: Build, result: RunResult):
+    """`wrap(task_name, stage)` for the task graph: the stage's toolchain output goes to its log, a
+    large model's heavy stage runs in a process of its own, and errors are collected, never raised."""
     model_bytes = sum(path.stat().st_size for path in build.model_sources() if path.is_file())
     isolate = isolated.wanted(model_bytes)
 
@@ -213,7 +212,14 @@ def run_pipeline(build: Build, *, console: Console, wait: bool = True, only: lis
 
         return action
 
-    tasks = build_tasks(build, wrap)
+    return wrap
+
+
+def run_pipeline(build: Build, *, console: Console, wait: bool = True, only: list[str] | None = None) -> RunResult:
+    """Run every stage that is not up to date; `only` names tasks (e.g. 'convert:tflite') to run
+    just those and whatever they need (bench/llm_scale.py measures stages one per process)."""
+    result = RunResult()
+    tasks = build_tasks(build, _stage_wrapper(build, result))
 
     def task_edgebuild():
         yield from tasks

@@ -34,11 +34,7 @@ def package_coreml(job: PackageInput) -> list[Path]:
     shutil.copytree(job.bundle, bundle)
     description = job.backend.describe(bundle)
     meta = {
-        "model": job.model_name,
-        "description": job.model_description,
-        "target": job.target.name,
-        "manifest": job.manifest_file,
-        "file": bundle.name,
+        **job.metadata(bundle),
         "stem": job.model_name,
         "path": bundle.relative_to(job.directory).as_posix(),
         "sha256": bundle_sha256(bundle),

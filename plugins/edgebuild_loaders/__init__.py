@@ -3,6 +3,7 @@
 Each returns (nn.Module in eval mode, tuple of example inputs). torch is imported only when a
 loader runs, so listing plugins or validating a manifest stays fast.
 """
+import functools
 import importlib.util
 import sys
 from pathlib import Path
@@ -97,38 +98,40 @@ def load_hf(model: dict, root: Path):
         raise InputError(f"cannot load the model: {str(exc).splitlines()[0][:200]}", file=model["path"]) from None
     network.eval()
     length = int(model.get("sequence_length", hf.DEFAULT_SEQUENCE_LENGTH))
+    wrappers = _logit_wrappers()
     if task == hf.CAUSAL_LM:
-        class Logits(torch.nn.Module):
-            def __init__(self, inner):
-                super().__init__()
-                self.inner = inner
-
-            def forward(self, input_ids):
-                return self.inner(input_ids=input_ids, use_cache=False).logits
-
-        return Logits(network).eval(), (torch.zeros(1, length, dtype=torch.long),)
+        return wrappers["Logits"](network).eval(), (torch.zeros(1, length, dtype=torch.long),)
     if task == "text-classification":
-        class ClassLogits(torch.nn.Module):
-            def __init__(self, inner):
-                super().__init__()
-                self.inner = inner
-
-            def forward(self, input_ids):
-                return self.inner(input_ids=input_ids).logits
-
-        return ClassLogits(network).eval(), (torch.zeros(1, length, dtype=torch.long),)
+        return wrappers["ClassLogits"](network).eval(), (torch.zeros(1, length, dtype=torch.long),)
     size = getattr(network.config, "image_size", 224)
     channels = getattr(network.config, "num_channels", 3)
+    return wrappers["ImageLogits"](network).eval(), (torch.zeros(1, channels, size, size),)
 
-    class ImageLogits(torch.nn.Module):
+
+@functools.cache
+def _logit_wrappers() -> dict:
+    """Modules returning a Hugging Face model's logits. Each forward names its input as the model
+    does (input_ids, pixel_values): the exported program, data arrays and bundles use that name."""
+    import torch
+
+    class Wrapper(torch.nn.Module):
         def __init__(self, inner):
             super().__init__()
             self.inner = inner
 
+    class Logits(Wrapper):  # a causal LM: logits for every position, no KV cache
+        def forward(self, input_ids):
+            return self.inner(input_ids=input_ids, use_cache=False).logits
+
+    class ClassLogits(Wrapper):
+        def forward(self, input_ids):
+            return self.inner(input_ids=input_ids).logits
+
+    class ImageLogits(Wrapper):
         def forward(self, pixel_values):
             return self.inner(pixel_values=pixel_values).logits
 
-    return ImageLogits(network).eval(), (torch.zeros(1, channels, size, size),)
+    return {cls.__name__: cls for cls in (Logits, ClassLogits, ImageLogits)}
 
 
 @hookimpl

@@ -8,6 +8,7 @@ import itertools
 
 from edgebuild.api import SearchContext, SearchStrategy
 from edgebuild.hookspecs import hookimpl
+from edgebuild.reasons import candidate_reason
 
 
 def _holds_floor(point: dict) -> bool:
@@ -79,7 +80,7 @@ def sensitivity_search(context: SearchContext):
         if candidate["status"] == "pass" and candidate["bytes"] < point["bytes"]:
             assignment, point = neighbour, candidate
     if point["status"] != "pass":
-        blocked = ", ".join(f"{f['constraint']} {f['actual']} vs {f['limit']}" for f in point["failed"])
+        blocked = candidate_reason({"status": point["status"], "failed": point["failed"]}, exact=True)
         context.notes.append(f"the smallest assignment holding the floor still fails: {blocked}")
         return None
     return assignment

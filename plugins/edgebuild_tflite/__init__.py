@@ -27,11 +27,7 @@ def package_tflite(job: PackageInput) -> list:
               "object": kotlin_object_name(job.model_name)}
     kotlin["file"] = f"{kotlin['object']}.kt"
     meta = {
-        "model": job.model_name,
-        "description": job.model_description,
-        "target": job.target.name,
-        "manifest": job.manifest_file,
-        "file": bundle.name,
+        **job.metadata(bundle),
         "asset_path": f"{settings['assets_dir']}/{bundle.name}",
         "sha256": sha256_file(bundle),
         "bytes": bundle.stat().st_size,

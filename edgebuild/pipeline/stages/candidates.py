@@ -1,6 +1,6 @@
 """Convert, compress, evaluate: the fp32 bundle per variant, one candidate per technique, and each
 candidate run in its runtime on the evaluation set."""
-from ...api import CompressInput, NotApplicable
+from ...api import CandidateRecord, CompressInput, NotApplicable, Status
 from ...errors import EdgebuildError, ToolchainError, first_line
 from ...fsutil import atomic_output, atomic_write_json, bundle_sha256, read_json, record_matches, remove_path, replace_path
 from ..evaluation import evaluate_bundle, read_data
@@ -45,25 +45,26 @@ def compress(build: Build, variant_key: str, technique_name: str) -> None:
                                                   calibration=calibration, work_dir=out.parent,
                                                   options=variant.options), temporary)
         replace_path(temporary, out)
-        record = {"technique": technique_name, "status": "ok", "sha256": bundle_sha256(out)}
+        record = CandidateRecord(technique_name, Status.OK, sha256=bundle_sha256(out))
     except NotApplicable as exc:
-        record = {"technique": technique_name, "status": "skipped", "reason": str(exc)}
+        record = CandidateRecord(technique_name, Status.SKIPPED, reason=str(exc))
         remove_path(out)
     except Exception as exc:
         error = exc if isinstance(exc, ToolchainError) else ToolchainError(
             first_line(exc), stage="compress", technique=technique_name)
-        record = {"technique": technique_name, "status": "error", "error": error.to_record()}
+        record = CandidateRecord(technique_name, Status.ERROR, error=error.to_record())
         remove_path(out)
     finally:
         remove_path(temporary)
-    atomic_write_json(build.candidate_record(variant_key, technique_name), record)
+    atomic_write_json(build.candidate_record(variant_key, technique_name), record.to_json())
 
 
 def candidate_is_valid(build: Build, variant_key: str, technique_name: str) -> bool:
     try:
-        if read_json(build.candidate_record(variant_key, technique_name)).get("status") == "skipped":
+        if CandidateRecord.from_json(read_json(build.candidate_record(variant_key, technique_name))).status \
+                == Status.SKIPPED:
             return True  # nothing to build for this model; settled until its inputs change
-    except (OSError, ValueError):
+    except (OSError, ValueError, KeyError):
         return False
     return record_matches(build.candidate_record(variant_key, technique_name),
                           build.candidate_bundle(variant_key, technique_name))
@@ -74,14 +75,14 @@ def evaluate(build: Build, variant_key: str, technique_name: str) -> None:
     variant = build.variants[variant_key]
     backend = build.registry.backends[variant.backend]
     technique = build.registry.techniques[(variant.backend, technique_name)]
-    record = read_json(build.candidate_record(variant_key, technique_name))
+    record = CandidateRecord.from_json(read_json(build.candidate_record(variant_key, technique_name)))
     result = {"technique": technique_name, "description": technique.description}
     destination = build.evaluation(variant_key, technique_name)
-    if record["status"] == "skipped":
-        atomic_write_json(destination, {**result, "status": "skipped", "reason": record["reason"]})
+    if record.status == Status.SKIPPED:
+        atomic_write_json(destination, {**result, "status": "skipped", "reason": record.reason})
         return
-    if record["status"] != "ok":
-        atomic_write_json(destination, {**result, "status": "error", "error": record["error"]})
+    if record.status != Status.OK:
+        atomic_write_json(destination, {**result, "status": "error", "error": record.error})
         return
     try:
         measured = evaluate_bundle(build, backend, build.candidate_bundle(variant_key, technique_name))
@@ -91,4 +92,4 @@ def evaluate(build: Build, variant_key: str, technique_name: str) -> None:
         error = ToolchainError(first_line(exc), stage="evaluate", technique=technique_name)
         atomic_write_json(destination, {**result, "status": "error", "error": error.to_record()})
         return
-    atomic_write_json(destination, {**result, "status": "ok", "sha256": record["sha256"], **measured})
+    atomic_write_json(destination, {**result, "status": "ok", "sha256": record.sha256, **measured})

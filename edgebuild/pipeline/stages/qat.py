@@ -60,6 +60,33 @@ def distillation_loss(student, teacher):
     return mse + kl
 
 
+def _trainable(module, layers: list, trainable: str) -> list:
+    """The parameters training may move: all, or those of the last N compressed layers."""
+    if trainable != "all":  # last:N fine-tunes the last N compressed layers, the rest stay frozen
+        for parameter in module.parameters():
+            parameter.requires_grad_(False)
+        for layer in layers[-int(trainable.split(":")[1]):]:
+            for parameter in layer.parameters():  # recursive: a weight may sit in a parametrization
+                parameter.requires_grad_(True)
+    for parameter in module.parameters():
+        if not parameter.detach().any():
+            # An all-zero tensor (typically a bias) is left out of the converted model; training
+            # it would add bytes the post-training candidate does not have.
+            parameter.requires_grad_(False)
+    return [p for p in module.parameters() if p.requires_grad]
+
+
+def _optimiser(parameters: list, settings: dict, samples: int):
+    """Adam with cosine decay to zero over the planned steps: large moves early, settling on the grid late."""
+    import torch
+
+    optimiser = torch.optim.Adam(parameters, lr=settings["learning_rate"])
+    planned = min(settings["max_steps"], settings["epochs"] * ((samples + BATCH - 1) // BATCH))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimiser, lambda step: 0.5 * (1 + np.cos(np.pi * min(step, planned) / planned)))
+    return optimiser, schedule
+
+
 def train(module, layers: list, inputs: tuple[np.ndarray, ...], labels: np.ndarray | None, settings: dict, log,
           after_step=None) -> dict:
     """Train a module the backend prepared (compression simulated) in place.
@@ -76,25 +103,7 @@ def train(module, layers: list, inputs: tuple[np.ndarray, ...], labels: np.ndarr
         module.eval()
         x = [torch.from_numpy(array) for array in inputs]
         teacher_out = teacher_outputs(settings["teacher"], x)
-        trainable = settings["trainable"]
-        if trainable != "all":  # last:N fine-tunes the last N compressed layers, the rest stay frozen
-            for parameter in module.parameters():
-                parameter.requires_grad_(False)
-            for layer in layers[-int(trainable.split(":")[1]):]:
-                for parameter in layer.parameters():  # recursive: a weight may sit in a parametrization
-                    parameter.requires_grad_(True)
-        for parameter in module.parameters():
-            if not parameter.detach().any():
-                # An all-zero tensor (typically a bias) is left out of the converted model; training
-                # it would add bytes the post-training candidate does not have.
-                parameter.requires_grad_(False)
-        parameters = [p for p in module.parameters() if p.requires_grad]
-        optimiser = torch.optim.Adam(parameters, lr=settings["learning_rate"])
-        batches = (len(inputs[0]) + BATCH - 1) // BATCH
-        planned = min(settings["max_steps"], settings["epochs"] * batches)
-        # Cosine decay to zero over the planned steps: large moves early, settling on the grid late.
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimiser, lambda step: 0.5 * (1 + np.cos(np.pi * min(step, planned) / planned)))
+        optimiser, schedule = _optimiser(_trainable(module, layers, settings["trainable"]), settings, len(inputs[0]))
         y = torch.from_numpy(labels) if labels is not None else None
         generator = torch.Generator().manual_seed(0)
         steps, started, loss = 0, time.monotonic(), None

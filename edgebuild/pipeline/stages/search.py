@@ -114,19 +114,25 @@ def _not_offered_notes(backend, layers: list[dict], measured: dict) -> list[str]
     return notes
 
 
+def evaluation_key(build: Build, target: Target, recipe) -> str:
+    """What one full evaluation of a mixed assignment depends on: the fp32 bundle, the recipe, the
+    evaluation data, the metrics, the toolchain and the code of edgebuild, the backend and the metrics."""
+    backend = build.backend(target)
+    return _digest(read_json(build.fp32_record(build.variant(target).key))["sha256"], recipe,
+                   bundle_sha256(build.data("evaluation")), build.manifest.metrics, backend.version(),
+                   build.code(("backend", backend.name), *(("metric", m) for m in build.manifest.metrics)))[:32]
+
+
 def _evaluator(build: Build, target: Target, layers: list[dict]):
     """A function building and running one assignment for real, cached by content and code."""
     variant = build.variant(target)
     backend = build.backend(target)
     target_limits = limits(build, target)
     cache_dir = build.search_cache(variant.key)
-    fixed = (read_json(build.fp32_record(variant.key))["sha256"], bundle_sha256(build.data("evaluation")),
-             build.manifest.metrics, backend.version(),
-             build.code(("backend", backend.name), *(("metric", m) for m in build.manifest.metrics)))
 
     def evaluate(assignment: dict[str, str]) -> dict:
         technique = backend.mixed_technique(assignment, layers, MIXED)
-        key = _digest(fixed[0], technique.recipe, *fixed[1:])[:32]
+        key = evaluation_key(build, target, technique.recipe)
         bundle = cache_dir / f"{key}{backend.extension}"
         cached = cache_dir / f"{key}.json"
         if cached.is_file() and bundle.exists() and read_json(cached).get("sha256") == bundle_sha256(bundle):
