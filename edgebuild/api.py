@@ -39,21 +39,36 @@ class NotApplicable(Exception):
 
 @dataclass(frozen=True)
 class Metric:
-    """How good a candidate's outputs are, given fp32 reference outputs and optional labels."""
+    """How good a candidate's outputs are, given the fp32 reference outputs and, if it needs them, labels.
+
+    `compute(outputs, reference, labels)` gets one output's array (samples first), the fp32 model's
+    array for the same output, and that output's labels (the data file's `y_<output>`, else `y`).
+    A metric with `all_outputs=True` gets every output instead, as {name: array} dicts (labels too:
+    {array name: array}). Labels are whatever numeric arrays the metric understands; the built-in
+    label metrics take integer classes (`integer_labels`).
+    """
 
     name: str
     description: str
-    compute: Callable[[np.ndarray, np.ndarray, np.ndarray | None], float]
+    compute: Callable[[Any, Any, Any], float]
     higher_is_better: bool = True
     needs_labels: bool = False
     # Metrics measured against fp32 itself (sqnr) have no finite fp32 baseline: only `floor` applies.
     has_baseline: bool = True
     unit: str = ""
     bounds: tuple[float | None, float | None] = (0.0, 1.0)   # the values it can take (None: unbounded)
+    all_outputs: bool = False
+    integer_labels: bool = True          # with needs_labels: one integer class per sample (or position)
+    # Without `output:`, a label-free metric judges every output it applies to (by the output's shape)
+    # and gates on the worst; None: every output.
+    applies: Callable[[tuple], bool] | None = None
 
     def meets(self, value: float, threshold: float) -> bool:
         """Whether a value is at least as good as the threshold, in this metric's direction."""
         return value >= threshold if self.higher_is_better else value <= threshold
+
+    def worst(self, values: list[float]) -> float:
+        return min(values) if self.higher_is_better else max(values)
 
 
 @dataclass
@@ -69,9 +84,14 @@ class CompressInput:
 
 @dataclass
 class Prediction:
-    """A bundle run on a data set in the target runtime."""
+    """A bundle run on a data set in the target runtime.
 
-    outputs: np.ndarray
+    `outputs`: every output of the model, samples first: a list in the model's output order, or a
+    dict by name (a TFLite signature's output names, Core ML's output names). A single array is
+    taken as the only output.
+    """
+
+    outputs: list[np.ndarray] | dict[str, np.ndarray] | np.ndarray
     latency_ms: float | None
     runtime: str
     details: dict = field(default_factory=dict)

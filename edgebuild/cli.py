@@ -56,16 +56,16 @@ def _parser() -> argparse.ArgumentParser:
     init.add_argument("--force", action="store_true", help="overwrite a locally modified edgebuild.gradle")
 
     plugins = commands.add_parser("plugins", help="list loaded plugins and what each registers")
+    plugins.add_argument("-f", "--file", default=None,
+                         help="also load this manifest's project-local plugins (its `plugins:` files)")
     plugins.add_argument("--json", action="store_true", help="print as JSON")
     return parser
 
 
 def _load(path: str, only_targets: list[str] | None = None, platforms: list[str] | None = None):
-    from .manifest import load_manifest
-    from .plugins import default_registry
+    from .manifest import load_project
 
-    registry = default_registry()
-    manifest = load_manifest(path, registry)
+    manifest, registry = load_project(path)
     names = [t.name for t in manifest.targets]
     for name in only_targets or []:
         if name not in names:
@@ -93,7 +93,7 @@ def cmd_validate(args, console: Console) -> int:
 def cmd_plugins(args, console: Console) -> int:
     from .plugins import default_registry
 
-    registry = default_registry()
+    registry = _load(args.file)[1] if args.file else default_registry()
     rows = []
     for plugin in registry.plugins:
         provides = sorted(f"{kind} {name}" + (f" (replaces {registry.replaced[(kind, name)]}'s)"
@@ -124,6 +124,8 @@ def cmd_build(args, console: Console) -> int:
     targets = read_targets(build)
     candidate_errors = [(t["name"], c) for t in targets for c in t["candidates"] if c["status"] == "error"]
     _print_targets(targets, candidate_errors, manifest.metric, console)
+    for warning in _warnings(build):
+        console.print(f"[yellow]warning[/yellow]: {warning}", highlight=False)
     report = manifest.output / "report.json"
     if report.is_file() and not result.errors:
         console.print(f"report: {manifest.relative(report)}", highlight=False)
@@ -194,6 +196,16 @@ def _print_targets(targets: list[dict], candidate_errors: list, metric: str, con
         error = candidate["error"]
         console.print(f"[red]error[/red] stage {error['stage']}, target {target_name}, technique {candidate['technique']}: "
                       f"{error['message']}", highlight=False)
+
+
+def _warnings(build) -> list[str]:
+    """What the fp32 baseline made suspicious (a label metric at chance: the wrong output or labels)."""
+    from .fsutil import read_json
+
+    try:
+        return read_json(build.baseline).get("warnings", [])
+    except (OSError, ValueError):
+        return []
 
 
 def _packaged_files(build, target_name: str) -> list[str]:

@@ -11,10 +11,16 @@ from .errors import InputError
 @dataclass
 class Dataset:
     inputs: tuple[np.ndarray, ...]   # one array per model input, in argument order, batch first
-    labels: np.ndarray | None
+    labels: dict[str, np.ndarray] | None   # "y", and "y_<output>" for one output's own labels
 
     def __len__(self) -> int:
         return len(self.inputs[0])
+
+    def labels_for(self, output: str) -> np.ndarray | None:
+        """An output's labels: the data file's `y_<output>`, else `y`."""
+        if self.labels is None:
+            return None
+        return self.labels.get(f"y_{output}", self.labels.get("y"))
 
     def samples(self, limit: int | None = None) -> list[tuple[np.ndarray, ...]]:
         """Batch-of-one samples, as calibration feeds them."""
@@ -69,13 +75,15 @@ def load_dataset(path: Path, label: str, model_inputs: list[dict], *, need_label
 
     labels = None
     if need_labels:
-        if "y" not in arrays:
+        labels = {name: array for name, array in arrays.items() if name == "y" or name.startswith("y_")}
+        if not labels:
             raise fail("missing array 'y' (labels) needed by the metric")
-        labels = arrays["y"]
-        # One label per sample, or one per position (next tokens); negative labels mark none.
-        if labels.ndim < 1 or len(labels) != len(inputs[0]) or labels.dtype.kind not in "iu":
-            raise fail(f"array 'y' must hold integer labels for {len(inputs[0])} samples, got shape "
-                       f"{labels.shape} dtype {labels.dtype}")
+        for name, array in labels.items():
+            # Numbers per sample: a class, one per position (next tokens; negative marks none), or
+            # whatever a plugin metric reads (pitch in Hz, boxes); metrics check their own kind.
+            if array.ndim < 1 or len(array) != len(inputs[0]) or array.dtype.kind not in "biuf":
+                raise fail(f"array {name!r} must hold labels for {len(inputs[0])} samples, got shape "
+                           f"{array.shape} dtype {array.dtype}")
     return Dataset(inputs=tuple(inputs), labels=labels)
 
 
@@ -94,15 +102,16 @@ def padded_batches(inputs: tuple[np.ndarray, ...], batch: int):
         yield chunk, min(batch, total - start)
 
 
-def run_torch_module(module, inputs: tuple[np.ndarray, ...], batch: int) -> np.ndarray:
-    """First output of a torch module over a data set, at the batch size it was exported with."""
+def run_torch_module(module, inputs: tuple[np.ndarray, ...], batch: int) -> list[np.ndarray]:
+    """Every output of a torch module over a data set (in its flattening order), at the batch size
+    it was exported with."""
     import torch
+
+    from .outputs import leaves
 
     outputs = []
     with torch.no_grad():
         for chunk, rows in padded_batches(inputs, batch):
-            result = module(*(torch.from_numpy(part) for part in chunk))
-            if isinstance(result, (tuple, list)):
-                result = result[0]
-            outputs.append(result.detach().float().numpy()[:rows])
-    return np.concatenate(outputs)
+            result = leaves(module(*(torch.from_numpy(part) for part in chunk)))
+            outputs.append([tensor.detach().float().numpy()[:rows] for tensor in result])
+    return [np.concatenate(parts) for parts in zip(*outputs)]

@@ -48,7 +48,7 @@ def _measured(bundle: Path, reported: dict) -> dict:
     chosen = reported["chosen"]
     candidate = next((c for c in reported["candidates"] if c["technique"] == chosen["technique"]), {})
     return {"bytes": bundle_bytes(bundle), "download_bytes": bundle_download_bytes(bundle),
-            "metric": chosen["metric"], "latency_ms": chosen["latency_ms"],
+            "metric": chosen["metric"], "metrics": chosen["metrics"], "latency_ms": chosen["latency_ms"],
             "latency_note": candidate.get("latency_note")}
 
 
@@ -68,7 +68,6 @@ def check_bundles(build) -> CheckResult:
         elif sha256_file(path) != locked_inputs[name]:
             result.problems.append(f"{name}: changed since the bundles were built (sha256 differs from edgebuild.lock)")
     reported = {t["name"]: t for t in report.get("targets", [])}
-    metric = registry.metrics[manifest.metric]
     for target in manifest.targets:
         entry = lock.get("targets", {}).get(target.name)
         if not _intact(manifest, entry, target.name, result.problems):
@@ -78,7 +77,8 @@ def check_bundles(build) -> CheckResult:
         if summary.get("chosen") is None:
             result.problems.append(f"target {target.name}: report.json has no chosen candidate")
             continue
-        limits = target_limits(target, metric, summary["baseline"]["metric"], build.backend(target).platform)
+        limits = target_limits(target, registry.metrics, manifest.gate.name, summary["baseline"]["metric"],
+                               build.backend(target).platform)
         failed = problems(judge(limits, _measured(bundle, summary)))
         if failed:
             result.problems.append(f"target {target.name}: no longer meets its constraints: "

@@ -12,7 +12,8 @@ from . import devices as device_catalog
 from . import hf
 from .api import MixedPrecisionBackend, QATBackend
 from .errors import InputError
-from .plugins import Registry
+from .outputs import OUTPUT_NAME
+from .plugins import Registry, default_registry, registry_with
 from .units import parse_size
 
 SUPPORTED_VERSION = 1
@@ -22,10 +23,10 @@ STATE_DIR = ".edgebuild"
 LOCK_FILE = "edgebuild.lock"
 
 TOP_KEYS = {"version": True, "model": True, "data": True, "metric": False, "targets": True, "output": False,
-            "reports": False, "search": False, "report_metrics": False}
+            "reports": False, "search": False, "report_metrics": False, "plugins": False}
 DEFAULT_REPORTS = ["json", "md", "junit", "html"]
 MODEL_KEYS = {"name": True, "source": True, "entry": False, "path": False, "description": False, "version": False,
-              "task": False, "sequence_length": False}
+              "task": False, "sequence_length": False, "outputs": False}
 DATA_KEYS = {"calibration": False, "evaluation": True, "train": False}
 DATA_ROLES = ("evaluation", "calibration", "train")
 # Plain text data is tokenized with the model's own tokenizer into windows of sequence_length
@@ -45,7 +46,32 @@ KOTLIN_PACKAGE_PATTERN = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)*$")
 BUDGET_KEYS = {"size": False, "download": False, "latency_ms": False}
 SEARCH_KEYS = {"strategy": False, "max_evaluations": False, "max_time": False, "precisions": False, "techniques": False}
 SEARCH_DEFAULTS = {"strategy": "sensitivity", "max_evaluations": 12, "max_time": 600.0}
-ACCURACY_KEYS = {"max_drop": False, "floor": False}
+ACCURACY_KEYS = {"max_drop": False, "floor": False, "guards": False}
+METRIC_KEYS = {"name": True, "output": False}
+GUARD_KEYS = {"output": True, "metric": True, "floor": True}
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """A registered metric, on one named output (or, without `output`, on the model's only output,
+    or on every output for a label-free metric, gating on the worst)."""
+
+    name: str
+    output: str | None = None
+    where: tuple = field(default=(), compare=False)   # its place in the manifest, for error messages
+
+    @property
+    def key(self) -> str:
+        """How reports name it: 'top1', or 'top1[face]' on one output."""
+        return self.name if self.output is None else f"{self.name}[{self.output}]"
+
+
+@dataclass(frozen=True)
+class Guard:
+    """A floor on another output or metric (`accuracy.guards`): judged like the main floor."""
+
+    spec: MetricSpec
+    floor: float
 
 
 @dataclass
@@ -63,6 +89,7 @@ class Target:
     min_ios: int | None = None           # ios: deployment target; default: the lowest iOS among devices
     latency_ms: float | None = None      # host-measured median latency budget (single thread)
     qat: dict | None = None              # quantization-aware training settings; None: off
+    guards: list[Guard] = field(default_factory=list)
 
     def threshold(self, baseline: float | None, higher_is_better: bool) -> float:
         """The metric a candidate must reach: the floor, or the fp32 baseline less max_drop."""
@@ -78,19 +105,34 @@ class Manifest:
     model: dict
     calibration: Path | None
     evaluation: Path
-    metric: str
+    metric: str                          # the gating metric's key ('top1', or 'top1[face]' on one output)
     targets: list[Target]
     output: Path
     raw: dict = field(repr=False)
-    report_metrics: list[str] = field(default_factory=list)  # measured and reported, never gating
+    report_metrics: list[str] = field(default_factory=list)  # keys measured and reported, never gating
     reports: list[str] = field(default_factory=lambda: list(DEFAULT_REPORTS))
     train: Path | None = None
     search: dict = field(default_factory=lambda: dict(SEARCH_DEFAULTS))
+    specs: dict[str, MetricSpec] = field(default_factory=dict)  # key -> spec, for every key in `metrics`
+    plugins: list[Path] = field(default_factory=list)            # project-local plugin files
+    document: "_Document | None" = field(default=None, repr=False)
 
     @property
     def metrics(self) -> list[str]:
-        """Every metric a candidate is measured on: the gating one first."""
-        return [self.metric] + [m for m in self.report_metrics if m != self.metric]
+        """Every metric a candidate is measured on: the gating one first, then the reported ones, then
+        the guards' (every target's)."""
+        guards = [guard.spec.key for target in self.targets for guard in target.guards]
+        return list(dict.fromkeys([self.metric, *self.report_metrics, *guards]))
+
+    @property
+    def gate(self) -> MetricSpec:
+        return self.specs[self.metric]
+
+    def error(self, path: tuple, message: str) -> InputError:
+        """An error found after validation (e.g. once the model's outputs are known), located like one."""
+        if self.document is None:
+            return InputError(message, file=self.path.name, field=field_path(path) or None)
+        return self.document.error(path, message)
 
     @property
     def model_name(self) -> str:
@@ -288,23 +330,80 @@ def load_manifest(path: Path | str, registry: Registry) -> Manifest:
     version = raw["version"]
     if isinstance(version, bool) or version != SUPPORTED_VERSION:
         raise doc.error(("version",), f"unsupported version {version!r}; this edgebuild reads version {SUPPORTED_VERSION}")
+    plugins = local_plugin_files(check, raw)
     model = _model(check, doc, raw["model"])
+    outputs = model.get("outputs")
     data = _data(check, doc, raw["data"], model)
-    metric_name = check.choice(raw.get("metric", "top1"), ("metric",), list(registry.metrics), "metric")
-    report_metrics = []
+    gate = _metric_spec(check, raw.get("metric", "top1"), ("metric",), outputs)
+    reported = []
     if "report_metrics" in raw:
-        report_metrics = list(dict.fromkeys(check.choice_list(raw["report_metrics"], ("report_metrics",),
-                                                              list(registry.metrics), "metric", "metric names")))
+        value = raw["report_metrics"]
+        if not isinstance(value, list) or not value:
+            raise doc.error(("report_metrics",), f"expected a non-empty list of metrics, got {_typename(value)}")
+        reported = [_metric_spec(check, item, ("report_metrics", i), outputs) for i, item in enumerate(value)]
     targets_raw = raw["targets"]
     if not isinstance(targets_raw, list) or not targets_raw:
         raise doc.error(("targets",), f"expected a non-empty list of targets, got {_typename(targets_raw)}")
     seen: set[str] = set()
-    targets = [_target(check, doc, entry, ("targets", i), registry.metrics[metric_name], seen, data)
+    targets = [_target(check, doc, entry, ("targets", i), registry.metrics[gate.name], seen, data, outputs)
                for i, entry in enumerate(targets_raw)]
+    specs = {spec.key: spec for spec in [gate, *reported, *(g.spec for t in targets for g in t.guards)]}
+    specs = {key: specs[key] for key in dict.fromkeys([gate.key, *specs])}
     return Manifest(path=path.resolve(), root=root, model=dict(model), calibration=data.get("calibration"),
-                    evaluation=data["evaluation"], metric=metric_name, targets=targets,
+                    evaluation=data["evaluation"], metric=gate.key, targets=targets,
                     output=_output(check, doc, raw, model, data), raw=raw, reports=_reports(check, raw),
-                    search=_search(check, doc, raw), train=data.get("train"), report_metrics=report_metrics)
+                    search=_search(check, doc, raw), train=data.get("train"),
+                    report_metrics=[spec.key for spec in dict.fromkeys(reported) if spec.key != gate.key],
+                    specs=specs, plugins=plugins, document=doc)
+
+
+def load_project(path: Path | str) -> tuple[Manifest, Registry]:
+    """The manifest and the plugins that serve it: the installed ones, then the project's own
+    (`plugins:`), against which every other field is validated."""
+    path = Path(path)
+    raw, doc = read_yaml(path, str(path))
+    files = local_plugin_files(_Validator(doc, path.resolve().parent, None), raw) if isinstance(raw, dict) else []
+    root = path.resolve().parent
+    registry = registry_with({file.relative_to(root).as_posix(): file for file in files}) if files \
+        else default_registry()
+    return load_manifest(path, registry), registry
+
+
+def local_plugin_files(check: "_Validator", raw: dict) -> list[Path]:
+    """`plugins:` Python files inside the project, loaded after the installed plugins."""
+    if "plugins" not in raw:
+        return []
+    value = raw["plugins"]
+    if not isinstance(value, list) or not value:
+        raise check.doc.error(("plugins",), f"expected a non-empty list of .py files, got {_typename(value)}")
+    files = []
+    for i, item in enumerate(value):
+        path = check.project_path(item, ("plugins", i), must_exist=True)
+        if path.suffix != ".py":
+            raise check.doc.error(("plugins", i), f"a plugin is a Python file (.py), got {item!r}")
+        files.append(path)
+    return files
+
+
+def _metric_spec(check: "_Validator", value: Any, path: tuple, outputs: list[str] | None) -> MetricSpec:
+    """`top1`, or `{name: top1, output: face}`."""
+    if isinstance(value, dict):
+        block = check.mapping(value, path, METRIC_KEYS)
+        name = check.choice(block["name"], path + ("name",), list(check.registry.metrics), "metric")
+        output = _output_name(check, block["output"], path + ("output",), outputs) if "output" in block else None
+        return MetricSpec(name, output, path)
+    if not isinstance(value, str):
+        raise check.doc.error(path, f"expected a metric name or {{name: METRIC, output: OUTPUT}}, got "
+                                    f"{_typename(value)}")
+    return MetricSpec(check.choice(value, path, list(check.registry.metrics), "metric"), None, path)
+
+
+def _output_name(check: "_Validator", value: Any, path: tuple, outputs: list[str] | None) -> str:
+    """An output name; one of `model.outputs` when the manifest names them (else checked after export)."""
+    name = check.string(value, path)
+    if outputs is not None and name not in outputs:
+        raise check.doc.error(path, f"unknown output {name!r} (model.outputs: {', '.join(outputs)})")
+    return name
 
 
 def _model(check: "_Validator", doc: "_Document", value: Any) -> dict:
@@ -324,6 +423,17 @@ def _model(check: "_Validator", doc: "_Document", value: Any) -> dict:
         check.project_path(match["file"], ("model", "entry"), must_exist=True)
     elif "entry" in model:
         raise doc.error(("model", "entry"), f"'entry' is for source 'python'; source {source!r} takes 'path'", at_key=True)
+    if "outputs" in model:
+        names = model["outputs"]
+        if not isinstance(names, list) or not names:
+            raise doc.error(("model", "outputs"), f"expected a non-empty list of output names, got {_typename(names)}")
+        for i, name in enumerate(names):
+            check.string(name, ("model", "outputs", i))
+            if not OUTPUT_NAME.match(name):
+                raise doc.error(("model", "outputs", i), f"invalid output name {name!r}: use a letter or '_', then "
+                                                         "letters, digits or '_' (64 at most)")
+            if name in names[:i]:
+                raise doc.error(("model", "outputs", i), f"duplicate output name {name!r}")
     if source == "hf":
         _hf_model(check, doc, model)
     elif source != "python":
@@ -425,7 +535,7 @@ def _check_text_data(doc: _Document, model: dict, root: Path, path: tuple, value
 
 
 def _target(check: _Validator, doc: _Document, entry: Any, path: tuple, metric, seen: set[str],
-            data: dict[str, Path]) -> Target:
+            data: dict[str, Path], outputs: list[str] | None) -> Target:
     check.mapping(entry, path, TARGET_KEYS)
     name = check.name(entry["name"], path + ("name",))
     if name in seen:
@@ -436,13 +546,14 @@ def _target(check: _Validator, doc: _Document, entry: Any, path: tuple, metric, 
     devices = _devices(check, doc, entry["devices"], path + ("devices",), fmt, platform)
     size, download, latency_ms = _budget(check, entry, path + ("budget",))
     max_drop, floor = _accuracy(check, doc, entry["accuracy"], path + ("accuracy",), metric)
+    guards = _guards(check, entry["accuracy"], path + ("accuracy", "guards"), outputs)
     delivery = _delivery(check, doc, entry, path, fmt, platform)
     android = _android(check, doc, entry, path, fmt, platform)
     min_ios = _min_ios(doc, entry, path, fmt, platform, devices)
     qat = _qat_settings(check, doc, entry["qat"], path + ("qat",), fmt, data) if "qat" in entry else None
     return Target(name=name, format=fmt, devices=devices, size=size, download=download, max_drop=max_drop,
                   floor=floor, raw=entry, delivery=delivery, android=android, min_ios=min_ios, latency_ms=latency_ms,
-                  qat=qat)
+                  qat=qat, guards=guards)
 
 
 def _devices(check: _Validator, doc: _Document, devices: Any, path: tuple, fmt: str, platform: str) -> list[str]:
@@ -488,6 +599,24 @@ def _accuracy(check: _Validator, doc: _Document, value: Any, path: tuple, metric
     # How far from fp32 a candidate may fall (a rise, for metrics where lower is better).
     widest = high - low if low is not None and high is not None else None
     return check.number(accuracy["max_drop"], path + ("max_drop",), 0.0, widest), None
+
+
+def _guards(check: _Validator, accuracy: dict, path: tuple, outputs: list[str] | None) -> list[Guard]:
+    """`guards: [{output: box, metric: sqnr, floor: 20}]`: floors on other outputs or metrics."""
+    if "guards" not in accuracy:
+        return []
+    value = accuracy["guards"]
+    if not isinstance(value, list) or not value:
+        raise check.doc.error(path, f"expected a non-empty list of guards, got {_typename(value)}")
+    guards = []
+    for i, item in enumerate(value):
+        block = check.mapping(item, path + (i,), GUARD_KEYS)
+        name = check.choice(block["metric"], path + (i, "metric"), list(check.registry.metrics), "metric")
+        output = _output_name(check, block["output"], path + (i, "output"), outputs)
+        metric = check.registry.metrics[name]
+        floor = check.number(block["floor"], path + (i, "floor"), *metric.bounds)
+        guards.append(Guard(MetricSpec(name, output, path + (i,)), floor))
+    return guards
 
 
 def _delivery(check: _Validator, doc: _Document, entry: dict, path: tuple, fmt: str, platform: str) -> str | None:

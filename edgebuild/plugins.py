@@ -1,5 +1,8 @@
 """Loads plugins through the `edgebuild` entry-point group and collects what they register."""
 import hashlib
+import importlib.util
+import sys
+import traceback
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -8,7 +11,7 @@ import pluggy
 
 from . import hookspecs
 from .api import Backend, Metric, SearchStrategy, Technique, missing_members
-from .errors import InputError
+from .errors import InputError, first_line
 
 ENTRY_POINT_GROUP = "edgebuild"
 
@@ -67,28 +70,40 @@ HOOKS = {
 }
 
 
-def collect(pm: pluggy.PluginManager) -> Registry:
+def _located(plugin_name: str, local: dict[str, Path], frames) -> dict:
+    """Where a plugin went wrong: a project-local plugin's file and line, else the plugin's name."""
+    path = local.get(plugin_name)
+    if path is None:
+        return {"file": f"plugin {plugin_name!r}"}
+    lines = [frame.lineno for frame in frames if Path(frame.filename) == path]
+    return {"file": plugin_name, "line": lines[-1] if lines else None}
+
+
+def collect(pm: pluggy.PluginManager, local: dict[str, Path] | None = None) -> Registry:
     """Call every register_* hook, one plugin at a time, so each item knows its origin.
 
     A name registered twice is refused unless the later plugin says `register(..., replace=True)`:
     a plugin never silently replaces a built-in. `edgebuild plugins` lists what was replaced.
+    `local` maps project-local plugins' names to their files, so their errors name file and line.
     """
     registry = Registry()
+    local = local or {}
 
     def register_for(hook_name: str, plugin_name: str):
         kind, store_name, key_of = HOOKS[hook_name]
         store = getattr(registry, store_name)
 
         def register(*args, replace: bool = False):
+            where = _located(plugin_name, local, traceback.extract_stack(sys._getframe(1), limit=8))
             try:
                 key, value = key_of(*args)
             except TypeError as exc:
-                raise PluginError(f"{hook_name}: {exc}", file=f"plugin {plugin_name!r}") from None
+                raise PluginError(f"{hook_name}: {exc}", **where) from None
             label = key if isinstance(key, str) else "/".join(key)
             previous = registry.origin.get((kind, label))
             if previous is not None and not replace:
                 raise PluginError(f"registers {kind} {label!r}, which plugin {previous!r} already registered; "
-                                  f"pass replace=True to register() to replace it", file=f"plugin {plugin_name!r}")
+                                  f"pass replace=True to register() to replace it", **where)
             if previous is not None:
                 registry.replaced[(kind, label)] = previous
             store[key] = value
@@ -98,7 +113,13 @@ def collect(pm: pluggy.PluginManager) -> Registry:
     for hook_name in HOOKS:
         # get_hookimpls() is in registration order: built-ins (entry points) before later plugins.
         for impl in getattr(pm.hook, hook_name).get_hookimpls():
-            impl.function(register=register_for(hook_name, impl.plugin_name))
+            try:
+                impl.function(register=register_for(hook_name, impl.plugin_name))
+            except PluginError:
+                raise
+            except Exception as exc:
+                where = _located(impl.plugin_name, local, traceback.extract_tb(exc.__traceback__))
+                raise PluginError(f"{hook_name} failed: {first_line(exc)}", **where) from exc
 
     distribution_of = {id(plugin): dist for plugin, dist in pm.list_plugin_distinfo()}
     for name, plugin in pm.list_name_plugin():
@@ -150,3 +171,34 @@ def code_fingerprint(registry: Registry, *items: tuple[str, str]) -> str:
 @cache
 def default_registry() -> Registry:
     return collect(make_plugin_manager())
+
+
+def import_local_plugin(path: Path, label: str):
+    """Import a project's plugin file (repository code that runs, like `source: python`); an import
+    error is one line naming the file and line."""
+    name = "edgebuild_local_" + hashlib.sha256(str(path).encode()).hexdigest()[:12]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except SyntaxError as exc:
+        raise PluginError(f"cannot import the plugin: {exc.msg}", file=label, line=exc.lineno,
+                          column=exc.offset) from None
+    except Exception as exc:
+        lines = [frame.lineno for frame in traceback.extract_tb(exc.__traceback__) if Path(frame.filename) == path]
+        raise PluginError(f"importing the plugin failed: {first_line(exc)}", file=label,
+                          line=lines[-1] if lines else None) from None
+    return module
+
+
+def registry_with(files: dict[str, Path]) -> Registry:
+    """The installed plugins, then the project's own plugin files (label -> path), in that order."""
+    pm = make_plugin_manager()
+    for label, path in files.items():
+        module = import_local_plugin(path, label)
+        try:
+            pm.register(module, name=label)
+            pm.check_pending()
+        except pluggy.PluginValidationError as exc:
+            raise PluginError(f"not a valid edgebuild plugin: {first_line(exc)}", file=label) from None
+    return collect(pm, local=files)

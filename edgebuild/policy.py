@@ -7,12 +7,14 @@ candidate is not chosen, and the target fails with the reason.
 """
 import math
 from dataclasses import asdict, dataclass
+from typing import Mapping
 
 from . import devices as device_catalog
 from .api import Metric, Status
 
-# The order reports list them in; all but accuracy are "lower is better".
-CONSTRAINTS = ("size", "download", "store", "latency", "accuracy")
+# The order reports list them in; size to latency are "lower is better"; accuracy and each guard
+# follow their metric's direction.
+CONSTRAINTS = ("size", "download", "store", "latency", "accuracy", "guard")
 BYTE_CONSTRAINTS = ("size", "download", "store")
 MEASURED_BY = {"size": "bytes", "download": "download_bytes", "store": "download_bytes", "latency": "latency_ms",
                "accuracy": "metric"}
@@ -28,6 +30,8 @@ class Check:
     actual: float | None
     reason: str = ""           # why it is unverified
     candidate: str = ""        # for a target with no bundle: the candidate that came closest on it
+    metric: str = ""           # a guard's metric and output
+    output: str = ""
 
     def to_json(self) -> dict:
         record = {key: value for key, value in asdict(self).items() if value != "" or key == "constraint"}
@@ -56,16 +60,19 @@ class Limits:
     latency_ms: float | None
     accuracy: float
     higher_is_better: bool
+    # (metric key, metric name, output, floor, higher is better) per `accuracy.guards` entry
+    guards: tuple[tuple[str, str, str, float, bool], ...] = ()
 
     def items(self) -> list[tuple[str, float]]:
-        """(constraint, limit) for every constraint this target has, in report order."""
+        """(constraint, limit) for every constraint this target has but its guards, in report order."""
         limits = {"size": self.size, "download": self.download, "store": self.store, "latency": self.latency_ms,
                   "accuracy": self.accuracy}
-        return [(name, limits[name]) for name in CONSTRAINTS if limits[name] is not None]
+        return [(name, limits[name]) for name in CONSTRAINTS if limits.get(name) is not None]
 
-    def met(self, constraint: str, actual: float, limit: float) -> bool:
-        if constraint == "accuracy":
-            return actual >= limit if self.higher_is_better else actual <= limit
+    def met(self, constraint: str, actual: float, limit: float, higher_is_better: bool | None = None) -> bool:
+        if constraint in ("accuracy", "guard"):
+            higher = self.higher_is_better if higher_is_better is None else higher_is_better
+            return actual >= limit if higher else actual <= limit
         return actual <= limit
 
 
@@ -82,11 +89,15 @@ def accuracy_threshold(target, metric: Metric, baseline: float | None) -> float:
     return target.threshold(baseline, metric.higher_is_better)
 
 
-def target_limits(target, metric: Metric, baseline: float | None, platform: str) -> Limits:
+def target_limits(target, metrics: Mapping[str, Metric], gate: str, baseline: float | None,
+                  platform: str) -> Limits:
+    """A target's limits: `metrics` are the registered ones, `gate` the name of the one that gates."""
     store = store_limit(platform, target.delivery)
+    guards = tuple((guard.spec.key, guard.spec.name, guard.spec.output, guard.floor,
+                    metrics[guard.spec.name].higher_is_better) for guard in target.guards)
     return Limits(size=target.size, download=target.download, store=store["limit"] if store else None,
-                  latency_ms=target.latency_ms, accuracy=accuracy_threshold(target, metric, baseline),
-                  higher_is_better=metric.higher_is_better)
+                  latency_ms=target.latency_ms, accuracy=accuracy_threshold(target, metrics[gate], baseline),
+                  higher_is_better=metrics[gate].higher_is_better, guards=guards)
 
 
 def _unmeasured_reason(constraint: str, measured: dict) -> str:
@@ -105,6 +116,15 @@ def judge(limits: Limits, measured: dict) -> list[Check]:
         else:
             status = Status.PASS if limits.met(constraint, actual, limit) else Status.FAIL
             checks.append(Check(constraint, status, limit, actual))
+    values = measured.get("metrics") or {}
+    for key, name, output, floor, higher_is_better in limits.guards:
+        actual = values.get(key)
+        if actual is None:
+            checks.append(Check("guard", Status.UNVERIFIED, floor, None, f"{key} not measured", metric=name,
+                                output=output))
+            continue
+        status = Status.PASS if limits.met("guard", actual, floor, higher_is_better) else Status.FAIL
+        checks.append(Check("guard", status, floor, actual, metric=name, output=output))
     return checks
 
 
@@ -158,18 +178,23 @@ def target_checks(limits: Limits, candidates: list[dict], chosen: dict | None) -
     if chosen is not None:
         return [check.to_json() for check in judge(limits, chosen)]
     judged_ = [c for c in candidates if is_judged(c)]
+    every = [(check, c["technique"]) for c in judged_ for check in judge(limits, c)]
+    identities = list(dict.fromkeys((check.constraint, check.metric, check.output) for check, _ in every))
+    if not every:
+        return [Check(constraint, Status.FAIL, limit, None, "no candidate was evaluated").to_json()
+                for constraint, limit in limits.items()]
+    directions = {(name, output): higher for _, name, output, _, higher in limits.guards}
+    rank = {Status.PASS: 0, Status.FAIL: 1, Status.UNVERIFIED: 2}
     rows = []
-    for constraint, limit in limits.items():
-        checks = [(check, c["technique"]) for c in judged_ for check in judge(limits, c)
-                  if check.constraint == constraint]
-        if not checks:
-            rows.append(Check(constraint, Status.FAIL, limit, None, "no candidate was evaluated").to_json())
-            continue
-        rank = {Status.PASS: 0, Status.FAIL: 1, Status.UNVERIFIED: 2}
-        sign = -1 if constraint == "accuracy" and limits.higher_is_better else 1
+    for identity in identities:
+        checks = [(check, technique) for check, technique in every
+                  if (check.constraint, check.metric, check.output) == identity]
+        higher = limits.higher_is_better if identity[0] == "accuracy" else directions.get(identity[1:], False)
+        sign = -1 if identity[0] in ("accuracy", "guard") and higher else 1
         best, technique = min(checks, key=lambda item: (rank[item[0].status],
                                                         sign * (item[0].actual if item[0].actual is not None else 0)))
-        rows.append(Check(best.constraint, best.status, best.limit, best.actual, best.reason, technique).to_json())
+        rows.append(Check(best.constraint, best.status, best.limit, best.actual, best.reason, technique,
+                          best.metric, best.output).to_json())
     return rows
 
 

@@ -42,7 +42,8 @@ def test_junit_has_a_case_per_constraint_with_limit_and_actual(built_copy):
     assert [c.get("name") for c in cases] == ["size", "download", "store", "accuracy"]
     assert not passing.findall(".//failure")
     size = {p.get("name"): p.get("value") for p in cases[0].findall("./properties/property")}
-    assert size == {"limit": "60000", "actual": str(read_report(built_copy)["targets"][0]["chosen"]["bytes"])}
+    assert size == {"limit": "60000", "actual": str(read_report(built_copy)["targets"][0]["chosen"]["bytes"]),
+                    "status": "pass"}
 
     set_budget(built_copy, "1KB")
     assert run_edgebuild("build", cwd=built_copy).returncode == 1

@@ -6,7 +6,7 @@ import numpy as np
 
 from ..api import Technique
 from ..data import Dataset, load_dataset
-from ..errors import InputError
+from ..errors import InputError, ToolchainError
 from ..fsutil import bundle_bytes, bundle_download_bytes, read_json
 from ..manifest import Target
 from ..policy import Limits, target_limits
@@ -23,12 +23,39 @@ def read_data(build: Build, role: str, *, need_labels: bool) -> Dataset:
 
 
 def metrics(build: Build) -> dict:
-    """The metrics every candidate is measured on, the gating one first."""
-    return {name: build.registry.metrics[name] for name in build.manifest.metrics}
+    """The metrics every candidate is measured on, by key, the gating one first."""
+    return {key: build.registry.metrics[build.manifest.specs[key].name] for key in build.manifest.metrics}
 
 
 def evaluation_data(build: Build) -> Dataset:
     return read_data(build, "evaluation", need_labels=any(m.needs_labels for m in metrics(build).values()))
+
+
+def output_specs(build: Build) -> list[dict]:
+    """The model's outputs as export recorded them: name, shape, dtype, in the model's order."""
+    return read_json(build.model_meta)["outputs"]
+
+
+def read_outputs(path, specs: list[dict]) -> dict[str, np.ndarray]:
+    """Outputs stored one array per output name (the fp32 reference), in the model's order."""
+    with np.load(path) as stored:
+        return {spec["name"]: stored[spec["name"]] for spec in specs}
+
+
+def named_outputs(outputs, specs: list[dict], runtime: str) -> dict[str, np.ndarray]:
+    """A runtime's outputs as {name: array} in the model's order: by name when the runtime names
+    them as the model does (TFLite signatures, Core ML outputs), else by position."""
+    names = [spec["name"] for spec in specs]
+    if isinstance(outputs, np.ndarray):
+        outputs = [outputs]
+    if isinstance(outputs, dict):
+        if set(outputs) == set(names):
+            return {name: np.asarray(outputs[name]) for name in names}
+        outputs = list(outputs.values())
+    if len(outputs) != len(names):
+        raise ToolchainError(f"{runtime} gave {len(outputs)} outputs; the model has {len(names)} "
+                             f"({', '.join(names)})", stage="evaluate")
+    return {name: np.asarray(array) for name, array in zip(names, outputs)}
 
 
 def example_batch(build: Build) -> int:
@@ -36,23 +63,90 @@ def example_batch(build: Build) -> int:
     return int(read_json(build.model_meta)["inputs"][0]["shape"][0]) or 1
 
 
-def measure(build: Build, outputs: np.ndarray, reference: np.ndarray, data: Dataset) -> dict[str, float]:
-    """Each metric of the manifest on one set of outputs."""
-    if data.labels is not None and data.labels.shape[1:] != reference.shape[1:-1]:
-        raise InputError(f"array 'y' has shape {data.labels.shape}; the model's outputs {reference.shape} take one "
-                         f"label per sample{' and position' if reference.ndim > 2 else ''}",
-                         file=build.manifest.relative(build.data_source("evaluation")))
-    return {name: metric.compute(outputs, reference, data.labels) for name, metric in metrics(build).items()}
+def _shapes(reference: dict[str, np.ndarray]) -> str:
+    return ", ".join(f"{name} {list(array.shape)}" for name, array in reference.items())
+
+
+def _labels(build: Build, metric, key: str, output: str, reference: np.ndarray, data: Dataset):
+    """One output's labels for a metric that needs them, checked when it takes integer classes."""
+    labels = data.labels_for(output)
+    source = build.manifest.relative(build.data_source("evaluation"))
+    if labels is None:
+        raise InputError(f"missing array 'y_{output}' or 'y' (labels) needed by metric {key}", file=source)
+    if metric.integer_labels and (labels.dtype.kind not in "iu" or labels.shape[1:] != reference.shape[1:-1]):
+        name = f"y_{output}" if data.labels and f"y_{output}" in data.labels else "y"
+        raise InputError(f"array {name!r} has shape {labels.shape} dtype {labels.dtype}; metric {key} takes one "
+                         f"integer class per sample{' and position' if reference.ndim > 2 else ''} for output "
+                         f"{output} {list(reference.shape)}", file=source)
+    return labels
+
+
+def _judged_outputs(build: Build, key: str, metric, reference: dict[str, np.ndarray]) -> list[str]:
+    """The outputs a metric reads: the one it names, the only one, or every output it applies to."""
+    spec = build.manifest.specs[key]
+    if spec.output is not None:
+        if spec.output not in reference:
+            raise build.manifest.error(spec.where + ("output",), f"unknown output {spec.output!r} (the model's "
+                                                                f"outputs: {_shapes(reference)})")
+        return [spec.output]
+    if len(reference) == 1:
+        return list(reference)
+    if metric.needs_labels:
+        raise build.manifest.error(spec.where, f"metric {spec.name!r} compares one output with labels; the model "
+                                               f"has {len(reference)} outputs: {_shapes(reference)}; name one with "
+                                               f"{{name: {spec.name}, output: NAME}}")
+    names = [n for n, array in reference.items() if metric.applies is None or metric.applies(array.shape)]
+    if not names:
+        raise build.manifest.error(spec.where, f"metric {spec.name!r} applies to none of the model's outputs: "
+                                               f"{_shapes(reference)}")
+    return names
+
+
+def measure(build: Build, outputs: dict[str, np.ndarray], reference: dict[str, np.ndarray],
+            data: Dataset) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """Each metric of the manifest on one set of outputs: {key: value}, and, for a metric judged on
+    several outputs (gating on the worst), {key: {output: value}}."""
+    values, per_output = {}, {}
+    for key, metric in metrics(build).items():
+        if metric.all_outputs:
+            values[key] = metric.compute(outputs, reference, data.labels if metric.needs_labels else None)
+            continue
+        results = {}
+        for name in _judged_outputs(build, key, metric, reference):
+            labels = _labels(build, metric, key, name, reference[name], data) if metric.needs_labels else None
+            results[name] = metric.compute(outputs[name], reference[name], labels)
+        values[key] = metric.worst(list(results.values()))
+        if len(results) > 1:
+            per_output[key] = results
+    return values, per_output
+
+
+def chance_warnings(build: Build, values: dict[str, float], reference: dict[str, np.ndarray]) -> list[str]:
+    """A label metric whose fp32 value is at or near chance almost always reads the wrong output or
+    the wrong labels: say so."""
+    warnings = []
+    for key, metric in metrics(build).items():
+        if not (metric.needs_labels and metric.integer_labels and metric.higher_is_better) or values[key] is None:
+            continue
+        for name in _judged_outputs(build, key, metric, reference):
+            classes = reference[name].shape[-1]
+            if classes >= 2 and values[key] <= 1 / classes + 0.05:
+                warnings.append(f"fp32 {key} is {values[key]:.4f}, at or near chance (1/{classes} = "
+                                f"{1 / classes:.4f}) for output {name} {list(reference[name].shape)}: is it the "
+                                f"right output, and are these its labels?")
+    return warnings
 
 
 def evaluate_bundle(build: Build, backend, bundle: Path) -> dict:
-    """Run a bundle in its runtime on the evaluation set: metrics, bytes, download bytes, latency."""
+    """Run a bundle in its runtime on the evaluation set: every output's metrics, bytes, download
+    bytes, latency."""
     data = evaluation_data(build)
     prediction = backend.predict(bundle, data.inputs, threads=LATENCY_THREADS, batch=example_batch(build),
                                  exported_program=build.exported_program)
-    with np.load(build.reference) as stored:  # after the run: an LLM's reference logits are large
-        reference = stored["outputs"]
-    values = measure(build, prediction.outputs, reference, data)
+    specs = output_specs(build)
+    outputs = named_outputs(prediction.outputs, specs, prediction.runtime)
+    reference = read_outputs(build.reference, specs)  # after the run: an LLM's reference logits are large
+    values, per_output = measure(build, outputs, reference, data)
     record = {
         "bytes": bundle_bytes(bundle),
         "download_bytes": bundle_download_bytes(bundle),
@@ -63,15 +157,17 @@ def evaluate_bundle(build: Build, backend, bundle: Path) -> dict:
         "latency": prediction.details,
         "layers": backend.weights(bundle),
     }
+    if per_output:
+        record["per_output"] = per_output
     if prediction.latency_ms is None and prediction.latency_note:
         record["latency_note"] = prediction.latency_note
     return record
 
 
 def limits(build: Build, target: Target) -> Limits:
-    """The target's limits, its accuracy threshold measured from the fp32 baseline."""
-    metric = build.registry.metrics[build.manifest.metric]
-    return target_limits(target, metric, read_json(build.baseline)["value"], build.backend(target).platform)
+    """The target's limits, its accuracy threshold measured from the fp32 baseline, and its guards."""
+    return target_limits(target, build.registry.metrics, build.manifest.gate.name, read_json(build.baseline)["value"],
+                         build.backend(target).platform)
 
 
 def post_training_entries(build: Build, variant_key: str) -> list[tuple[Technique, dict]]:

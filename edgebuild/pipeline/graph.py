@@ -43,7 +43,7 @@ class Graph:
 
     @property
     def metric_code(self) -> tuple:
-        return tuple(("metric", name) for name in self.build.manifest.metrics)
+        return tuple(dict.fromkeys(("metric", spec.name) for spec in self.build.manifest.specs.values()))
 
     @property
     def evaluation(self) -> str:

@@ -74,14 +74,12 @@ def run(manifest: Path, task_name: str, state: Path) -> None:
 
 
 def main(manifest: str, task_name: str, result: str) -> int:
-    from ..manifest import load_manifest
-    from ..plugins import default_registry
+    from ..manifest import load_project
     from .graph import build_tasks
     from .layout import Build
 
     try:
-        registry = default_registry()
-        build = Build(load_manifest(manifest, registry), registry)
+        build = Build(*load_project(manifest))
         task = next(t for t in build_tasks(build, lambda name, stage: stage) if t["name"] == task_name)
         action, args = task["actions"][0]
         action(*args)

@@ -55,6 +55,11 @@ class Build:
     def backend(self, target: Target):
         return self.registry.backends[target.format]
 
+    @property
+    def gate_metric(self):
+        """The registered metric that gates selection."""
+        return self.registry.metrics[self.manifest.gate.name]
+
     def code(self, *items: tuple[str, str]) -> str:
         """Fingerprint of edgebuild's code and of the plugins that registered `items`: part of
         every cache key, so a new release or a local plugin edit reruns what that code produces."""
@@ -90,7 +95,9 @@ class Build:
         """Files whose change must re-export the model.
 
         A python entry may read anything beside it (weights, configs, sibling modules), so its whole
-        folder counts; unchanged re-exports produce identical bytes and stop the rebuild there.
+        folder counts, but for what the manifest names as something else (the manifest, data, the
+        project's plugins: a metric edit never re-exports); unchanged re-exports produce identical
+        bytes and stop the rebuild there.
         """
         manifest = self.manifest
         if manifest.model["source"] != "python":
@@ -98,7 +105,8 @@ class Build:
             # A Hugging Face model is a folder: every file in it (weights, config, tokenizer) counts.
             return sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
         entry = (manifest.root / ENTRY_PATTERN.match(manifest.model["entry"])["file"]).resolve()
-        skip = {manifest.state_dir, manifest.output, manifest.lock_file}
+        skip = {manifest.state_dir, manifest.output, manifest.lock_file, manifest.path, *manifest.plugins,
+                *(p for p in (manifest.evaluation, manifest.calibration, manifest.train) if p)}
         files = []
         for path in sorted(entry.parent.rglob("*")):
             if not path.is_file() or any(s == path or s in path.parents for s in skip):
@@ -112,7 +120,7 @@ class Build:
     def input_files(self) -> list[Path]:
         """Every file a build reads: the manifest, the model's files, the data."""
         manifest = self.manifest
-        files = {manifest.path, manifest.evaluation, *self.model_sources()}
+        files = {manifest.path, manifest.evaluation, *self.model_sources(), *manifest.plugins}
         files.update(p for p in (manifest.calibration, manifest.train) if p)
         return sorted(files)
 

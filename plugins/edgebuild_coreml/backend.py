@@ -92,8 +92,12 @@ class CoreMLBackend(BackendBase):
             table = torch.export.default_decompositions()
             table.pop(torch.ops.aten.linear.default, None)
             program = program.run_decompositions(table)
+            # A model with named outputs returns {name: tensor}: Core ML's outputs take those names.
+            spec = program.call_spec.out_spec
+            names = list(spec.context) if spec is not None and spec.type is dict else None
             model = ct.convert(program, convert_to="mlprogram", minimum_deployment_target=_deployment_target(options["min_ios"]),
-                               compute_precision=getattr(ct.precision, precision), skip_model_load=True)
+                               compute_precision=getattr(ct.precision, precision), skip_model_load=True,
+                               outputs=[ct.TensorType(name=name) for name in names] if names else None)
         except Exception as exc:
             op = unsupported_op(exc)
             reason = f"coremltools cannot convert op {op}" if op else f"coremltools failed: {first_line(exc)}"
@@ -185,12 +189,18 @@ class CoreMLBackend(BackendBase):
         layers = [m for m in prepared.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
         train(prepared, layers, palettizer.step)
         finalized = palettizer.finalize(prepared).eval()
-        traced = torch.jit.trace(finalized, example)
         inputs = [ct.TensorType(name=name, shape=tuple(tensor.shape))
                   for name, tensor in zip(_input_names(finalized), example)]
+        with torch.no_grad():
+            result = finalized(*example)
+        names = list(result) if isinstance(result, dict) else None
+        if names:  # torch.jit.trace takes tuples: the names come back through ct.convert's outputs
+            _return_tuples(finalized)
+        traced = torch.jit.trace(finalized, example)
         try:
             model = ct.convert(traced, inputs=inputs, convert_to="mlprogram", skip_model_load=True,
-                               minimum_deployment_target=_deployment_target(options["min_ios"]))
+                               minimum_deployment_target=_deployment_target(options["min_ios"]),
+                               outputs=[ct.TensorType(name=name) for name in names] if names else None)
         except Exception as exc:
             raise ToolchainError(f"coremltools failed on the trained model: {first_line(exc)}", stage="qat",
                                  technique=technique.name, op=unsupported_op(exc)) from exc
@@ -229,16 +239,17 @@ class CoreMLBackend(BackendBase):
         model = ct.models.MLModel(str(bundle))
         spec = model.get_spec().description
         in_names = [i.name for i in spec.input]
-        out_name = spec.output[0].name
-        outputs, timings = [], []
+        outputs, timings = {o.name: [] for o in spec.output}, []
         for i in range(len(inputs[0])):
             feed = {name: array[i:i + 1] for name, array in zip(in_names, inputs)}
             begin = time.perf_counter()
             result = model.predict(feed)
             timings.append((time.perf_counter() - begin) * 1000.0)
-            outputs.append(np.asarray(result[out_name], dtype=np.float32)[0])
+            for name, rows in outputs.items():  # every output, by Core ML's (the model's) output name
+                rows.append(np.asarray(result[name], dtype=np.float32)[0])
         steady = timings[min(3, len(timings) - 1):]
-        return Prediction(outputs=np.stack(outputs), latency_ms=statistics.median(steady), runtime=self.runtime(),
+        return Prediction(outputs={name: np.stack(rows) for name, rows in outputs.items()},
+                          latency_ms=statistics.median(steady), runtime=self.runtime(),
                           details={"simulated": False, "runs": len(steady)})
 
     def describe(self, bundle: Path) -> dict:
@@ -430,6 +441,19 @@ def _compression_kind(op) -> str:
             kind += f" block{data.shape[-1] // scale.shape[-1]}"
         return kind
     return op.op_type
+
+
+def _return_tuples(module) -> None:
+    """Make a module that returns {name: tensor} return the tensors in that order (instance only)."""
+    import functools
+
+    forward = module.forward
+
+    @functools.wraps(forward)
+    def positional(*args):
+        return tuple(forward(*args).values())
+
+    module.forward = positional
 
 
 def _input_names(module) -> list[str]:

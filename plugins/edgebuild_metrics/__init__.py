@@ -59,14 +59,20 @@ def perplexity(outputs: np.ndarray, reference: np.ndarray, labels: np.ndarray | 
     return float(np.exp(total / count))
 
 
+def _has_classes(shape: tuple) -> bool:
+    """Classification metrics apply to outputs with a class axis (the last) of two or more."""
+    return len(shape) >= 2 and shape[-1] >= 2
+
+
 @hookimpl
 def register_metrics(register):
     register(Metric("top1", "top-1 accuracy against the labels in the evaluation set", top1, needs_labels=True))
-    register(Metric("agreement", "top-1 agreement with the fp32 model (no labels needed)", agreement))
+    register(Metric("agreement", "top-1 agreement with the fp32 model (no labels needed)", agreement,
+                    applies=_has_classes))
     register(Metric("token_agreement", "top-1 next-token agreement with the fp32 model, over every position",
-                    agreement))
+                    agreement, applies=_has_classes))
     register(Metric("kl", "mean KL divergence of the output distribution from fp32's (lower is better)", mean_kl,
-                    higher_is_better=False, bounds=(0.0, None)))
+                    higher_is_better=False, bounds=(0.0, None), applies=_has_classes))
     register(Metric("perplexity", "perplexity of the evaluation text's next tokens (lower is better)", perplexity,
                     higher_is_better=False, needs_labels=True, bounds=(1.0, None)))
     register(Metric("sqnr", "signal-to-quantization-noise ratio of the outputs vs fp32, in dB", sqnr,

@@ -3,10 +3,12 @@ from pathlib import Path
 from xml.etree import ElementTree
 
 from edgebuild.fsutil import atomic_write_bytes
+from edgebuild.reasons import constraint_label
 
 def _constraint_case(target: dict, check: dict) -> ElementTree.Element:
     """One test case for one constraint, as policy.py judged it (report.json's target `constraints`)."""
-    case = ElementTree.Element("testcase", classname=f"edgebuild.{target['name']}", name=check["constraint"])
+    label = constraint_label(check)
+    case = ElementTree.Element("testcase", classname=f"edgebuild.{target['name']}", name=label)
     properties = ElementTree.SubElement(case, "properties")
     for name in ("limit", "actual", "status"):
         ElementTree.SubElement(properties, "property", name=name, value=repr(check[name]) if name != "status"
@@ -16,15 +18,15 @@ def _constraint_case(target: dict, check: dict) -> ElementTree.Element:
     status = check.get("status", "fail")
     if status == "unverified":  # a constraint this host cannot measure is never reported as passed
         ElementTree.SubElement(case, "failure", type=f"{check['constraint']}-unverified",
-                               message=f"{check['constraint']} unverified: {check.get('reason', '')}")
+                               message=f"{label} unverified: {check.get('reason', '')}")
     elif status == "fail":
         best = check.get("candidate") or "no candidate"
         failure = ElementTree.SubElement(case, "failure", type=f"{check['constraint']}-budget",
-                                         message=f"{check['constraint']}: limit {check['limit']}, "
+                                         message=f"{label}: limit {check['limit']}, "
                                                  f"best actual {check['actual']} ({best})")
-        failure.text = "\n".join(f"{c['technique']}: {f['constraint']} {f['actual']} vs limit {f['limit']}"
+        failure.text = "\n".join(f"{c['technique']}: {label} {f['actual']} vs limit {f['limit']}"
                                  for c in target["candidates"] for f in c.get("failed", [])
-                                 if f["constraint"] == check["constraint"])
+                                 if constraint_label(f) == label)
     return case
 
 

@@ -102,16 +102,18 @@ class TFLiteBackend(BackendBase):
         in_names = _ordered(in_details)
         out_names = _ordered(out_details)
         batch = int(in_details[in_names[0]]["shape"][0]) or 1
-        outputs, timings = [], []
+        outputs, timings = {name: [] for name in out_names}, []
         for chunk, rows in padded_batches(tuple(inputs), batch):
             feed = {name: _quantize(part, in_details[name]) for name, part in zip(in_names, chunk)}
             begin = time.perf_counter()
             result = runner(**feed)
             timings.append((time.perf_counter() - begin) * 1000.0)
-            outputs.append(_dequantize(result[out_names[0]], out_details[out_names[0]])[:rows])
+            for name in out_names:  # every output, by its signature name (the model's output names)
+                outputs[name].append(_dequantize(result[name], out_details[name])[:rows])
         # The first invokes pay for allocation and XNNPACK packing; they are not steady-state latency.
         steady = timings[min(3, len(timings) - 1):]
-        return Prediction(outputs=np.concatenate(outputs), latency_ms=statistics.median(steady),
+        return Prediction(outputs={name: np.concatenate(parts) for name, parts in outputs.items()},
+                          latency_ms=statistics.median(steady),
                           runtime=self.runtime(), details={"batch": batch, "threads": threads, "runs": len(steady)})
 
     def weights(self, bundle: Path) -> list[dict]:

@@ -56,7 +56,7 @@ def _extras(build: Build, target: Target) -> dict:
 def select(build: Build, target: Target) -> None:
     """The smallest candidate meeting every constraint (policy.py); ties go to the better metric."""
     manifest = build.manifest
-    metric = build.registry.metrics[manifest.metric]
+    metric = build.gate_metric
     target_limits = limits(build, target)
     baseline = read_json(build.baseline)
     candidates, sources = [], {}
@@ -75,7 +75,8 @@ def select(build: Build, target: Target) -> None:
         "store": store_limit(build.backend(target).platform, target.delivery),
         "accuracy": {"max_drop": target.max_drop, "floor": target.floor, "threshold": target_limits.accuracy},
         "constraints": target_checks(target_limits, candidates, chosen),
-        "baseline": {"metric": baseline["value"], "metrics": baseline["metrics"]},
+        "baseline": {"metric": baseline["value"], "metrics": baseline["metrics"],
+                     **({"per_output": baseline["per_output"]} if baseline.get("per_output") else {})},
         "chosen": None if chosen is None else {
             "technique": chosen["technique"], "path": manifest.relative(bundle_path), "bytes": chosen["bytes"],
             "download_bytes": chosen["download_bytes"], "metric": chosen["metric"], "metrics": chosen["metrics"],
@@ -130,21 +131,26 @@ def packaged_is_intact(build: Build, target: Target) -> bool:
     return True
 
 
+def _metric_entry(key: str, spec, metric) -> dict:
+    entry = {"key": key, "name": metric.name, "description": metric.description, "unit": metric.unit,
+             "higher_is_better": metric.higher_is_better}
+    return {**entry, "output": spec.output} if spec.output else entry
+
+
 def report_data(build: Build) -> dict:
     manifest = build.manifest
-    metric = build.registry.metrics[manifest.metric]
     meta = read_json(build.model_meta)
+    entries = [_metric_entry(key, manifest.specs[key], metric) for key, metric in metrics(build).items()]
     return {
         "schema_version": 1,
         "edgebuild_version": __version__,
         "manifest": manifest.path.name,
         "model": {"name": manifest.model_name, "source": manifest.model["source"], "parameters": meta["parameters"],
-                  "inputs": meta["inputs"]},
-        "metric": {"name": metric.name, "description": metric.description, "unit": metric.unit,
-                   "higher_is_better": metric.higher_is_better},
-        # The gating metric first, then those the manifest only reports.
-        "metrics": [{"name": m.name, "description": m.description, "unit": m.unit,
-                     "higher_is_better": m.higher_is_better} for m in metrics(build).values()],
+                  "inputs": meta["inputs"], "outputs": meta["outputs"]},
+        "metric": entries[0],
+        # The gating metric first, then those the manifest only reports, then the guards'.
+        "metrics": entries,
+        "warnings": read_json(build.baseline).get("warnings", []),
         "toolchain": {name: build.registry.backends[name].version() for name in build.backends_in_use()},
         "targets": [summary for t in manifest.targets if (summary := target_summary(build, t)) is not None],
     }

@@ -6,8 +6,10 @@ import numpy as np
 from ... import hf
 from ...data import run_torch_module
 from ...errors import EdgebuildError, InputError, ToolchainError, first_line
-from ...fsutil import atomic_output, atomic_write_json, read_json, sha256_file
-from ..evaluation import evaluation_data, example_batch, measure, read_data
+from ...fsutil import atomic_output, atomic_write_json, sha256_file
+from ...outputs import leaves, name_outputs, natural_names, needs_names
+from ..evaluation import (chance_warnings, evaluation_data, example_batch, measure, metrics, output_specs,
+                          read_data, read_outputs)
 from ..layout import Build
 
 
@@ -28,18 +30,21 @@ def export_model(build: Build) -> None:
     except Exception as exc:
         raise InputError(f"loading the model failed: {first_line(exc)}", file=manifest.path.name,
                          field="model") from exc
+    with torch.no_grad():
+        result = module(*example)
+    results = leaves(result)
+    names = _output_names(build, result, results)
+    if needs_names(names):  # the exported program returns {name: tensor}: every backend sees the names
+        name_outputs(module, names)
     try:
         program = torch.export.export(module, example)
     except Exception as exc:
         raise ToolchainError(f"torch.export failed: {first_line(exc)}", stage="export") from exc
 
-    names = list(program.graph_signature.user_inputs)
     inputs = [{"name": name, "shape": list(tensor.shape), "dtype": _torch_dtype_name(tensor.dtype)}
-              for name, tensor in zip(names, example)]
-    with torch.no_grad():
-        result = module(*example)
-    results = result if isinstance(result, (tuple, list)) else (result,)
-    outputs = [{"shape": list(r.shape), "dtype": _torch_dtype_name(r.dtype)} for r in results]
+              for name, tensor in zip(program.graph_signature.user_inputs, example)]
+    outputs = [{"name": name, "shape": list(r.shape), "dtype": _torch_dtype_name(r.dtype)}
+               for name, r in zip(names, results)]
     parameters = int(sum(p.numel() for p in module.parameters()))
 
     temporary = atomic_output(build.exported_program)
@@ -48,6 +53,18 @@ def export_model(build: Build) -> None:
     atomic_write_json(build.model_meta, {"name": manifest.model_name, "inputs": inputs, "outputs": outputs,
                                          "parameters": parameters, "torch": torch.__version__,
                                          "sha256": sha256_file(build.exported_program)})
+
+
+def _output_names(build: Build, result, results: list) -> list[str]:
+    """`model.outputs`, else the names the model's own output structure gives."""
+    declared = build.manifest.model.get("outputs")
+    if declared is None:
+        return natural_names(result)
+    if len(declared) != len(results):
+        shapes = ", ".join(str(list(r.shape)) for r in results)
+        raise build.manifest.error(("model", "outputs"), f"names {len(declared)} output(s); the model returns "
+                                                         f"{len(results)} ({shapes})")
+    return list(declared)
 
 
 def tokenize(build: Build, role: str) -> None:
@@ -70,16 +87,20 @@ def reference_outputs(build: Build) -> None:
     program = torch.export.load(str(build.exported_program))
     outputs = run_torch_module(program.module(), data.inputs, example_batch(build))
     temporary = atomic_output(build.reference)
-    np.savez(temporary, outputs=outputs)
+    np.savez(temporary, **{spec["name"]: array for spec, array in zip(output_specs(build), outputs)})
     os.replace(temporary, build.reference)
 
 
 def baseline_metric(build: Build) -> None:
-    """The fp32 model's metrics; `max_drop` floors are measured from the gating one."""
-    with np.load(build.reference) as stored:
-        reference = stored["outputs"]
-    values = measure(build, reference, reference, evaluation_data(build))
+    """The fp32 model's metrics; `max_drop` floors are measured from the gating one. Every metric's
+    outputs and labels are checked here, before any candidate is built."""
+    reference = read_outputs(build.reference, output_specs(build))
+    values, per_output = measure(build, reference, reference, evaluation_data(build))
     # Metrics measured against fp32 itself (sqnr) have no fp32 value of their own.
-    values = {name: value if build.registry.metrics[name].has_baseline else None for name, value in values.items()}
+    kinds = metrics(build)
+    values = {key: value if kinds[key].has_baseline else None for key, value in values.items()}
+    per_output = {key: by_output for key, by_output in per_output.items() if kinds[key].has_baseline}
     atomic_write_json(build.baseline, {"metric": build.manifest.metric, "value": values[build.manifest.metric],
-                                       "metrics": values, "evaluated_by": "torch fp32 (exported program)"})
+                                       "metrics": values, "per_output": per_output,
+                                       "warnings": chance_warnings(build, values, reference),
+                                       "evaluated_by": "torch fp32 (exported program)"})

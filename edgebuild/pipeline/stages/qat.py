@@ -18,7 +18,8 @@ from ...api import QATBackend
 from ...fsutil import atomic_output, atomic_write_json, bundle_sha256, read_json, remove_path, replace_path
 from ...manifest import Target
 from ...policy import Status, judge, problems, verdict
-from ..evaluation import evaluate_bundle, limits, post_training_entries, read_data
+from ...outputs import leaves, name_outputs, needs_names
+from ..evaluation import evaluate_bundle, limits, output_specs, post_training_entries, read_data
 from ..layout import Build
 
 QAT_PREFIX = "qat-"
@@ -36,14 +37,15 @@ def cross_entropy_loss(output, labels):
     return torch.nn.functional.cross_entropy(output.reshape(-1, output.shape[-1]), flat_labels, ignore_index=-100)
 
 
-def teacher_outputs(teacher, inputs: list, batch: int = BATCH):
-    """The fp32 model's outputs, a batch at a time: a whole data set in one forward pass can
-    need more memory than the model itself."""
+def teacher_outputs(teacher, inputs: list, batch: int = BATCH) -> list:
+    """The fp32 model's outputs (each of them), a batch at a time: a whole data set in one forward
+    pass can need more memory than the model itself."""
     import torch
 
     with torch.no_grad():
-        return torch.cat([teacher(*(part[start:start + batch] for part in inputs))
-                          for start in range(0, len(inputs[0]), batch)])
+        batches = [leaves(teacher(*(part[start:start + batch] for part in inputs)))
+                   for start in range(0, len(inputs[0]), batch)]
+    return [torch.cat(parts) for parts in zip(*batches)]
 
 
 def distillation_loss(student, teacher):
@@ -112,11 +114,11 @@ def train(module, layers: list, inputs: tuple[np.ndarray, ...], labels: np.ndarr
             order = torch.randperm(len(x[0]), generator=generator)
             for start in range(0, len(order), BATCH):
                 index = order[start:start + BATCH]
-                output = module(*(part[index] for part in x))
-                if settings["loss"] == "cross_entropy":
-                    loss = cross_entropy_loss(output, y[index])
-                else:
-                    loss = distillation_loss(output, teacher_out[index])
+                outputs = leaves(module(*(part[index] for part in x)))
+                if settings["loss"] == "cross_entropy":  # on the output the gating metric reads
+                    loss = cross_entropy_loss(outputs[settings["labelled_output"]], y[index])
+                else:  # every output is distilled: none may drift from fp32
+                    loss = sum(distillation_loss(output, teacher[index]) for output, teacher in zip(outputs, teacher_out))
                 optimiser.zero_grad()
                 loss.backward()
                 optimiser.step()
@@ -177,6 +179,12 @@ def run_qat(build: Build, target: Target) -> None:
     data = read_data(build, role, need_labels=settings["loss"] == "cross_entropy")
     loader = build.registry.loaders[build.manifest.model["source"]]
     module, example = loader(build.manifest.model, build.manifest.root)
+    names = [spec["name"] for spec in output_specs(build)]
+    if needs_names(names):  # as export did: the trained bundle's outputs carry the same names
+        name_outputs(module, names)
+    labelled = build.manifest.gate.output or names[0]
+    settings = {**settings, "labelled_output": names.index(labelled)}
+    labels = data.labels_for(labelled)
     lines, result = [], {}
     teacher = copy.deepcopy(module).eval()
 
@@ -185,7 +193,7 @@ def run_qat(build: Build, target: Target) -> None:
         progress.report(f"  qat {target.name} ({technique.name}): {line}")
 
     def run_training(prepared, layers, after_step=None):
-        result.update(train(prepared, layers, data.inputs, data.labels, {**settings, "teacher": teacher},
+        result.update(train(prepared, layers, data.inputs, labels, {**settings, "teacher": teacher},
                             log, after_step))
 
     work = build.state / "targets" / target.name / "qat"

@@ -14,7 +14,7 @@ from ...fsutil import (atomic_output, atomic_write_json, bundle_bytes, bundle_sh
                        replace_path)
 from ...manifest import Target
 from ...policy import judged
-from ..evaluation import evaluate_bundle, example_batch, limits, read_data
+from ..evaluation import evaluate_bundle, example_batch, limits, named_outputs, output_specs, read_data
 from ..layout import Build
 
 MIXED = "mixed-precision"
@@ -33,6 +33,7 @@ def sensitivity_key(build: Build, target: Target, layers: list[dict], precisions
     backend = build.backend(target)
     return _digest(read_json(build.fp32_record(variant.key))["sha256"], bundle_sha256(build.data(role)),
                    list(precisions), layers, backend.version(), SENSITIVITY_SAMPLES, SENSITIVITY_FORMAT,
+                   output_specs(build),
                    build.code(("backend", backend.name), ("metric", "sqnr")))
 
 
@@ -55,9 +56,15 @@ def sensitivity_table(build: Build, target: Target, layers: list[dict], precisio
     inputs = tuple(array[:SENSITIVITY_SAMPLES] for array in samples.inputs)
     fp32 = build.fp32_bundle(variant.key)
 
-    def run(bundle):
-        return backend.predict(bundle, inputs, threads=1, batch=example_batch(build),
-                               exported_program=build.exported_program).outputs
+    specs = output_specs(build)
+
+    def run(bundle) -> dict:
+        prediction = backend.predict(bundle, inputs, threads=1, batch=example_batch(build),
+                                     exported_program=build.exported_program)
+        return named_outputs(prediction.outputs, specs, prediction.runtime)
+
+    def db(outputs: dict) -> float:  # the worst output's SQNR: no layer may wreck any output
+        return min(sqnr.compute(outputs[name], reference[name], None) for name in reference)
 
     reference = run(fp32)
     work = build.state / variant.key / "sensitivity"
@@ -83,7 +90,7 @@ def sensitivity_table(build: Build, target: Target, layers: list[dict], precisio
             # What this layer really costs at this precision, scales and zero points included.
             stored_bytes[name][precision] = (bundle_bytes(bundle) - fp32_size
                                              + layer["params"] * backend.reference_bytes_per_weight)
-            table[name][precision] = round(sqnr.compute(run(bundle), reference, None), 3)
+            table[name][precision] = round(db(run(bundle)), 3)
     remove_path(work)
     result = {"db": table, "bytes": stored_bytes, "refused": refused}
     atomic_write_json(cache, {"key": key, "table": result})
@@ -120,7 +127,7 @@ def evaluation_key(build: Build, target: Target, recipe) -> str:
     backend = build.backend(target)
     return _digest(read_json(build.fp32_record(build.variant(target).key))["sha256"], recipe,
                    bundle_sha256(build.data("evaluation")), build.manifest.metrics, backend.version(),
-                   build.code(("backend", backend.name), *(("metric", m) for m in build.manifest.metrics)))[:32]
+                   build.code(("backend", backend.name), *(("metric", spec.name) for spec in build.manifest.specs.values())))[:32]
 
 
 def _evaluator(build: Build, target: Target, layers: list[dict]):
@@ -209,7 +216,7 @@ def run_search(build: Build, target: Target) -> None:
     context = SearchContext(layers=layers, precisions=precisions, sensitivity=measured["db"],
                             layer_bytes=measured["bytes"], base_bytes=base,
                             max_evaluations=settings["max_evaluations"], max_time=settings["max_time"],
-                            higher_is_better=build.registry.metrics[build.manifest.metric].higher_is_better,
+                            higher_is_better=build.gate_metric.higher_is_better,
                             evaluate_fn=_evaluator(build, target, layers),
                             notes=_not_offered_notes(backend, layers, measured))
     chosen = build.registry.strategies[settings["strategy"]].search(context)
