@@ -125,10 +125,10 @@ def cmd_build(args, console: Console) -> int:
     candidate_errors = [(t["name"], c) for t in targets for c in t["candidates"] if c["status"] == "error"]
     _print_targets(targets, candidate_errors, manifest.metric, console)
     for warning in _warnings(build):
-        console.print(f"[yellow]warning[/yellow]: {warning}", highlight=False)
+        _say(console, f"warning: {warning}", "yellow")
     report = manifest.output / "report.json"
     if report.is_file() and not result.errors:
-        console.print(f"report: {manifest.relative(report)}", highlight=False)
+        _say(console, f"report: {manifest.relative(report)}")
 
     if any(e.exit_code == EXIT_INPUT for e in result.errors):
         code = EXIT_INPUT
@@ -162,6 +162,12 @@ def cmd_build(args, console: Console) -> int:
     return code
 
 
+def _say(console: Console, text: str, style: str | None = None) -> None:
+    """One line on stderr. `text` holds names from the manifest and models ('top1[face]'): never
+    read as rich markup."""
+    console.print(text, style=style, markup=False, highlight=False)
+
+
 def _print_stages(result, console: Console) -> None:
     """What ran: stages executed, up to date, failed, not run."""
     if not (result.executed or result.failed):
@@ -182,20 +188,20 @@ def _print_targets(targets: list[dict], candidate_errors: list, metric: str, con
         chosen = target["chosen"]
         if chosen:
             budget = f" (budget {format_size(target['budget']['size'])})" if target["budget"]["size"] else ""
-            console.print(f"[green]✔[/green] {target['name']}: {chosen['technique']} {format_size(chosen['bytes'])}{budget}, "
+            _say(console, f"✔ {target['name']}: {chosen['technique']} {format_size(chosen['bytes'])}{budget}, "
                           f"{metric} {chosen['metric']:.4f} (floor {target['accuracy']['threshold']:.4f}) "
-                          f"→ {chosen['path']}", highlight=False)
+                          f"→ {chosen['path']}", "green")
             continue
-        console.print(f"[red]✘[/red] {target['name']}: no candidate meets every budget and the floor", highlight=False)
+        _say(console, f"✘ {target['name']}: no candidate meets every budget and the floor", "red")
         for check in target["constraints"]:
             if check["status"] == "unverified":
-                console.print(f"    {check_text(check)}", highlight=False)
+                _say(console, f"    {check_text(check)}")
         for candidate in target["candidates"]:
-            console.print(f"    {candidate['technique']}: {candidate_reason(candidate, exact=True)}", highlight=False)
+            _say(console, f"    {candidate['technique']}: {candidate_reason(candidate, exact=True)}")
     for target_name, candidate in candidate_errors:
         error = candidate["error"]
-        console.print(f"[red]error[/red] stage {error['stage']}, target {target_name}, technique {candidate['technique']}: "
-                      f"{error['message']}", highlight=False)
+        _say(console, f"error stage {error['stage']}, target {target_name}, technique {candidate['technique']}: "
+                      f"{error['message']}", "red")
 
 
 def _warnings(build) -> list[str]:
@@ -242,7 +248,7 @@ def cmd_check(args, console: Console) -> int:
     manifest, registry = _load(args.file, args.target)
     result = check_bundles(Build(manifest, registry))
     for line in result.ok:
-        console.print(f"[green]✔[/green] {line}", highlight=False)
+        _say(console, f"✔ {line}", "green")
     for line in result.problems:
         print(line, file=sys.stderr)
     return EXIT_BUDGET if result.problems else EXIT_OK
