@@ -354,6 +354,8 @@ def techniques_from_yaml(path: Path, backend: str) -> list[Technique]:
     return techniques
 
 
+# A loader returns (module, example inputs), or (module, example inputs, reference): a callable the
+# module was converted from (a TorchScript module), whose outputs the export stage checks it matches.
 Loader = Callable[[Mapping[str, Any], Path], tuple]
 Packager = Callable[[PackageInput], list[Path]]
 Reporter = Callable[..., Path]

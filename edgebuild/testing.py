@@ -51,7 +51,11 @@ def _structure(backend) -> list[str]:
 def _run(backend, bundle: Path, inputs: np.ndarray, expected: np.ndarray, program: Path, what: str,
          close: bool = False) -> list[str]:
     prediction = backend.predict(bundle, (inputs,), threads=1, batch=1, exported_program=program)
-    outputs = np.asarray(prediction.outputs)
+    found = prediction.outputs
+    found = list(found.values()) if isinstance(found, dict) else [found] if isinstance(found, np.ndarray) else found
+    if len(found) != 1:
+        return [f"{what}: predict() gave {len(found)} outputs; the model has one"]
+    outputs = np.asarray(found[0])
     if outputs.shape != expected.shape:
         return [f"{what}: predict() gave outputs of shape {outputs.shape}, torch gives {expected.shape}"]
     if close and np.abs(outputs - expected).max() > TOLERANCE * np.abs(expected).max():

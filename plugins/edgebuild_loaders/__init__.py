@@ -5,11 +5,13 @@ loader runs, so listing plugins or validating a manifest stays fast.
 """
 import functools
 import importlib.util
+import inspect
+import re
 import sys
 from pathlib import Path
 
 from edgebuild import hf
-from edgebuild.errors import InputError
+from edgebuild.errors import InputError, ToolchainError
 from edgebuild.hookspecs import hookimpl
 
 
@@ -59,23 +61,79 @@ def load_torch_export(model: dict, root: Path):
     return program.module(), tuple(args)
 
 
+LITE_SUFFIX = ".ptl"
+_CONSTRUCT = (re.compile(r"failed for node (\S+)"), re.compile(r"target=torch\.ops\.([\w.]+)"),
+              re.compile(r"(aten::\w+|prim::\w+)"))
+
+
 def load_torchscript(model: dict, root: Path):
-    """`path: model.pt` written by torch.jit.save; example inputs must be stored alongside as `<path>.inputs.npz`."""
+    """`path: model.pt` written by torch.jit.save (traced or scripted; no Python source needed), with
+    its example inputs beside it as `<path>.inputs.npz` (arrays in argument order).
+
+    The TorchScript module is converted to a torch.export program (TS2EPConverter); the export
+    stage checks that program against the TorchScript module on the example inputs and the
+    evaluation data (the loader returns the TorchScript module as the reference to match).
+    """
     import numpy as np
     import torch
 
     path = root / model["path"]
-    try:
-        net = torch.jit.load(str(path), map_location="cpu")
-    except Exception as exc:
-        raise InputError(f"not a readable TorchScript file: {str(exc).splitlines()[0][:200]}", file=model["path"]) from None
     inputs_file = path.with_name(path.name + ".inputs.npz")
     if not inputs_file.is_file():
-        raise InputError(f"TorchScript needs example inputs in {inputs_file.name} (arrays in argument order)",
-                         file=model["path"])
-    with np.load(inputs_file, allow_pickle=False) as stored:
-        example = tuple(torch.from_numpy(stored[k]) for k in stored.files)
-    return net.eval(), example
+        raise InputError(f"TorchScript needs example inputs in {inputs_file.name} beside it (arrays in argument "
+                         f"order, batch first), not found", file=model["path"])
+    try:
+        scripted = torch.jit.load(str(path), map_location="cpu").eval()
+    except Exception as exc:
+        if path.suffix == LITE_SUFFIX:
+            raise InputError("a PyTorch Mobile lite-interpreter file (.ptl) cannot be loaded for conversion; give the "
+                             "TorchScript file it was made from (torch.jit.save, .pt) or a torch.export archive "
+                             "(source: torch-export)", file=model["path"]) from None
+        raise InputError(f"not a readable TorchScript file: {str(exc).splitlines()[0][:200]}",
+                         file=model["path"]) from None
+    try:
+        with np.load(inputs_file, allow_pickle=False) as stored:
+            example = tuple(torch.from_numpy(stored[k]) for k in stored.files)
+    except Exception as exc:
+        raise InputError(f"not a readable .npz file: {str(exc).splitlines()[0][:200]}",
+                         file=inputs_file.relative_to(root).as_posix()) from None
+    return _exportable(scripted, example), example, scripted
+
+
+def _exportable(scripted, example: tuple):
+    """The TorchScript module as an fx module torch.export takes: converted by TS2EPConverter, with
+    its parameters parameters again (the converter makes a scripted module's weights buffers, which
+    backends would not compress) and its inputs named as the TorchScript module names them."""
+    import torch
+    from torch._export.converter import TS2EPConverter
+
+    try:
+        program = TS2EPConverter(scripted, example).convert()
+    except Exception as exc:
+        text = str(exc)
+        construct = next((m.group(1) for pattern in _CONSTRUCT if (m := pattern.search(text))), None)
+        raise ToolchainError(f"TorchScript cannot be converted to torch.export"
+                             f"{f': {construct} is not supported' if construct else ''} "
+                             f"({text.splitlines()[0][:200]})", stage="export", op=construct) from exc
+    module = program.module()
+    for name, _ in scripted.named_parameters():
+        owner_name, _, attribute = name.rpartition(".")
+        owner = module.get_submodule(owner_name)
+        if attribute in owner._buffers:
+            tensor = owner._buffers.pop(attribute)
+            owner.register_parameter(attribute, torch.nn.Parameter(tensor, requires_grad=False))
+    # torch.export names inputs after forward's signature: give it the TorchScript argument names.
+    names = [value.debugName().split(".")[0] for value in list(scripted.graph.inputs())[1:]]
+    if len(names) == len(example) and len(set(names)) == len(names) and all(n.isidentifier() for n in names):
+        forward = module.forward
+
+        def named_forward(*args):
+            return forward(*args)
+
+        named_forward.__signature__ = inspect.Signature(
+            [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD) for name in names])
+        module.forward = named_forward
+    return module
 
 
 def load_hf(model: dict, root: Path):

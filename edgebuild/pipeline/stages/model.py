@@ -4,7 +4,7 @@ import os
 import numpy as np
 
 from ... import hf
-from ...data import run_torch_module
+from ...data import load_dataset, run_torch_module
 from ...errors import EdgebuildError, InputError, ToolchainError, first_line
 from ...fsutil import atomic_output, atomic_write_json, sha256_file
 from ...outputs import leaves, name_outputs, natural_names, needs_names
@@ -24,7 +24,8 @@ def export_model(build: Build) -> None:
     manifest = build.manifest
     loader = build.registry.loaders[manifest.model["source"]]
     try:
-        module, example = loader(manifest.model, manifest.root)
+        # (module, example inputs), or with a reference the module was converted from (TorchScript)
+        module, example, *reference = loader(manifest.model, manifest.root)
     except EdgebuildError:
         raise
     except Exception as exc:
@@ -46,6 +47,8 @@ def export_model(build: Build) -> None:
     outputs = [{"name": name, "shape": list(r.shape), "dtype": _torch_dtype_name(r.dtype)}
                for name, r in zip(names, results)]
     parameters = int(sum(p.numel() for p in module.parameters()))
+    if reference:
+        _check_against(build, program, reference[0], example, inputs)
 
     temporary = atomic_output(build.exported_program)
     torch.export.save(program, str(temporary))
@@ -53,6 +56,34 @@ def export_model(build: Build) -> None:
     atomic_write_json(build.model_meta, {"name": manifest.model_name, "inputs": inputs, "outputs": outputs,
                                          "parameters": parameters, "torch": torch.__version__,
                                          "sha256": sha256_file(build.exported_program)})
+
+
+REFERENCE_SAMPLES = 64
+
+
+def _check_against(build: Build, program, reference, example: tuple, inputs: list[dict]) -> None:
+    """The exported program must give the outputs of the module it was converted from (a TorchScript
+    file's), on the example inputs and on the evaluation data: a conversion that changes answers
+    never reaches a bundle."""
+    import torch
+
+    data = load_dataset(build.data("evaluation"), build.manifest.relative(build.data_source("evaluation")),
+                        inputs, need_labels=False)
+    samples = tuple(array[:REFERENCE_SAMPLES] for array in data.inputs)
+    batch = int(inputs[0]["shape"][0]) or 1
+    converted = run_torch_module(program.module(), samples, batch)
+    expected = run_torch_module(reference, samples, batch)
+    with torch.no_grad():
+        converted += [t.float().numpy() for t in leaves(program.module()(*example))]
+        expected += [t.float().numpy() for t in leaves(reference(*example))]
+    if len(converted) != len(expected):
+        raise ToolchainError(f"the converted program returns {len(converted)} outputs, the TorchScript module "
+                             f"{len(expected)}", stage="export")
+    for got, want in zip(converted, expected):
+        if got.shape != want.shape or not np.allclose(got, want, rtol=1e-4, atol=1e-5 * max(1.0, float(np.abs(want).max()))):
+            difference = float(np.abs(got - want).max()) if got.shape == want.shape else "shape"
+            raise ToolchainError(f"the converted program's outputs differ from the TorchScript module's on the "
+                                 f"evaluation data (max |diff| {difference})", stage="export")
 
 
 def _output_names(build: Build, result, results: list) -> list[str]:

@@ -178,7 +178,7 @@ def run_qat(build: Build, target: Target) -> None:
     role = next(r for r in TRAINING_ROLES if build.data_source(r))
     data = read_data(build, role, need_labels=settings["loss"] == "cross_entropy")
     loader = build.registry.loaders[build.manifest.model["source"]]
-    module, example = loader(build.manifest.model, build.manifest.root)
+    module, example, *_ = loader(build.manifest.model, build.manifest.root)
     names = [spec["name"] for spec in output_specs(build)]
     if needs_names(names):  # as export did: the trained bundle's outputs carry the same names
         name_outputs(module, names)
