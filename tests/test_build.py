@@ -162,8 +162,8 @@ def test_labels_that_do_not_fit_the_outputs_exit_2(built_copy):
     result = run_edgebuild("build", cwd=built_copy)
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().splitlines()[-1] == (
-        f"examples/digits/eval.npz: array 'y' has shape ({count}, 2); the model's outputs ({count}, 10) take one "
-        "label per sample")
+        f"examples/digits/eval.npz: array 'y' has shape ({count}, 2) dtype int64; metric top1 takes one integer "
+        f"class per sample for output output_0 [{count}, 10]")
     assert "Traceback" not in result.stderr
 
 
