@@ -26,4 +26,4 @@ system-deps:
 	  (apt-get update -qq && apt-get install -y -qq gradle chromium >/dev/null)
 
 test: $(STAMP) system-deps
-	$(VENV)/bin/python -m pytest -ra
+	$(VENV)/bin/python -m pytest -ra -n auto

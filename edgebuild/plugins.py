@@ -94,16 +94,19 @@ def collect(pm: pluggy.PluginManager, local: dict[str, Path] | None = None) -> R
         store = getattr(registry, store_name)
 
         def register(*args, replace: bool = False):
-            where = _located(plugin_name, local, traceback.extract_stack(sys._getframe(1), limit=8))
+            def refuse(message: str) -> PluginError:  # located at the plugin's register(...) call
+                return PluginError(message, **_located(plugin_name, local,
+                                                       traceback.extract_stack(sys._getframe(2), limit=8)))
+
             try:
                 key, value = key_of(*args)
             except TypeError as exc:
-                raise PluginError(f"{hook_name}: {exc}", **where) from None
+                raise refuse(f"{hook_name}: {exc}") from None
             label = key if isinstance(key, str) else "/".join(key)
             previous = registry.origin.get((kind, label))
             if previous is not None and not replace:
-                raise PluginError(f"registers {kind} {label!r}, which plugin {previous!r} already registered; "
-                                  f"pass replace=True to register() to replace it", **where)
+                raise refuse(f"registers {kind} {label!r}, which plugin {previous!r} already registered; "
+                             f"pass replace=True to register() to replace it")
             if previous is not None:
                 registry.replaced[(kind, label)] = previous
             store[key] = value

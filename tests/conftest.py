@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -16,10 +17,17 @@ from tests.figures import record_figure
 REPO = Path(__file__).resolve().parents[1]
 
 
+def pytest_configure(config):
+    # Set in the controller before xdist starts its workers, which inherit it.
+    if not os.environ.get(figures.FOLDER_VARIABLE):
+        os.environ[figures.FOLDER_VARIABLE] = tempfile.mkdtemp(prefix="edgebuild-figures-")
+
+
 def pytest_terminal_summary(terminalreporter):
-    if figures.FIGURES:
+    lines = figures.recorded()
+    if lines:
         terminalreporter.section("edgebuild figures")
-        for line in figures.FIGURES:
+        for line in lines:
             terminalreporter.write_line(line)
 EXAMPLE = REPO / "examples" / "digits"
 

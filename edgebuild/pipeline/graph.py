@@ -6,6 +6,7 @@ rerun; conversions and evaluations are keyed by model, data, toolchain and code.
 """
 import os
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Callable
 
 from doit.tools import config_changed
@@ -36,7 +37,7 @@ class Graph:
         return {"name": name, "actions": [(self.wrap(name, stage), (self.build, *args))], "clean": True,
                 "verbosity": 0, **fields}
 
-    @property
+    @cached_property
     def toolchain(self) -> dict[str, str]:
         registry = self.build.registry
         return {name: registry.backends[name].version() for name in self.build.backends_in_use()}
