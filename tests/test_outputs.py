@@ -298,3 +298,24 @@ def test_the_readme_metric_example_is_the_one_the_suite_builds():
     section = readme[readme.index("**The Metric API.**"):]
     block = section[section.index("```python\n") + len("```python\n"):section.index("\n```", 10)]
     assert block.strip() in (REPO / "examples" / "multihead" / "edgebuild_plugins.py").read_text()
+
+
+def test_output_names_that_do_not_fit_the_model_are_exit_2_located(tmp_path):
+    project(tmp_path, THREE_HEADS, {
+        "model": {"name": "detector", "source": "python", "entry": "net/model.py:build", "outputs": ["box", "face"]},
+        "metric": {"name": "top1", "output": "face"}, "targets": [{**TARGET, "accuracy": {"max_drop": 0.05}}]})
+    digits_data(tmp_path, 20)
+    result = run_edgebuild("build", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        "edgebuild.yaml:7:3: model.outputs: names 2 output(s); the model returns 3 ([1, 4], [1, 10], [1, 2])")
+
+    project(tmp_path / "typo", THREE_HEADS, {
+        "model": {"name": "detector", "source": "python", "entry": "net/model.py:build",
+                  "outputs": ["box", "landmarks", "face"]},
+        "metric": {"name": "top1", "output": "faces"}, "targets": [{**TARGET, "accuracy": {"max_drop": 0.05}}]})
+    digits_data(tmp_path / "typo", 20)
+    validate = run_edgebuild("validate", cwd=tmp_path / "typo")
+    assert validate.returncode == 2
+    assert validate.stderr.strip() == (
+        "edgebuild.yaml:14:11: metric.output: unknown output 'faces' (model.outputs: box, landmarks, face)")
