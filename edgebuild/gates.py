@@ -26,19 +26,19 @@ def _read_json_file(path: Path, label: str, what: str) -> dict:
         raise InputError(f"{what} is not valid JSON ({exc})", file=label) from None
 
 
-def _intact(manifest: Manifest, entry: dict | None, target_name: str, problems: list[str]) -> bool:
+def _intact(manifest: Manifest, entry: dict | None, target_name: str, found: list[str]) -> bool:
     """Whether every file the lock records for a target is there with its recorded hash."""
     if entry is None or not entry["files"]:
-        problems.append(f"target {target_name}: no bundle in edgebuild.lock")
+        found.append(f"target {target_name}: no bundle in edgebuild.lock")
         return False
     intact = True
     for name, digest in sorted(entry["files"].items()):
         path = manifest.root / name
         if not path.is_file():
-            problems.append(f"{name}: missing")
+            found.append(f"{name}: missing")
             intact = False
         elif (actual := sha256_file(path)) != digest:
-            problems.append(f"{name}: sha256 mismatch (lock {digest[:12]}…, file {actual[:12]}…)")
+            found.append(f"{name}: sha256 mismatch (lock {digest[:12]}…, file {actual[:12]}…)")
             intact = False
     return intact
 
