@@ -35,14 +35,24 @@ def needs_names(names: list[str]) -> bool:
     return names != ["output_0"]
 
 
-def name_outputs(module, names: list[str]):
-    """Make `module` return {name: tensor} in its outputs' order. Only the instance's forward changes:
-    parameter names, module paths and input names stay as they are."""
+def _rewrap(module, shape):
+    """Replace the instance's forward by one returning `shape(its output leaves)`: parameter names,
+    module paths and input names (the signature) stay as they are."""
     forward = module.forward
 
     @functools.wraps(forward)
-    def named_forward(*args, **kwargs):
-        return dict(zip(names, leaves(forward(*args, **kwargs))))
+    def reshaped(*args, **kwargs):
+        return shape(leaves(forward(*args, **kwargs)))
 
-    module.forward = named_forward
+    module.forward = reshaped
     return module
+
+
+def name_outputs(module, names: list[str]):
+    """Make `module` return {name: tensor} in its outputs' order."""
+    return _rewrap(module, lambda tensors: dict(zip(names, tensors)))
+
+
+def positional_outputs(module):
+    """Make `module` return its outputs as a tuple (torch.jit.trace takes no dicts)."""
+    return _rewrap(module, tuple)

@@ -6,8 +6,8 @@ measure it (Core ML gives no latency on Linux). An unverified constraint never c
 candidate is not chosen, and the target fails with the reason.
 """
 import math
-from dataclasses import asdict, dataclass
-from typing import Mapping
+from dataclasses import asdict, dataclass, replace
+from typing import Mapping, NamedTuple
 
 from . import devices as device_catalog
 from .api import Metric, Status
@@ -50,6 +50,16 @@ class Check:
         return abs(self.actual - self.limit) / max(abs(self.limit), 1e-12)
 
 
+class GuardLimit(NamedTuple):
+    """One `accuracy.guards` entry: a floor on a metric (by its key, e.g. 'sqnr[box]') of one output."""
+
+    key: str
+    metric: str
+    output: str
+    floor: float
+    higher_is_better: bool
+
+
 @dataclass(frozen=True)
 class Limits:
     """A target's limits: its budgets, the store's hard download limit, the accuracy threshold."""
@@ -60,8 +70,7 @@ class Limits:
     latency_ms: float | None
     accuracy: float
     higher_is_better: bool
-    # (metric key, metric name, output, floor, higher is better) per `accuracy.guards` entry
-    guards: tuple[tuple[str, str, str, float, bool], ...] = ()
+    guards: tuple[GuardLimit, ...] = ()
 
     def items(self) -> list[tuple[str, float]]:
         """(constraint, limit) for every constraint this target has but its guards, in report order."""
@@ -69,11 +78,17 @@ class Limits:
                   "accuracy": self.accuracy}
         return [(name, limits[name]) for name in CONSTRAINTS if limits.get(name) is not None]
 
-    def met(self, constraint: str, actual: float, limit: float, higher_is_better: bool | None = None) -> bool:
-        if constraint in ("accuracy", "guard"):
-            higher = self.higher_is_better if higher_is_better is None else higher_is_better
-            return actual >= limit if higher else actual <= limit
-        return actual <= limit
+    def higher_is_better_for(self, constraint: str, metric: str = "", output: str = "") -> bool:
+        """Whether more is better for a constraint: accuracy and guards follow their metric."""
+        if constraint == "accuracy":
+            return self.higher_is_better
+        if constraint == "guard":
+            return next(g.higher_is_better for g in self.guards if (g.metric, g.output) == (metric, output))
+        return False
+
+    def met(self, constraint: str, actual: float, limit: float, metric: str = "", output: str = "") -> bool:
+        higher = self.higher_is_better_for(constraint, metric, output)
+        return actual >= limit if higher else actual <= limit
 
 
 def store_limit(platform: str, delivery: str | None) -> dict | None:
@@ -93,8 +108,8 @@ def target_limits(target, metrics: Mapping[str, Metric], gate: str, baseline: fl
                   platform: str) -> Limits:
     """A target's limits: `metrics` are the registered ones, `gate` the name of the one that gates."""
     store = store_limit(platform, target.delivery)
-    guards = tuple((guard.spec.key, guard.spec.name, guard.spec.output, guard.floor,
-                    metrics[guard.spec.name].higher_is_better) for guard in target.guards)
+    guards = tuple(GuardLimit(guard.spec.key, guard.spec.name, guard.spec.output, guard.floor,
+                              metrics[guard.spec.name].higher_is_better) for guard in target.guards)
     return Limits(size=target.size, download=target.download, store=store["limit"] if store else None,
                   latency_ms=target.latency_ms, accuracy=accuracy_threshold(target, metrics[gate], baseline),
                   higher_is_better=metrics[gate].higher_is_better, guards=guards)
@@ -117,14 +132,15 @@ def judge(limits: Limits, measured: dict) -> list[Check]:
             status = Status.PASS if limits.met(constraint, actual, limit) else Status.FAIL
             checks.append(Check(constraint, status, limit, actual))
     values = measured.get("metrics") or {}
-    for key, name, output, floor, higher_is_better in limits.guards:
-        actual = values.get(key)
+    for guard in limits.guards:
+        actual = values.get(guard.key)
         if actual is None:
-            checks.append(Check("guard", Status.UNVERIFIED, floor, None, f"{key} not measured", metric=name,
-                                output=output))
+            checks.append(Check("guard", Status.UNVERIFIED, guard.floor, None, f"{guard.key} not measured",
+                                metric=guard.metric, output=guard.output))
             continue
-        status = Status.PASS if limits.met("guard", actual, floor, higher_is_better) else Status.FAIL
-        checks.append(Check("guard", status, floor, actual, metric=name, output=output))
+        met = limits.met("guard", actual, guard.floor, guard.metric, guard.output)
+        checks.append(Check("guard", Status.PASS if met else Status.FAIL, guard.floor, actual, metric=guard.metric,
+                            output=guard.output))
     return checks
 
 
@@ -183,18 +199,15 @@ def target_checks(limits: Limits, candidates: list[dict], chosen: dict | None) -
     if not every:
         return [Check(constraint, Status.FAIL, limit, None, "no candidate was evaluated").to_json()
                 for constraint, limit in limits.items()]
-    directions = {(name, output): higher for _, name, output, _, higher in limits.guards}
     rank = {Status.PASS: 0, Status.FAIL: 1, Status.UNVERIFIED: 2}
     rows = []
     for identity in identities:
         checks = [(check, technique) for check, technique in every
                   if (check.constraint, check.metric, check.output) == identity]
-        higher = limits.higher_is_better if identity[0] == "accuracy" else directions.get(identity[1:], False)
-        sign = -1 if identity[0] in ("accuracy", "guard") and higher else 1
+        sign = -1 if limits.higher_is_better_for(*identity) else 1
         best, technique = min(checks, key=lambda item: (rank[item[0].status],
                                                         sign * (item[0].actual if item[0].actual is not None else 0)))
-        rows.append(Check(best.constraint, best.status, best.limit, best.actual, best.reason, technique,
-                          best.metric, best.output).to_json())
+        rows.append(replace(best, candidate=technique).to_json())
     return rows
 
 

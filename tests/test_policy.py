@@ -160,7 +160,11 @@ def test_cache_keys_of_the_search_include_the_code_that_produced_them(tmp_path, 
     atomic_write_json(build.fp32_record(build.variant(target).key), {"sha256": "0" * 64})
     atomic_write_json(build.model_meta, {"inputs": [], "outputs": [{"name": "output_0", "shape": [1, 10],
                                                                     "dtype": "float32"}]})
-    before = (search.sensitivity_key(build, target, [], {}, "evaluation"), search.evaluation_key(build, target, []))
+    def keys():
+        return (search.sensitivity_key(build, target, [], {}, "evaluation"),
+                search.evaluation_key(search.evaluation_inputs(build, target), []))
+
+    before = keys()
     monkeypatch.setattr(Build, "code", lambda self, *items: "an edited plugin")
-    after = (search.sensitivity_key(build, target, [], {}, "evaluation"), search.evaluation_key(build, target, []))
+    after = keys()
     assert before[0] != after[0] and before[1] != after[1]

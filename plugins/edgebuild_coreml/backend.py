@@ -22,6 +22,7 @@ from edgebuild import devices
 from edgebuild.api import BackendBase, CompressInput, NotApplicable, Prediction, Technique, package_version
 from edgebuild.data import run_torch_module
 from edgebuild.errors import ToolchainError, first_line
+from edgebuild.outputs import positional_outputs
 
 from .ops import lean_conversion_memory, register_missing_ops
 
@@ -195,7 +196,7 @@ class CoreMLBackend(BackendBase):
             result = finalized(*example)
         names = list(result) if isinstance(result, dict) else None
         if names:  # torch.jit.trace takes tuples: the names come back through ct.convert's outputs
-            _return_tuples(finalized)
+            positional_outputs(finalized)
         traced = torch.jit.trace(finalized, example)
         try:
             model = ct.convert(traced, inputs=inputs, convert_to="mlprogram", skip_model_load=True,
@@ -441,19 +442,6 @@ def _compression_kind(op) -> str:
             kind += f" block{data.shape[-1] // scale.shape[-1]}"
         return kind
     return op.op_type
-
-
-def _return_tuples(module) -> None:
-    """Make a module that returns {name: tensor} return the tensors in that order (instance only)."""
-    import functools
-
-    forward = module.forward
-
-    @functools.wraps(forward)
-    def positional(*args):
-        return tuple(forward(*args).values())
-
-    module.forward = positional
 
 
 def _input_names(module) -> list[str]:

@@ -12,20 +12,17 @@ from ..evaluation import limits, metrics, post_training_entries
 from ..layout import Build
 
 
-def _candidates(build: Build, target: Target) -> list[tuple[dict, str | None]]:
+def _candidates(build: Build, target: Target, search: dict | None,
+                trained: dict | None) -> list[tuple[dict, str | None]]:
     """Every candidate of the target with the state path of its bundle (None where nothing was built):
     the post-training techniques in order, then the search's pick and the trained candidate."""
     key = build.variant(target).key
     entries = [(entry, build.candidate_bundle(key, technique.name) if entry["status"] == "ok" else None)
                for technique, entry in post_training_entries(build, key)]
-    if build.searches(target):
-        search = read_json(build.search_record(target))
-        if search.get("candidate"):
-            entries.append((search["candidate"], build.search_bundle(target)))
-    if build.trains(target):
-        trained = read_json(build.qat_record(target))
-        if trained.get("candidate"):
-            entries.append((trained["candidate"], build.qat_bundle(target)))
+    if search and search.get("candidate"):
+        entries.append((search["candidate"], build.search_bundle(target)))
+    if trained and trained.get("candidate"):
+        entries.append((trained["candidate"], build.qat_bundle(target)))
     return [(entry, build.manifest.relative(bundle) if bundle else None) for entry, bundle in entries]
 
 
@@ -41,13 +38,12 @@ def _comparisons(build: Build, target: Target, by_name: dict) -> list[dict]:
     return rows
 
 
-def _extras(build: Build, target: Target) -> dict:
+def _extras(search: dict | None, trained: dict | None) -> dict:
     """The search's and training's own records, for the reports."""
     extras = {}
-    if build.trains(target):
-        extras["qat"] = {k: v for k, v in read_json(build.qat_record(target)).items() if k != "candidate"}
-    if build.searches(target):
-        search = read_json(build.search_record(target))
+    if trained is not None:
+        extras["qat"] = {k: v for k, v in trained.items() if k != "candidate"}
+    if search is not None:
         extras["search"] = {k: search[k] for k in ("strategy", "precisions", "layers", "evaluations",
                                                    "max_evaluations", "seconds", "notes", "chosen", "evaluated")}
     return extras
@@ -59,8 +55,11 @@ def select(build: Build, target: Target) -> None:
     metric = build.gate_metric
     target_limits = limits(build, target)
     baseline = read_json(build.baseline)
+    # Each record read once: a search record of a large model holds every layer's table.
+    search = read_json(build.search_record(target)) if build.searches(target) else None
+    trained = read_json(build.qat_record(target)) if build.trains(target) else None
     candidates, sources = [], {}
-    for entry, source in _candidates(build, target):
+    for entry, source in _candidates(build, target, search, trained):
         candidates.append(entry if entry["status"] in ("skipped", "error") else judged(entry, target_limits))
         sources[entry["technique"]] = source
     chosen = choose(candidates, metric.higher_is_better)
@@ -87,7 +86,7 @@ def select(build: Build, target: Target) -> None:
         "comparisons": _comparisons(build, target, {c["technique"]: c for c in candidates}),
         "pareto_front": [{"technique": c["technique"], "bytes": c["bytes"], "metric": c["metric"]}
                          for c in pareto_front(measured, metric.higher_is_better)],
-        **_extras(build, target),
+        **_extras(search, trained),
     }
     if chosen is None and measured:
         selection["nearest"] = nearest(candidates)

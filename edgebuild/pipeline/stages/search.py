@@ -121,13 +121,19 @@ def _not_offered_notes(backend, layers: list[dict], measured: dict) -> list[str]
     return notes
 
 
-def evaluation_key(build: Build, target: Target, recipe) -> str:
-    """What one full evaluation of a mixed assignment depends on: the fp32 bundle, the recipe, the
-    evaluation data, the metrics, the toolchain and the code of edgebuild, the backend and the metrics."""
+def evaluation_inputs(build: Build, target: Target) -> tuple:
+    """What every full evaluation of a target's search depends on besides its recipe: the fp32
+    bundle, the evaluation data, the metrics, the toolchain and the code of edgebuild, the backend
+    and the metrics. Hashed once per search, not once per evaluation."""
     backend = build.backend(target)
-    return _digest(read_json(build.fp32_record(build.variant(target).key))["sha256"], recipe,
-                   bundle_sha256(build.data("evaluation")), build.manifest.metrics, backend.version(),
-                   build.code(("backend", backend.name), *(("metric", spec.name) for spec in build.manifest.specs.values())))[:32]
+    return (read_json(build.fp32_record(build.variant(target).key))["sha256"], bundle_sha256(build.data("evaluation")),
+            build.manifest.metrics, backend.version(),
+            build.code(("backend", backend.name), *(("metric", spec.name) for spec in build.manifest.specs.values())))
+
+
+def evaluation_key(inputs: tuple, recipe) -> str:
+    """One mixed assignment's evaluation: its recipe with `evaluation_inputs`."""
+    return _digest(*inputs, recipe)[:32]
 
 
 def _evaluator(build: Build, target: Target, layers: list[dict]):
@@ -136,10 +142,11 @@ def _evaluator(build: Build, target: Target, layers: list[dict]):
     backend = build.backend(target)
     target_limits = limits(build, target)
     cache_dir = build.search_cache(variant.key)
+    inputs = evaluation_inputs(build, target)
 
     def evaluate(assignment: dict[str, str]) -> dict:
         technique = backend.mixed_technique(assignment, layers, MIXED)
-        key = evaluation_key(build, target, technique.recipe)
+        key = evaluation_key(inputs, technique.recipe)
         bundle = cache_dir / f"{key}{backend.extension}"
         cached = cache_dir / f"{key}.json"
         if cached.is_file() and bundle.exists() and read_json(cached).get("sha256") == bundle_sha256(bundle):
