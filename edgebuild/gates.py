@@ -43,6 +43,18 @@ def _intact(manifest: Manifest, entry: dict | None, target_name: str, found: lis
     return intact
 
 
+def _inputs_unchanged(locked: dict, current: dict, target_name: str, found: list[str]) -> bool:
+    """Whether the target was built from the inputs the manifest reads now."""
+    before = len(found)
+    for name, digest in current.items():
+        if name not in locked:
+            found.append(f"target {target_name}: {name} is not in edgebuild.lock; its bundle was built from other inputs")
+        elif digest != locked[name]:
+            found.append(f"target {target_name}: {name} changed since its bundle was built "
+                         "(sha256 differs from edgebuild.lock)")
+    return len(found) == before
+
+
 def _measured(bundle: Path, reported: dict) -> dict:
     """What `check` judges: bytes measured now, metric and latency as the build measured them."""
     chosen = reported["chosen"]
@@ -60,18 +72,14 @@ def check_bundles(build) -> CheckResult:
     lock = _read_json_file(manifest.lock_file, manifest.relative(manifest.lock_file), "edgebuild.lock")
     report_path = manifest.output / "report.json"
     report = _read_json_file(report_path, manifest.relative(report_path), "report.json")
-    locked_inputs = lock.get("inputs", {})
-    for path in build.input_files():
-        name = manifest.relative(path)
-        if name not in locked_inputs:
-            result.problems.append(f"{name}: not in edgebuild.lock; the bundles were built from other inputs")
-        elif sha256_file(path) != locked_inputs[name]:
-            result.problems.append(f"{name}: changed since the bundles were built (sha256 differs from edgebuild.lock)")
+    current = {manifest.relative(path): sha256_file(path) for path in build.input_files()}
     reported = {t["name"]: t for t in report.get("targets", [])}
     for target in manifest.targets:
         entry = lock.get("targets", {}).get(target.name)
         if not _intact(manifest, entry, target.name, result.problems):
             continue
+        # Per target: a --target/--platform build leaves the other targets built from older inputs.
+        fresh = _inputs_unchanged(entry.get("inputs", lock.get("inputs", {})), current, target.name, result.problems)
         bundle = manifest.root / entry["bundle"]
         summary = reported.get(target.name) or {}
         if summary.get("chosen") is None:
@@ -83,7 +91,7 @@ def check_bundles(build) -> CheckResult:
         if failed:
             result.problems.append(f"target {target.name}: no longer meets its constraints: "
                                    + candidate_reason({"status": "fail", "failed": failed}, exact=True))
-        else:
+        elif fresh:
             result.ok.append(f"target {target.name}: {bundle.relative_to(manifest.root).as_posix()} "
                              f"{format_size(bundle_bytes(bundle))} matches edgebuild.lock and its budgets")
     return result

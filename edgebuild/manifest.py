@@ -116,6 +116,12 @@ class Manifest:
     specs: dict[str, MetricSpec] = field(default_factory=dict)  # key -> spec, for every key in `metrics`
     plugins: list[Path] = field(default_factory=list)            # project-local plugin files
     document: "_Document | None" = field(default=None, repr=False)
+    # Every target the manifest declares; `targets` may be narrowed to a --target/--platform selection,
+    # whose build keeps the others' bundles, report entries and lock entries from their last build.
+    declared_targets: list[Target] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.declared_targets = self.declared_targets or list(self.targets)
 
     @property
     def metrics(self) -> list[str]:

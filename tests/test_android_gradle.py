@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO, run_edgebuild
+from tests.conftest import REPO, read_report, run_edgebuild
 
 pytestmark = pytest.mark.slow
 EDGEBUILD = Path(sys.executable).with_name("edgebuild")
@@ -56,6 +56,11 @@ def test_gradle_prebuild_flow(app, gradle_home):
     assert (app / "src" / "main" / "assets" / "models" / "digits.json").is_file()
     kotlin = (app / "build" / "generated" / "source" / "edgebuild" / "DigitsModel.kt").read_text()
     assert 'const val ASSET_PATH: String = "models/digits.tflite"' in kotlin
+    # The hook builds only android; the release gate still sees both targets (ios kept from the full build).
+    gate = run_edgebuild("check", cwd=project)
+    assert gate.returncode == 0, gate.stderr
+    report = read_report(project)
+    assert [(t["name"], t["in_this_build"]) for t in report["targets"]] == [("android", True), ("ios", False)]
 
     # (b) nothing changed: Gradle reports the task UP-TO-DATE and edgebuild does not run.
     second = gradle(app, gradle_home, "preBuild")
@@ -70,6 +75,11 @@ def test_gradle_prebuild_flow(app, gradle_home):
     third = gradle(app, gradle_home, "preBuild")
     assert third.returncode == 0, third.stdout + third.stderr
     assert ":edgebuild\n" in third.stdout and "edgebuild: android: " in third.stdout
+    # ios was built from the manifest before the edit: the gate says so instead of passing it.
+    stale = run_edgebuild("check", cwd=project)
+    assert stale.returncode == 1
+    assert stale.stderr.strip().splitlines() == [
+        "target ios: edgebuild.yaml changed since its bundle was built (sha256 differs from edgebuild.lock)"]
 
     # (d) an impossible budget fails the Gradle build with edgebuild's one-line reason.
     manifest["targets"][0]["budget"]["size"] = "1KB"

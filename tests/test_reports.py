@@ -1,4 +1,5 @@
 """Reports for release managers and CI: schema, Markdown, JUnit, HTML, baselines, lock and check."""
+import hashlib
 import json
 import shutil
 import subprocess
@@ -107,9 +108,17 @@ def test_baseline_deltas_and_fail_on_growth(built_copy, tmp_path):
     assert missing.returncode == 2 and "nope.json: report not found" in missing.stderr
 
 
+def tree_state(root: Path) -> dict:
+    """Every file under `root` with its bytes' hash and modification time."""
+    return {p.relative_to(root).as_posix(): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
 def test_check_verifies_lock_and_detects_a_modified_bundle(built_copy):
     lock = json.loads((built_copy / "edgebuild.lock").read_text())
-    assert set(lock["inputs"]) >= {"edgebuild.yaml", "examples/digits/model.py", "examples/digits/eval.npz"}
+    for target in ("android", "ios"):
+        assert set(lock["targets"][target]["inputs"]) >= {"edgebuild.yaml", "examples/digits/model.py",
+                                                          "examples/digits/eval.npz"}
     assert "dist/android/digits.tflite" in lock["targets"]["android"]["files"]
 
     ok = run_edgebuild("check", cwd=built_copy)
@@ -120,17 +129,53 @@ def test_check_verifies_lock_and_detects_a_modified_bundle(built_copy):
     data = bytearray(bundle.read_bytes())
     data[-1] ^= 0xFF
     bundle.write_bytes(bytes(data))
+    before = tree_state(built_copy)
     tampered = run_edgebuild("check", cwd=built_copy)
     assert tampered.returncode == 1
     assert "dist/android/digits.tflite: sha256 mismatch" in tampered.stderr
-    assert not (built_copy / ".edgebuild" / "logs" / "check.log").exists()  # nothing was built
+    # Check builds nothing: a build would have repackaged the tampered bundle (and touched the state).
+    assert bundle.read_bytes() == bytes(data)
+    assert tree_state(built_copy) == before
 
 
-def test_check_flags_inputs_changed_since_the_build(built_copy):
-    set_budget(built_copy, "30KB")
+def test_check_flags_inputs_changed_since_the_build_and_budgets_no_longer_met(built_copy):
+    set_budget(built_copy, "20KB")
     result = run_edgebuild("check", cwd=built_copy)
     assert result.returncode == 1
-    assert "edgebuild.yaml: changed since the bundles were built" in result.stderr
+    bundle_bytes = read_report(built_copy)["targets"][0]["chosen"]["bytes"]
+    assert result.stderr.strip().splitlines() == [
+        "target android: edgebuild.yaml changed since its bundle was built (sha256 differs from edgebuild.lock)",
+        f"target android: no longer meets its constraints: size {bundle_bytes} B > limit 20000 B",
+        "target ios: edgebuild.yaml changed since its bundle was built (sha256 differs from edgebuild.lock)"]
+
+
+def test_check_without_a_lock_exits_2(built_copy):
+    (built_copy / "edgebuild.lock").unlink()
+    result = run_edgebuild("check", cwd=built_copy)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "edgebuild.lock: edgebuild.lock not found; run `edgebuild build` first"
+
+
+def test_partial_build_keeps_the_other_targets_in_reports_and_lock(built_copy):
+    before = read_report(built_copy)
+    lock_before = json.loads((built_copy / "edgebuild.lock").read_text())
+    result = run_edgebuild("build", "--target", "ios", cwd=built_copy)
+    assert result.returncode == 0, result.stderr
+    report = read_report(built_copy)
+    assert [(t["name"], t["in_this_build"]) for t in report["targets"]] == [("android", False), ("ios", True)]
+    kept = report["targets"][0]
+    assert kept["built_at"] == before["targets"][0]["built_at"]
+    assert kept["chosen"] == before["targets"][0]["chosen"]
+    assert (f"> android: not built by this build (--target/--platform); kept from the build of {kept['built_at']}"
+            in (built_copy / "dist" / "report.md").read_text())
+    assert "kept from the build of" in (built_copy / "dist" / "report.html").read_text()
+    suites = ElementTree.parse(built_copy / "dist" / "junit.xml").getroot()
+    assert [s.get("name") for s in suites] == ["edgebuild.android", "edgebuild.ios"]
+    assert suites[0].find("properties/property[@name='in_this_build']").get("value") == "false"
+    assert json.loads((built_copy / "edgebuild.lock").read_text()) == lock_before
+    gate = run_edgebuild("check", cwd=built_copy)
+    assert gate.returncode == 0, gate.stderr
+    assert len(gate.stderr.strip().splitlines()) == 2
 
 
 def test_report_formats_are_selectable(built_copy, tmp_path):

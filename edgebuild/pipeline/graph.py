@@ -167,17 +167,21 @@ class Graph:
 
     def report(self) -> list[dict]:
         build, manifest, rel = self.build, self.build.manifest, self.rel
-        selections = [rel(build.selection(t)) for t in manifest.targets]
-        packaged = [rel(build.packaged(t)) for t in manifest.targets]
+        # The reports and the lock cover every delivered target; a --target/--platform build keeps
+        # the others' records as their last build wrote them.
+        reported = build.reported_targets()
+        selections = [rel(build.selection(t)) for t in reported]
+        packaged = [rel(build.packaged(t)) for t in reported]
+        names = {"targets": [t.name for t in manifest.targets], "kept": [t.name for t in build.kept_targets()]}
         return [
             self.task("report", deliver.write_reports, manifest.reports,
                       file_dep=selections + packaged + [rel(build.model_meta)], targets=[rel(build.report_record)],
                       code=tuple(("reporter", name) for name in manifest.reports),
-                      config={"reporters": manifest.reports, "targets": [t.name for t in manifest.targets]},
+                      config={"reporters": manifest.reports, **names},
                       uptodate=[(deliver.reports_are_intact, (build,))]),
             self.task("lock", deliver.write_lock,
                       file_dep=sorted({rel(p) for p in build.input_files()}) + packaged,
-                      targets=[rel(manifest.lock_file)], config={"targets": [t.name for t in manifest.targets]}),
+                      targets=[rel(manifest.lock_file)], config=names),
         ]
 
     def tasks(self) -> list[dict]:

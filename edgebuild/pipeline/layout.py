@@ -49,6 +49,18 @@ class Build:
             found.setdefault(variant.key, variant)
         return dict(sorted(found.items()))
 
+    def kept_targets(self) -> list[Target]:
+        """Declared targets outside a --target/--platform selection that an earlier build delivered:
+        their bundles, report entries and lock entries stay as that build left them."""
+        current = {t.name for t in self.manifest.targets}
+        return [t for t in self.manifest.declared_targets if t.name not in current
+                and self.selection(t).is_file() and self.packaged(t).is_file()]
+
+    def reported_targets(self) -> list[Target]:
+        """The targets the reports list: this build's and the kept ones, in the manifest's order."""
+        shown = {t.name for t in self.manifest.targets} | {t.name for t in self.kept_targets()}
+        return [t for t in self.manifest.declared_targets if t.name in shown]
+
     def backends_in_use(self) -> list[str]:
         return sorted({t.format for t in self.manifest.targets})
 

@@ -48,6 +48,11 @@ def junit_tree(report: dict) -> ElementTree.ElementTree:
         suite = ElementTree.SubElement(suites, "testsuite", name=f"edgebuild.{target['name']}", tests=str(len(cases)),
                                        failures=str(sum(1 for c in cases if c.find("failure") is not None)),
                                        errors=str(sum(1 for c in cases if c.find("error") is not None)), skipped="0")
+        if target.get("built_at"):  # a --target/--platform build keeps the others from their last build
+            properties = ElementTree.SubElement(suite, "properties")
+            ElementTree.SubElement(properties, "property", name="built_at", value=target["built_at"])
+            ElementTree.SubElement(properties, "property", name="in_this_build",
+                                   value="true" if target.get("in_this_build", True) else "false")
         suite.extend(cases)
     ElementTree.indent(suites)
     return ElementTree.ElementTree(suites)

@@ -2,6 +2,7 @@
 release managers read, and edgebuild.lock for `edgebuild check`."""
 import os
 import shutil
+from datetime import datetime, timezone
 
 from ... import __version__
 from ...api import PackageInput
@@ -93,13 +94,18 @@ def select(build: Build, target: Target) -> None:
     atomic_write_json(build.selection(target), selection)
 
 
+def _now() -> str:
+    """When a target was built, as the report and the lock mark it (UTC, to the second)."""
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 def package(build: Build, target: Target) -> None:
     """Swap the chosen bundle into `output/<target>/`; a failing target leaves no bundle behind."""
     selection = read_json(build.selection(target))
     destination = build.target_output(target)
     if selection["chosen"] is None:
         remove_dir(destination, build.trash)
-        atomic_write_json(build.packaged(target), {"files": []})
+        atomic_write_json(build.packaged(target), {"files": [], "built_at": _now()})
         return
     staged = build.staging / target.name
     shutil.rmtree(staged, ignore_errors=True)
@@ -115,7 +121,7 @@ def package(build: Build, target: Target) -> None:
     replace_dir(staged, destination, build.trash)
     atomic_write_json(build.packaged(target), {
         "bundle": build.manifest.relative(destination / bundle_path.relative_to(staged)) if bundle_path else None,
-        "files": files})
+        "files": files, "built_at": _now()})
 
 
 def packaged_is_intact(build: Build, target: Target) -> bool:
@@ -150,21 +156,25 @@ def report_data(build: Build) -> dict:
         # The gating metric first, then those the manifest only reports, then the guards'.
         "metrics": entries,
         "warnings": read_json(build.baseline).get("warnings", []),
-        "toolchain": {name: build.registry.backends[name].version() for name in build.backends_in_use()},
-        "targets": [summary for t in manifest.targets if (summary := target_summary(build, t)) is not None],
+        "toolchain": {name: build.registry.backends[name].version()
+                      for name in sorted({t.format for t in build.reported_targets()})},
+        # A --target/--platform build reports every target: the others as their last build left them.
+        "targets": [summary for t in build.reported_targets() if (summary := target_summary(build, t)) is not None],
     }
 
 
 def target_summary(build: Build, target: Target) -> dict | None:
-    """A target's selection as the reports show it, the chosen bundle's path as its packager laid it out."""
+    """A target's selection as the reports show it, the chosen bundle's path as its packager laid it out,
+    marked with when it was built and whether this build built it."""
     if not build.selection(target).is_file():
         return None
     summary = read_json(build.selection(target))
     summary.pop("bundle_source", None)  # state-folder detail, not part of the report
-    if summary["chosen"] is not None and build.packaged(target).is_file():
-        bundle = read_json(build.packaged(target)).get("bundle")
-        if bundle:
-            summary["chosen"]["path"] = bundle
+    packaged = read_json(build.packaged(target)) if build.packaged(target).is_file() else {}
+    if summary["chosen"] is not None and packaged.get("bundle"):
+        summary["chosen"]["path"] = packaged["bundle"]
+    summary["built_at"] = packaged.get("built_at")
+    summary["in_this_build"] = any(t.name == target.name for t in build.manifest.targets)
     return summary
 
 
@@ -202,14 +212,24 @@ def reports_are_intact(build: Build) -> bool:
                for path, digest in files.items())
 
 
+LOCK_VERSION = 2  # 2: inputs per target (a --target build leaves the others built from older inputs)
+
+
 def write_lock(build: Build) -> None:
-    """edgebuild.lock: sha256 of every input and every emitted bundle file, for `edgebuild check`."""
+    """edgebuild.lock: per target, the sha256 of every input it was built from and of every bundle file
+    it emitted, for `edgebuild check`. Targets outside a --target/--platform selection keep their
+    entries; targets no longer in the manifest are dropped. No timestamps: the lock is committed, and a
+    clean rebuild of the same inputs writes the same lock."""
     manifest = build.manifest
     try:
-        previous = read_json(build.manifest.lock_file).get("targets", {})
+        previous = read_json(build.manifest.lock_file)
     except (OSError, ValueError):
         previous = {}
-    targets = dict(previous)  # a --target build keeps the other targets' entries
+    kept = {t.name for t in build.kept_targets()}
+    targets = {name: entry for name, entry in previous.get("targets", {}).items() if name in kept}
+    if previous.get("lock_version") == 1:  # v1 kept one set of inputs for every target
+        targets = {name: {**entry, "inputs": previous.get("inputs", {})} for name, entry in targets.items()}
+    inputs = {manifest.relative(path): sha256_file(path) for path in build.input_files()}
     for target in manifest.targets:
         selection = read_json(build.selection(target))
         packaged = read_json(build.packaged(target))
@@ -218,11 +238,11 @@ def write_lock(build: Build) -> None:
             "technique": selection["chosen"]["technique"] if selection["chosen"] else None,
             "bundle": packaged.get("bundle"),
             "files": {entry["path"]: entry["sha256"] for entry in packaged["files"]},
+            "inputs": inputs,
         }
     atomic_write_json(build.manifest.lock_file, temp_dir=build.staging, value={
-        "lock_version": 1,
+        "lock_version": LOCK_VERSION,
         "edgebuild_version": __version__,
         "manifest": manifest.path.name,
-        "inputs": {manifest.relative(path): sha256_file(path) for path in build.input_files()},
         "targets": {name: targets[name] for name in sorted(targets)},
     })
