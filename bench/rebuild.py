@@ -9,6 +9,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from goals import goal, verdict
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -31,7 +33,8 @@ def main() -> None:
         noop = timed_build(project)
     print(f"cold build:     {cold:7.2f} s")
     print(f"no-op rebuild:  {noop:7.2f} s")
-    print(f"ratio:          {noop / cold:7.3f}  (goal <= 0.1)")
+    goal(f"ratio:          {noop / cold:7.3f}  (goal <= 0.1)", noop / cold <= 0.1)
+    verdict()
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import yaml
 
+from goals import goal, verdict
+
 REPO = Path(__file__).resolve().parents[1]
 CASES = [
     # (name, example folder, entry, metric, accuracy)
@@ -61,18 +63,21 @@ def main() -> None:
         grid = len(exhaustive["evaluated"])
         print(f"== {name}: {len(sensitivity['layers'])} layers x {len(sensitivity['precisions'])} precisions "
               f"= {grid} assignments")
-        print(f"   full evaluations: sensitivity {sensitivity['evaluations']}, exhaustive {exhaustive['evaluations']}, "
-              f"ratio {sensitivity['evaluations'] / exhaustive['evaluations']:.3f} (goal <= 0.2)")
+        ratio = sensitivity['evaluations'] / exhaustive['evaluations']
+        goal(f"   full evaluations: sensitivity {sensitivity['evaluations']}, exhaustive {exhaustive['evaluations']}, "
+             f"ratio {ratio:.3f} (goal <= 0.2)", ratio <= 0.2)
         s_bytes = chosen["bytes"] if chosen else None
         e_bytes = exhaustive["chosen"]["bytes"] if exhaustive["chosen"] else None
         print(f"   chosen bytes: sensitivity {s_bytes}, exhaustive {e_bytes}")
-        print(f"   sensitivity choice on the exhaustive Pareto front: {'yes' if chosen and not smaller else 'NO'}"
-              + (f" ({len(smaller)} smaller passing assignments)" if smaller else ""))
+        goal(f"   sensitivity choice on the exhaustive Pareto front: {'yes' if chosen and not smaller else 'NO'}"
+             + (f" ({len(smaller)} smaller passing assignments)" if smaller else ""), bool(chosen and not smaller))
         if chosen:
-            print(f"   bytes vs sum(params x bits)/8 + 16 KB: {s_bytes} / {ideal} = {s_bytes / ideal:.3f} (goal <= 1.10)")
+            goal(f"   bytes vs sum(params x bits)/8 + 16 KB: {s_bytes} / {ideal} = {s_bytes / ideal:.3f} (goal <= 1.10)",
+                 s_bytes / ideal <= 1.10)
             print(f"   assignment: {chosen['assignment']}")
         for note in sensitivity["notes"]:
             print(f"   note: {note}")
+    verdict()
 
 
 if __name__ == "__main__":

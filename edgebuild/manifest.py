@@ -462,6 +462,11 @@ def _hf_model(check: "_Validator", doc: "_Document", model: dict) -> None:
             raise doc.error(("model", "sequence_length"), f"expected a whole number from 1 to 131072, got {value!r}")
     if "task" in model:
         check.choice(model["task"], ("model", "task"), list(hf.TASKS), "task")
+        return
+    try:  # the loader needs a task: say so at validation, located, not at export
+        hf.task_of(model, folder)
+    except InputError as exc:
+        raise doc.error(("model", "path"), f"{exc.reason} (config.json in {model['path']!r})") from None
 
 
 def _data(check: "_Validator", doc: "_Document", value: Any, model: dict) -> dict[str, Path]:

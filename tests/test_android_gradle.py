@@ -24,8 +24,8 @@ def gradle_home(tmp_path_factory):
                    capture_output=True)
 
 
-def gradle(app: Path, home: Path, *tasks) -> subprocess.CompletedProcess:
-    return subprocess.run(["gradle", "--offline", "--console=plain", f"-PedgebuildExecutable={EDGEBUILD}", *tasks],
+def gradle(app: Path, home: Path, *tasks, executable: str = "edgebuildExecutable") -> subprocess.CompletedProcess:
+    return subprocess.run(["gradle", "--offline", "--console=plain", f"-P{executable}={EDGEBUILD}", *tasks],
                           cwd=app, capture_output=True, text=True, timeout=600,
                           env={"GRADLE_USER_HOME": str(home), "PATH": "/usr/bin:/bin", "HOME": str(home)})
 
@@ -78,8 +78,9 @@ def test_gradle_prebuild_flow(app, gradle_home):
     # ios was built from the manifest before the edit: the gate says so instead of passing it.
     stale = run_edgebuild("check", cwd=project)
     assert stale.returncode == 1
-    assert stale.stderr.strip().splitlines() == [
-        "target ios: edgebuild.yaml changed since its bundle was built (sha256 differs from edgebuild.lock)"]
+    android, ios = stale.stderr.strip().splitlines()
+    assert android.startswith("✔ target android: dist/android/digits.tflite") and "matches edgebuild.lock" in android
+    assert ios == "target ios: edgebuild.yaml changed since its bundle was built (sha256 differs from edgebuild.lock)"
 
     # (d) an impossible budget fails the Gradle build with edgebuild's one-line reason.
     manifest["targets"][0]["budget"]["size"] = "1KB"
@@ -88,6 +89,35 @@ def test_gradle_prebuild_flow(app, gradle_home):
     assert fourth.returncode != 0
     assert ("edgebuild failed (exit 1): edgebuild.yaml: target android: no candidate meets every budget and the "
             "floor; nearest: int4-weight-only (size 26648 B > limit 1000 B); report: dist/report.md") in fourth.stderr
+
+
+def test_android_plugin_branch_and_gradle_properties(built_copy, gradle_home):
+    """With an Android plugin id applied (a stand-in: see tests/fixtures/android-plugin-app/buildSrc),
+    models stay uncompressed and the generated constants join the main source set; the settings come
+    from Gradle properties alone (gradle.properties and -P), which is how a Kotlin DSL build passes them."""
+    app = built_copy / "app"
+    shutil.copytree(REPO / "tests" / "fixtures" / "android-plugin-app", app)
+    assert run_edgebuild("init", "android", "--app-dir", "app", cwd=built_copy).returncode == 0
+    # A second android target: `edgebuild.targets=lowend` must build it alone (the default would build both).
+    manifest = yaml.safe_load((built_copy / "edgebuild.yaml").read_text())
+    manifest["targets"].append({"name": "lowend", "format": "tflite", "devices": ["galaxy-a14"],
+                                "budget": {"size": "50KB"}, "accuracy": {"floor": 0.95},
+                                "android": {"assets_dir": "lowend"}})
+    (built_copy / "edgebuild.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
+    properties = app / "gradle.properties"
+    properties.write_text(properties.read_text().replace("edgebuild.targets=android", "edgebuild.targets=lowend"))
+
+    result = gradle(app, gradle_home, "preBuild", "showAndroidConfiguration", executable="edgebuild.executable")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "edgebuild: lowend: " in result.stdout and "edgebuild: android: " not in result.stdout
+    assert "noCompress=[tflite]" in result.stdout
+    assert "build/generated/source/edgebuild" in result.stdout.split("javaSrcDirs=")[1].splitlines()[0]
+    # edgebuild.assetsDir from gradle.properties: the bundle lands under src/main/models/<assets_dir>/.
+    asset = app / "src" / "main" / "models" / "lowend" / "digits.tflite"
+    assert sha256(asset) == sha256(built_copy / "dist" / "lowend" / "digits.tflite")
+    assert not (app / "src" / "main" / "assets").exists()
+    assert [(t["name"], t["in_this_build"]) for t in read_report(built_copy)["targets"]] == [
+        ("android", False), ("ios", False), ("lowend", True)]
 
 
 def test_gradle_fails_with_the_manifest_error(app, gradle_home):
@@ -115,14 +145,34 @@ def test_init_android_is_idempotent_and_guards_local_edits(tmp_path):
     assert forced.returncode == 0 and (tmp_path / "app" / "edgebuild.gradle").read_text() == script
 
 
-def test_store_limit_flags_bundles_over_the_play_limit(built_copy):
-    """A declared budget larger than Google Play's limit still fails at the store's limit."""
+def test_store_limit_fails_a_bundle_its_declared_budget_allows(built_copy, monkeypatch, capsys):
+    """A declared budget larger than the store's limit still fails at the store's limit."""
     from edgebuild import devices
+    from edgebuild.cli import main
 
     name, limits = devices.store_for("android")
     assert name == "google-play" and limits == {"base": 200_000_000, "feature": 200_000_000,
                                                 "asset-pack": 1_500_000_000}
-    report = run_edgebuild("build", "--json", cwd=built_copy)
-    assert report.returncode == 0
-    target = yaml.safe_load((built_copy / "dist" / "report.json").read_text())["targets"][0]
-    assert target["store"] == {"store": "google-play", "delivery": "base", "limit": 200_000_000}
+    assert read_report(built_copy)["targets"][0]["store"] == {"store": "google-play", "delivery": "base",
+                                                                "limit": 200_000_000}
+    # No bundle here reaches Play's 200 MB: a store whose feature modules take 10 KB stands in (the
+    # test's edge); the 60 KB size budget would let every 8- and 4-bit candidate through.
+    monkeypatch.setattr(devices, "store_for", lambda platform: (name, {**limits, "feature": 10_000})
+                        if platform == "android" else None)
+    path = built_copy / "edgebuild.yaml"
+    manifest = yaml.safe_load(path.read_text())
+    manifest["targets"][0]["delivery"] = "feature"
+    path.write_text(yaml.safe_dump(manifest, sort_keys=False))
+    monkeypatch.chdir(built_copy)
+    assert main(["build"]) == 1
+    target = read_report(built_copy)["targets"][0]
+    assert target["status"] == "fail" and target["budget"]["size"] == 60_000
+    store = next(c for c in target["constraints"] if c["constraint"] == "store")
+    assert store["status"] == "fail" and store["limit"] == 10_000 and store["actual"] > 10_000
+    judged = [c for c in target["candidates"] if c["status"] in ("pass", "fail")]
+    assert judged
+    for candidate in judged:
+        failed = next(f for f in candidate["failed"] if f["constraint"] == "store")
+        assert (failed["limit"], failed["actual"]) == (10_000, candidate["download_bytes"])
+    assert not (built_copy / "dist" / "android").exists()
+    assert "store " in capsys.readouterr().err

@@ -1,6 +1,7 @@
 """The architecture holds: one-way imports, no cycles, backends that conform to the declared
 protocols (built-ins and a third-party one that implements nothing else)."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -87,6 +88,7 @@ def test_built_in_backends_conform(tmp_path, name, options, techniques):
 THIRD_PARTY = '''
 """A third-party backend: a torch.export program as the bundle, run in torch. It implements only
 what edgebuild.api.Backend declares (no BackendBase), plus a packager."""
+import os
 import shutil
 import time
 from pathlib import Path
@@ -94,6 +96,13 @@ from pathlib import Path
 from edgebuild.api import Prediction, Technique
 from edgebuild.data import run_torch_module
 from edgebuild.hookspecs import hookimpl
+
+
+def _note(stage):
+    """Which process ran a stage's backend call, for the stage-isolation test."""
+    if os.environ.get("TORCHFILE_PID_LOG"):
+        with open(os.environ["TORCHFILE_PID_LOG"], "a") as log:
+            log.write(f"{stage} {os.getpid()}\\n")
 
 
 class TorchFileBackend:
@@ -111,11 +120,13 @@ class TorchFileBackend:
         return None
 
     def convert(self, exported_program, out, options):
+        _note("convert")
         shutil.copyfile(exported_program, out)
 
     def compress(self, technique, source, out):
         import torch
 
+        _note(f"compress:{technique.name}")
         program = torch.export.load(str(source.fp32_bundle))
         if technique.recipe == "round-fp16":
             with torch.no_grad():
@@ -126,6 +137,7 @@ class TorchFileBackend:
     def predict(self, bundle, inputs, *, threads, batch=1, exported_program=None):
         import torch
 
+        _note(f"predict:{Path(bundle).name}")
         module = torch.export.load(str(bundle)).module()
         begin = time.perf_counter()
         outputs = run_torch_module(module, tuple(inputs), batch)
@@ -196,3 +208,53 @@ def test_a_third_party_backend_implementing_only_the_protocols_builds(tmp_path):
     # No search ran (the backend declares no per-layer precisions), no training.
     assert not any(stage.startswith(("search", "qat")) for stage in json.loads(result.stdout)["executed"])
     assert (root / "dist" / "phone" / "digits.pt2").is_file()
+
+
+@pytest.mark.slow
+def test_a_large_model_runs_every_heavy_stage_in_its_own_process(tmp_path):
+    """The automatic rule: model files of 128 MiB and up (here a sparse file beside the python entry,
+    whose folder counts) run convert, every compress and every evaluation in a child process of their
+    own; the same project without it runs them all in the build's process."""
+    from edgebuild.pipeline import isolated
+
+    site = tmp_path / "site"
+    site.mkdir()
+    install_fake_distribution(site, "edgebuild_torchfile", THIRD_PARTY)
+    manifest = yaml.safe_load((REPO / "edgebuild.yaml.example").read_text())
+    manifest["targets"] = [{"name": "phone", "format": "torchfile", "devices": ["pixel-8"],
+                            "budget": {"size": "1MB"}, "accuracy": {"max_drop": 0.01}}]
+    env = {key: value for key, value in os.environ.items() if key != isolated.SETTING}
+    calls = {}
+    for large in (True, False):
+        root = tmp_path / ("large" if large else "small")
+        root.mkdir()
+        make_project(root, manifest)
+        if large:
+            with open(root / "examples" / "digits" / "extra-weights.bin", "wb") as sparse:
+                sparse.truncate(isolated.ISOLATE_BYTES)
+        log = tmp_path / f"pids-{root.name}.txt"
+        process = subprocess.run([sys.executable, "-m", "edgebuild", "build"], cwd=root, capture_output=True, text=True,
+                                 env={**env, "PYTHONPATH": str(site), "TORCHFILE_PID_LOG": str(log)}, timeout=600)
+        assert process.returncode == 0, process.stderr
+        calls[large] = [line.split() for line in log.read_text().splitlines()]
+    # The build's own pid is not known to the test: it is the pid every call shares when not isolated.
+    assert len({pid for _, pid in calls[False]}) == 1 and len(calls[False]) == len(calls[True])
+    stages = {stage for stage, _ in calls[True]}
+    assert stages >= {"convert", "compress:rounded-fp16", "predict:rounded-fp16.pt2"}, stages
+    processes = {}  # stage -> pids its calls ran in (an evaluation predicts twice: the determinism check)
+    for stage, pid in calls[True]:
+        processes.setdefault(stage, set()).add(pid)
+    # Each stage ran in one process, and no two stages shared one.
+    assert all(len(pids) == 1 for pids in processes.values()), processes
+    assert len(set.union(*processes.values())) == len(processes), processes
+
+
+def test_isolation_setting_overrides_the_size_rule(monkeypatch):
+    from edgebuild.pipeline import isolated
+
+    monkeypatch.delenv(isolated.SETTING, raising=False)
+    assert not isolated.wanted(isolated.ISOLATE_BYTES - 1) and isolated.wanted(isolated.ISOLATE_BYTES)
+    monkeypatch.setenv(isolated.SETTING, "0")
+    assert not isolated.wanted(10 * isolated.ISOLATE_BYTES)
+    monkeypatch.setenv(isolated.SETTING, "1")
+    assert isolated.wanted(0)

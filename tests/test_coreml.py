@@ -156,3 +156,30 @@ def test_op_core_ml_cannot_express_exits_3_naming_it(tmp_path):
     assert result.stderr.strip().splitlines()[-1].startswith(
         "stage convert, target ios: coremltools cannot convert op erfinv")
     assert "Traceback" not in result.stderr
+
+
+def test_a_parameter_the_bundle_does_not_store_labels_the_evaluation_not_weights_exact(tmp_path):
+    """Core ML folds an eval-mode batch norm and the convolution before it into one weight: the
+    bundle stores no tensor under one of their torch names, so the simulation cannot take it from
+    the bundle, and says so."""
+    import torch
+
+    from edgebuild_coreml.backend import CoreMLBackend
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                              torch.nn.Flatten(), torch.nn.Linear(4 * 8 * 8, 10)).eval()
+    with torch.no_grad():  # statistics that are not the identity, so folding them matters
+        net[1].running_mean.uniform_(-1, 1)
+        net[1].running_var.uniform_(0.5, 2)
+    program = tmp_path / "net.pt2"
+    torch.export.save(torch.export.export(net, (torch.zeros(1, 1, 8, 8),)), str(program))
+    backend = CoreMLBackend()
+    bundle = tmp_path / f"fp32{backend.extension}"
+    backend.convert(program, bundle, {"min_ios": 16})
+    x = np.random.default_rng(0).uniform(0, 1, (4, 1, 8, 8)).astype(np.float32)
+    prediction = backend.predict(bundle, [x], exported_program=program)
+    missing = prediction.details["unmapped_parameters"]
+    assert missing and set(missing) <= set(dict(net.named_parameters())), missing
+    assert prediction.runtime == (f"torch simulation, NOT weights-exact: {len(missing)} parameter(s) not found in "
+                                  f"the bundle kept their float32 values ({', '.join(missing)})")

@@ -171,6 +171,29 @@ def test_hf_without_text_data_still_measures_fidelity_from_token_arrays(tmp_path
     target = read_report(tmp_path)["targets"][0]
     assert target["chosen"]["technique"] == "int8-dynamic"
     assert 0 <= target["chosen"]["metric"] <= 0.05
+    # The reported KL, recomputed here: fp32 logits from transformers in torch, the shipped bundle's
+    # logits from ai-edge-litert, KL(fp32 || bundle) per position, averaged.
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from edgebuild_tflite.backend import TFLiteBackend
+
+    ids = np.load(tmp_path / "eval.npz")["input_ids"]
+    with torch.no_grad():
+        model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "models" / "m")).eval()
+        fp32 = model(torch.as_tensor(ids)).logits.numpy().astype(np.float64)
+    shipped = TFLiteBackend().predict(tmp_path / "dist" / "android" / "m.tflite", [ids]).outputs
+    shipped = np.asarray(shipped[0] if isinstance(shipped, list) else next(iter(shipped.values())), np.float64)
+
+    def log_softmax(x):
+        x = x - x.max(-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(-1, keepdims=True))
+    p, q = log_softmax(fp32), log_softmax(shipped.reshape(fp32.shape))
+    kl = float((np.exp(p) * (p - q)).sum(-1).mean())
+    assert kl > 1e-6  # int8 moved the distribution: a metric stuck at 0 would not match
+    assert target["chosen"]["metric"] == pytest.approx(kl, rel=0.02)
+    fp32_candidate = next(c for c in target["candidates"] if c["technique"] == "fp32")
+    assert fp32_candidate["metric"] < kl / 10
 
 
 def write_manifest(tmp_path: Path, model: dict, data: dict, metric: str = "perplexity") -> None:
@@ -247,3 +270,49 @@ def test_text_the_tokenizer_cannot_serve_is_one_line_naming_the_file(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("eval.txt: the tokenizer gives token id ") and lines[0].endswith(
         ", beyond the model's vocab_size 10: tokenizer and model do not belong together"), result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_hf_text_classification_from_model_task(tmp_path):
+    """`model.task: text-classification` on a folder whose config.json names no task suffix: the
+    classifier's logits are exported, and its top-1 on labelled token ids matches transformers'."""
+    import json
+
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    folder = tmp_path / "models" / "intent"
+    torch.manual_seed(0)
+    BertForSequenceClassification(BertConfig(
+        vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=32, num_labels=3)).save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["architectures"] = ["BertModel"]  # nothing to infer the task from: model.task must say it
+    (folder / "config.json").write_text(json.dumps(config))
+    rng = np.random.default_rng(0)
+    ids = rng.integers(1, 128, (24, 12))
+    with torch.no_grad():
+        reference = BertForSequenceClassification.from_pretrained(str(folder)).eval()
+        labels = reference(torch.as_tensor(ids)).logits.argmax(-1).numpy()
+    labels[:6] = (labels[:6] + 1) % 3  # a quarter of the labels disagree with the model: top1 is 0.75
+    np.savez(tmp_path / "eval.npz", input_ids=ids, y=labels)
+    manifest = {
+        "version": 1, "model": {"name": "intent", "source": "hf", "path": "models/intent", "sequence_length": 12},
+        "data": {"evaluation": "eval.npz"}, "metric": "top1", "reports": ["json"],
+        "search": {"strategy": "uniform", "techniques": ["fp32", "int8-dynamic"]},
+        "targets": [{"name": "android", "format": "tflite", "devices": ["pixel-8"], "accuracy": {"max_drop": 0.1}}],
+    }
+    (tmp_path / "edgebuild.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
+    refused = run_edgebuild("validate", cwd=tmp_path)
+    manifest["model"]["task"] = "text-classification"
+    (tmp_path / "edgebuild.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
+    result = run_edgebuild("build", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    report = read_report(tmp_path)
+    assert report["model"]["outputs"][0]["shape"][-1] == 3
+    target = report["targets"][0]
+    assert target["baseline"]["metric"] == pytest.approx(0.75)
+    fp32 = next(c for c in target["candidates"] if c["technique"] == "fp32")
+    assert fp32["metric"] == pytest.approx(0.75)
+    assert refused.returncode == 2, refused.stderr
+    assert refused.stderr.strip().endswith("model.path: cannot tell the task from architectures ['BertModel']; "
+                                           "set model.task (config.json in 'models/intent')")

@@ -197,3 +197,26 @@ def test_search_settings_parse(tmp_path):
 def test_qat_settings_are_validated(tmp_path, capsys, extra, expected):
     code, err = validate(tmp_path, GOOD.replace("output: dist\n", extra), capsys)
     assert code == 2 and err.startswith(expected), err
+
+
+def test_inputs_prints_what_a_build_reads_and_where_bundles_land(tmp_path, capsys, monkeypatch):
+    """`edgebuild inputs` is what the Gradle hook's up-to-date check reads: every file a build reads,
+    and each selected target's folder."""
+    import json
+
+    make_project(tmp_path)
+    (tmp_path / "notes.txt").write_text("not read by the build\n")
+    monkeypatch.chdir(tmp_path)
+    assert main(["inputs", "--platform", "android"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    digits = tmp_path / "examples" / "digits"
+    assert plan == {
+        "manifest": str(tmp_path / "edgebuild.yaml"),
+        # The python entry's whole folder (weights, sibling modules), the data and the manifest.
+        "inputs": sorted(str(p) for p in [tmp_path / "edgebuild.yaml", *digits.iterdir()]),
+        "output": str(tmp_path / "dist"),
+        "targets": [{"name": "android", "format": "tflite", "platform": "android",
+                     "directory": str(tmp_path / "dist" / "android"), "assets_dir": "models"}],
+    }
+    assert main(["inputs"]) == 0
+    assert [t["name"] for t in json.loads(capsys.readouterr().out)["targets"]] == ["android", "ios"]

@@ -87,6 +87,26 @@ def test_last_layer_fine_tuning(trained, tmp_path):
     ptq = next(c for c in target["candidates"] if c["technique"] == "int4-weight-only")
     assert qat["metric"] > ptq["metric"]
     assert result.returncode in (0, 1)
+    # Only the last layer (head, 10x512) moved: wide's stored int4 weights are byte for byte the PTQ ones.
+    trained_weights = stored_weights(root / ".edgebuild" / "targets" / "android" / "qat.tflite")
+    ptq_weights = stored_weights(root / ".edgebuild" / "tflite" / "candidates" / "int4-weight-only.tflite")
+    assert set(trained_weights) == set(ptq_weights) >= {(10, 512), (512, 64)}
+    changed = {shape for shape in ptq_weights if trained_weights[shape] != ptq_weights[shape]}
+    assert changed == {(10, 512)}, changed
+
+
+def stored_weights(bundle: Path) -> dict[tuple, bytes]:
+    """A .tflite's constant matrices, by shape (the outliers model has one per layer): their stored bytes."""
+    import numpy as np
+    from litert_converter import schema_py_generated as schema
+
+    model = schema.ModelT.InitFromPackedBuf(bundle.read_bytes(), 0)
+    found = {}
+    for tensor in model.subgraphs[0].tensors:
+        data = model.buffers[tensor.buffer].data
+        if data is not None and len(data) and tensor.shape is not None and len(tensor.shape) == 2:
+            found[tuple(int(d) for d in tensor.shape)] = np.asarray(data, np.uint8).tobytes()
+    return found
 
 
 CORE_ML = {

@@ -13,6 +13,7 @@ from ..policy import Limits, target_limits
 from .layout import Build
 
 LATENCY_THREADS = 1
+DETERMINISM_SAMPLES = 4  # batches run a second time to check the runtime's outputs repeat
 
 
 def read_data(build: Build, role: str, *, need_labels: bool) -> Dataset:
@@ -137,14 +138,34 @@ def chance_warnings(build: Build, values: dict[str, float], reference: dict[str,
     return warnings
 
 
+class NotDeterministic(Exception):
+    """The runtime gave different outputs for the same input and bundle: no metric of it means anything."""
+
+
+def _check_deterministic(build: Build, backend, bundle: Path, inputs, outputs: dict[str, np.ndarray],
+                         specs: list[dict]) -> None:
+    """Run the first samples again in a fresh interpreter: the outputs must be bit-identical. (A
+    recipe the converter accepts can still give a bundle whose kernels read uninitialised memory:
+    logits of 1e35 that change from run to run.)"""
+    batch = example_batch(build)
+    count = min(len(inputs[0]), DETERMINISM_SAMPLES * batch)
+    again = backend.predict(bundle, [array[:count] for array in inputs], threads=LATENCY_THREADS, batch=batch,
+                            exported_program=build.exported_program)
+    for name, array in named_outputs(again.outputs, specs, again.runtime).items():
+        if not np.array_equal(array, outputs[name][:count], equal_nan=True):
+            raise NotDeterministic(f"{again.runtime} gave different outputs for the same input on a second run "
+                                   f"(output {name}, first {count} samples): the bundle is not deterministic")
+
+
 def evaluate_bundle(build: Build, backend, bundle: Path) -> dict:
     """Run a bundle in its runtime on the evaluation set: every output's metrics, bytes, download
-    bytes, latency."""
+    bytes, latency; the first samples run twice, and outputs that differ are an error."""
     data = evaluation_data(build)
     prediction = backend.predict(bundle, data.inputs, threads=LATENCY_THREADS, batch=example_batch(build),
                                  exported_program=build.exported_program)
     specs = output_specs(build)
     outputs = named_outputs(prediction.outputs, specs, prediction.runtime)
+    _check_deterministic(build, backend, bundle, data.inputs, outputs, specs)
     reference = read_outputs(build.reference, specs)  # after the run: an LLM's reference logits are large
     values, per_output = measure(build, outputs, reference, data)
     record = {

@@ -94,8 +94,16 @@ def select(build: Build, target: Target) -> None:
     atomic_write_json(build.selection(target), selection)
 
 
-def _now() -> str:
-    """When a target was built, as the report and the lock mark it (UTC, to the second)."""
+def _built_at(build: Build, target: Target, record: dict) -> str:
+    """When the target's output was laid out, as the reports mark it (UTC, to the second). Laying
+    out the same files again keeps the time they were first built: the record stays byte-identical,
+    so the report and the lock, which depend on it, do not rerun."""
+    try:
+        previous = read_json(build.packaged(target))
+    except (OSError, ValueError):
+        previous = {}
+    if previous.get("built_at") and {k: previous.get(k) for k in record} == record:
+        return previous["built_at"]
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
@@ -105,7 +113,7 @@ def package(build: Build, target: Target) -> None:
     destination = build.target_output(target)
     if selection["chosen"] is None:
         remove_dir(destination, build.trash)
-        atomic_write_json(build.packaged(target), {"files": [], "built_at": _now()})
+        atomic_write_json(build.packaged(target), {"files": [], "built_at": _built_at(build, target, {"files": []})})
         return
     staged = build.staging / target.name
     shutil.rmtree(staged, ignore_errors=True)
@@ -119,9 +127,9 @@ def package(build: Build, target: Target) -> None:
               "bytes": f.stat().st_size} for p in sorted(written) for f in bundle_files(p)]
     bundle_path = next((p for p in sorted(written) if p.name.endswith(backend.extension)), None)
     replace_dir(staged, destination, build.trash)
-    atomic_write_json(build.packaged(target), {
-        "bundle": build.manifest.relative(destination / bundle_path.relative_to(staged)) if bundle_path else None,
-        "files": files, "built_at": _now()})
+    record = {"bundle": build.manifest.relative(destination / bundle_path.relative_to(staged)) if bundle_path else None,
+              "files": files}
+    atomic_write_json(build.packaged(target), {**record, "built_at": _built_at(build, target, record)})
 
 
 def packaged_is_intact(build: Build, target: Target) -> bool:
