@@ -98,6 +98,9 @@ class Prediction:
     # Why latency_ms is None, in words a release manager reads ("Core ML runs models on macOS only"):
     # a latency budget that cannot be measured is reported unverified with this reason, never passed.
     latency_note: str | None = None
+    # True where identical inputs give identical outputs by construction (a torch simulation on the
+    # CPU): evaluation then skips running its first samples a second time to check.
+    deterministic: bool = False
 
 
 @runtime_checkable

@@ -14,6 +14,7 @@ from .api import Backend, Metric, SearchStrategy, Technique, missing_members
 from .errors import InputError, first_line
 
 ENTRY_POINT_GROUP = "edgebuild"
+DISTRIBUTION = "edgebuild"  # the distribution whose entry points are the built-in plugins
 
 
 def make_plugin_manager(load_entry_points: bool = True) -> pluggy.PluginManager:
@@ -113,9 +114,12 @@ def collect(pm: pluggy.PluginManager, local: dict[str, Path] | None = None) -> R
             registry.origin[(kind, label)] = plugin_name
         return register
 
+    # Built-ins register first, then every other plugin in the order it was loaded: entry points
+    # load in sys.path order, which must not decide whether a third party's replace=True replaces.
+    built_in = {id(plugin) for plugin, dist in pm.list_plugin_distinfo() if dist.project_name == DISTRIBUTION}
     for hook_name in HOOKS:
-        # get_hookimpls() is in registration order: built-ins (entry points) before later plugins.
-        for impl in getattr(pm.hook, hook_name).get_hookimpls():
+        impls = getattr(pm.hook, hook_name).get_hookimpls()  # in registration order
+        for impl in sorted(impls, key=lambda impl: id(impl.plugin) not in built_in):
             try:
                 impl.function(register=register_for(hook_name, impl.plugin_name))
             except PluginError:

@@ -54,6 +54,17 @@ def test_later_plugins_add_and_override_only_when_they_say_so():
     assert registry.origin[("technique", "tflite/fp16")] == "tflite"
 
 
+def test_a_replacement_loaded_before_the_built_ins_still_replaces():
+    """Entry points load in sys.path order: a package found before edgebuild's own still registers
+    after the built-ins, so its replace=True replaces instead of being refused."""
+    pm = make_plugin_manager(load_entry_points=False)
+    pm.register(ThirdParty(), name="third-party")
+    pm.load_setuptools_entrypoints("edgebuild")
+    registry = collect(pm)
+    assert registry.techniques[("tflite", "fp32")].description == "a replacement fp32"
+    assert registry.replaced == {("technique", "tflite/fp32"): "tflite"}
+
+
 class Shadowing:
     @hookimpl
     def register_metrics(self, register):

@@ -231,7 +231,7 @@ class CoreMLBackend(BackendBase):
             runtime = (f"torch simulation, NOT weights-exact: {len(missing)} parameter(s) not found in the bundle "
                        f"kept their float32 values ({', '.join(missing[:5])}{', …' if len(missing) > 5 else ''})")
         # Host latency of a simulation says nothing about a phone: not reported.
-        return Prediction(outputs=outputs, latency_ms=None, runtime=runtime, details=details,
+        return Prediction(outputs=outputs, latency_ms=None, runtime=runtime, details=details, deterministic=True,
                           latency_note="Core ML runs models on macOS only; this host evaluated a torch simulation")
 
     def _predict_core_ml(self, bundle: Path, inputs: Sequence[np.ndarray]) -> Prediction:

@@ -3,7 +3,7 @@ candidate run in its runtime on the evaluation set."""
 from ...api import CandidateRecord, CompressInput, NotApplicable, Status
 from ...errors import EdgebuildError, ToolchainError, first_line
 from ...fsutil import atomic_output, atomic_write_json, bundle_sha256, read_json, record_matches, remove_path, replace_path
-from ..evaluation import evaluate_bundle, read_data
+from ..evaluation import NotDeterministic, evaluate_bundle, read_data
 from ..layout import Build
 
 CALIBRATION_SAMPLES = 256  # enough for min/max ranges; more only slows the quantizer
@@ -88,8 +88,9 @@ def evaluate(build: Build, variant_key: str, technique_name: str) -> None:
         measured = evaluate_bundle(build, backend, build.candidate_bundle(variant_key, technique_name))
     except EdgebuildError:
         raise
-    except Exception as exc:
-        error = ToolchainError(first_line(exc), stage="evaluate", technique=technique_name)
+    except Exception as exc:  # the runtime failed on this candidate, or its outputs do not repeat
+        message = str(exc) if isinstance(exc, NotDeterministic) else first_line(exc)
+        error = ToolchainError(message, stage="evaluate", technique=technique_name)
         atomic_write_json(destination, {**result, "status": "error", "error": error.to_record()})
         return
     atomic_write_json(destination, {**result, "status": "ok", "sha256": record.sha256, **measured})
