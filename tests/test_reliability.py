@@ -145,11 +145,13 @@ def build_killed_in(root: Path, stage: str, rng: random.Random) -> str | None:
     return running if killed else None
 
 
-# Per setup, the stages a kill is aimed at: each one runs after that setup.
-KILL_PLAN = {"candidate records deleted": ["compress:", "evaluate:"],
-             "budget changed": ["search:", "select:", "package:", "report", "lock"],
-             "reference deleted": ["reference"],
-             "cold rebuild": ["export", "convert:", "compress:"]}
+# (what changes before the build, the stage the kill is aimed at): each stage runs after its change.
+# Warm-cache changes first, cold rebuilds last: a killed cold build leaves everything to redo.
+KILL_PLAN = [("budget changed", "search:"), ("budget changed", "select:"), ("budget changed", "package:"),
+             ("budget changed", "report"), ("budget changed", "lock"),
+             ("candidate records deleted", "compress:"), ("evaluation records deleted", "evaluate:"),
+             ("reference deleted", "reference"),
+             ("cold rebuild", "export"), ("cold rebuild", "convert:"), ("cold rebuild", "compress:")]
 
 
 def test_sigkill_in_every_stage_never_leaves_partial_output(built_copy):
@@ -161,43 +163,43 @@ def test_sigkill_in_every_stage_never_leaves_partial_output(built_copy):
     manifest_path = built_copy / "edgebuild.yaml"
     manifest = yaml.safe_load(manifest_path.read_text())
     landed, partial, trials = {}, 0, 0
-    for trial in range(24):
-        setup = list(KILL_PLAN)[trial % 4]
-        aims = KILL_PLAN[setup]
-        aim = aims[(trial // 4) % len(aims)]
-        if setup == "candidate records deleted":
-            for variant in ("tflite", "coreml-ios16"):
-                records = sorted((built_copy / ".edgebuild" / variant / "candidates").glob("*.json"))
-                if records:  # a killed cold build may not have made any yet
-                    rng.choice(records).unlink()
-        elif setup == "budget changed":
-            manifest["targets"][0]["budget"]["size"] = "60KB" if trial % 8 == 1 else "50KB"
-            manifest_path.write_text(yaml.safe_dump(manifest, sort_keys=False))
-        elif setup == "reference deleted":
-            (built_copy / ".edgebuild" / "model" / "reference.npz").unlink(missing_ok=True)
-        else:
-            shutil.rmtree(built_copy / ".edgebuild")
-        trials += 1
-        stage = build_killed_in(built_copy, aim, rng)
-        if stage is not None:
-            kind = stage.split(":")[0]
-            landed[kind] = landed.get(kind, 0) + 1
+    for setup, aim in KILL_PLAN:
+        for _ in range(3):  # a stage of a few milliseconds may end before the kill: aim again
+            trials += 1
+            if setup in ("candidate records deleted", "evaluation records deleted"):
+                folder = "candidates" if setup.startswith("candidate") else "evaluations"
+                for variant in ("tflite", "coreml-ios16"):
+                    records = sorted((built_copy / ".edgebuild" / variant / folder).glob("*.json"))
+                    if records:  # a killed cold build may not have made any yet
+                        rng.choice(records).unlink()
+            elif setup == "budget changed":
+                manifest["targets"][0]["budget"]["size"] = "60KB" if trials % 2 else "50KB"
+                manifest_path.write_text(yaml.safe_dump(manifest, sort_keys=False))
+            elif setup == "reference deleted":
+                (built_copy / ".edgebuild" / "model" / "reference.npz").unlink(missing_ok=True)
+            else:
+                shutil.rmtree(built_copy / ".edgebuild")
+            stage = build_killed_in(built_copy, aim, rng)
+            if stage is not None:
+                landed[stage.split(":")[0]] = landed.get(stage.split(":")[0], 0) + 1
 
-        dist = built_copy / "dist"
-        leftovers = [p for p in dist.rglob("*") if ".tmp-" in p.name or ".old-" in p.name] if dist.exists() else []
-        current = bundle_files(built_copy) if dist.exists() else {}
-        for target, names in per_target.items():
-            present = {n for n in current if n.split("/")[0] == target}
-            # A target folder is the previous complete bundle or absent: never a mix, never a stray file.
-            if present and (present != names or any(current[n] != reference[n] for n in present)):
-                partial += 1
-        partial += len(leftovers)
-        if (dist / "report.json").exists():
-            validate_report(dist / "report.json")
-        if (dist / "junit.xml").exists():
-            ElementTree.parse(dist / "junit.xml")
-        if (built_copy / "edgebuild.lock").exists():
-            json.loads((built_copy / "edgebuild.lock").read_text())
+            dist = built_copy / "dist"
+            leftovers = [p for p in dist.rglob("*") if ".tmp-" in p.name or ".old-" in p.name] if dist.exists() else []
+            current = bundle_files(built_copy) if dist.exists() else {}
+            for target, names in per_target.items():
+                present = {n for n in current if n.split("/")[0] == target}
+                # A target folder is the previous complete bundle or absent: never a mix, never a stray file.
+                if present and (present != names or any(current[n] != reference[n] for n in present)):
+                    partial += 1
+            partial += len(leftovers)
+            if (dist / "report.json").exists():
+                validate_report(dist / "report.json")
+            if (dist / "junit.xml").exists():
+                ElementTree.parse(dist / "junit.xml")
+            if (built_copy / "edgebuild.lock").exists():
+                json.loads((built_copy / "edgebuild.lock").read_text())
+            if stage is not None and stage.startswith(aim.rstrip(":")):
+                break
     record_figure(f"SIGKILL trials: {trials}, landed inside a running stage: "
                   + ", ".join(f"{kind} {count}" for kind, count in sorted(landed.items()))
                   + f"; partial files or folders found in output: {partial}")
@@ -261,21 +263,20 @@ def test_two_builds_at_once_both_end_valid_and_no_wait_names_the_holder(built_co
 
 # ---- toolchain failures ----------------------------------------------------------------------------------
 
-BROKEN_PLUGIN = '''
-from edgebuild.api import Technique
-from edgebuild.hookspecs import hookimpl
+def technique_plugin(name: str, algorithm_key: str, granularity: str, replace: bool = False) -> str:
+    """A third-party plugin module registering one int8 TFLite recipe with integer compute."""
+    rule = {"regex": ".*", "operation": "*", "algorithm_key": algorithm_key,
+            "op_config": {"weight_tensor_config": {"num_bits": 8, "symmetric": True, "granularity": granularity,
+                                                   "dtype": "INT"},
+                          "compute_precision": "INTEGER", "explicit_dequantize": False}}
+    return (f"from edgebuild.api import Technique\nfrom edgebuild.hookspecs import hookimpl\n\n"
+            f"@hookimpl\ndef register_techniques(register):\n"
+            f"    register(Technique({name!r}, 'tflite', 'third-party', recipe=[{rule!r}]), replace={replace})\n")
 
-@hookimpl
-def register_techniques(register):
-    # Replaces the built-in fp16, the first technique compressed: a failure that stopped the build
-    # would leave every later candidate unbuilt.
-    register(Technique(name="fp16", backend="tflite", description="a recipe the quantizer rejects",
-                       recipe=[{"regex": ".*", "operation": "*", "algorithm_key": "no_such_algorithm",
-                                "op_config": {"weight_tensor_config": {"num_bits": 8, "symmetric": True,
-                                              "granularity": "CHANNELWISE", "dtype": "INT"},
-                                              "compute_precision": "INTEGER", "explicit_dequantize": False}}]),
-             replace=True)
-'''
+
+# Replaces the built-in fp16, the first technique compressed: a failure that stopped the build would
+# leave every later candidate unbuilt.
+BROKEN_PLUGIN = technique_plugin("fp16", "no_such_algorithm", "CHANNELWISE", replace=True)
 
 
 def test_quantizer_failure_exits_3_and_the_other_candidates_still_run(built_copy, tmp_path):
@@ -283,8 +284,9 @@ def test_quantizer_failure_exits_3_and_the_other_candidates_still_run(built_copy
     site.mkdir()
     install_fake_distribution(site, "edgebuild_broken")
     (site / "edgebuild_broken.py").write_text(BROKEN_PLUGIN)
-    # Nothing of the tflite backend is cached: every other candidate has to run in this build.
-    shutil.rmtree(built_copy / ".edgebuild" / "tflite")
+    # No tflite candidate is cached (the conversion is): every other candidate has to run in this build.
+    for folder in ("candidates", "evaluations"):
+        shutil.rmtree(built_copy / ".edgebuild" / "tflite" / folder)
     result = run_edgebuild("build", "--json", cwd=built_copy, env={"PYTHONPATH": str(site)})
     assert result.returncode == 3
     summary = json.loads(result.stdout)
@@ -303,7 +305,7 @@ def test_quantizer_failure_exits_3_and_the_other_candidates_still_run(built_copy
     failed_at = order.index("compress:tflite:fp16")
     for name in others:
         assert f"evaluate:tflite:{name}" in order
-        if name != "fp32":  # fp32 is the conversion, before any compression
+        if name != "fp32":  # fp32's candidate is the conversion's copy, made first
             assert order.index(f"compress:tflite:{name}") > failed_at, (name, order)
     assert android["status"] == "pass" and android["chosen"]["technique"] in ("mixed-precision", "int4-weight-only")
     assert any(c["technique"] == "mixed-precision" and c["status"] in ("pass", "fail") for c in android["candidates"])
@@ -311,20 +313,9 @@ def test_quantizer_failure_exits_3_and_the_other_candidates_still_run(built_copy
                   f"target and technique; the other {len(others) + 1} candidates still built, evaluated and reported")
 
 
-NONDETERMINISTIC_PLUGIN = '''
-from edgebuild.api import Technique
-from edgebuild.hookspecs import hookimpl
-
-@hookimpl
-def register_techniques(register):
-    # ai-edge-quantizer accepts this recipe; the bundle it makes gives logits near 1e35 in
-    # ai-edge-litert that change from run to run (top-1 between 0.18 and 0.79 on the digits set).
-    register(Technique(name="int8-dynamic-tensorwise", backend="tflite", description="per-tensor dynamic range",
-                       recipe=[{"regex": ".*", "operation": "*", "algorithm_key": "min_max_uniform_quantize",
-                                "op_config": {"weight_tensor_config": {"num_bits": 8, "symmetric": True,
-                                              "granularity": "TENSORWISE", "dtype": "INT"},
-                                              "compute_precision": "INTEGER", "explicit_dequantize": False}}]))
-'''
+# ai-edge-quantizer accepts this recipe; the bundle it makes gives logits near 1e35 in ai-edge-litert
+# that change from run to run (top-1 between 0.18 and 0.79 on the digits set).
+NONDETERMINISTIC_PLUGIN = technique_plugin("int8-dynamic-tensorwise", "min_max_uniform_quantize", "TENSORWISE")
 
 
 def test_a_bundle_whose_outputs_change_between_runs_is_an_error_not_a_metric(built_copy, tmp_path):
