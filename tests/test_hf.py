@@ -51,11 +51,14 @@ def windows(folder: Path, text: str) -> tuple[np.ndarray, np.ndarray]:
     return ids[:span].reshape(count, -1), ids[1:span + 1].reshape(count, -1)
 
 
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """The test's own, in float64 (independent of the metrics plugin it checks)."""
+    logits = logits.astype(np.float64) - logits.max(-1, keepdims=True)
+    return logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+
+
 def perplexity(logits: np.ndarray, labels: np.ndarray) -> float:
-    logits = logits.astype(np.float64)
-    log_probs = logits - logits.max(-1, keepdims=True)
-    log_probs -= np.log(np.exp(log_probs).sum(-1, keepdims=True))
-    return float(np.exp(-np.take_along_axis(log_probs, labels[..., None], -1).mean()))
+    return float(np.exp(-np.take_along_axis(log_softmax(logits), labels[..., None], -1).mean()))
 
 
 LLM_TECHNIQUES = ["fp32", "fp16", "int8-dynamic", "int8-linear", "int4-blockwise32", "int4-blockwise128",
@@ -184,10 +187,6 @@ def test_hf_without_text_data_still_measures_fidelity_from_token_arrays(tmp_path
         fp32 = model(torch.as_tensor(ids)).logits.numpy().astype(np.float64)
     shipped = TFLiteBackend().predict(tmp_path / "dist" / "android" / "m.tflite", [ids]).outputs
     shipped = np.asarray(shipped[0] if isinstance(shipped, list) else next(iter(shipped.values())), np.float64)
-
-    def log_softmax(x):
-        x = x - x.max(-1, keepdims=True)
-        return x - np.log(np.exp(x).sum(-1, keepdims=True))
     p, q = log_softmax(fp32), log_softmax(shipped.reshape(fp32.shape))
     kl = float((np.exp(p) * (p - q)).sum(-1).mean())
     assert kl > 1e-6  # int8 moved the distribution: a metric stuck at 0 would not match

@@ -282,8 +282,7 @@ BROKEN_PLUGIN = technique_plugin("fp16", "no_such_algorithm", "CHANNELWISE", rep
 def test_quantizer_failure_exits_3_and_the_other_candidates_still_run(built_copy, tmp_path):
     site = tmp_path / "site"
     site.mkdir()
-    install_fake_distribution(site, "edgebuild_broken")
-    (site / "edgebuild_broken.py").write_text(BROKEN_PLUGIN)
+    install_fake_distribution(site, "edgebuild_broken", BROKEN_PLUGIN)
     # No tflite candidate is cached (the conversion is): every other candidate has to run in this build.
     for folder in ("candidates", "evaluations"):
         shutil.rmtree(built_copy / ".edgebuild" / "tflite" / folder)
@@ -321,8 +320,7 @@ NONDETERMINISTIC_PLUGIN = technique_plugin("int8-dynamic-tensorwise", "min_max_u
 def test_a_bundle_whose_outputs_change_between_runs_is_an_error_not_a_metric(built_copy, tmp_path):
     site = tmp_path / "site"
     site.mkdir()
-    install_fake_distribution(site, "edgebuild_nondeterministic")
-    (site / "edgebuild_nondeterministic.py").write_text(NONDETERMINISTIC_PLUGIN)
+    install_fake_distribution(site, "edgebuild_nondeterministic", NONDETERMINISTIC_PLUGIN)
     result = run_edgebuild("build", cwd=built_copy, env={"PYTHONPATH": str(site)})
     assert result.returncode == 3, result.stderr
     line = next(l for l in result.stderr.splitlines() if l.startswith("error") and "int8-dynamic-tensorwise" in l)

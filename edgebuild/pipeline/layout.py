@@ -61,8 +61,9 @@ class Build:
         shown = {t.name for t in self.manifest.targets} | {t.name for t in self.kept_targets()}
         return [t for t in self.manifest.declared_targets if t.name in shown]
 
-    def backends_in_use(self) -> list[str]:
-        return sorted({t.format for t in self.manifest.targets})
+    def backends_in_use(self, targets: list[Target] | None = None) -> list[str]:
+        """The backends of `targets` (default: this build's)."""
+        return sorted({t.format for t in (self.manifest.targets if targets is None else targets)})
 
     def backend(self, target: Target):
         return self.registry.backends[target.format]

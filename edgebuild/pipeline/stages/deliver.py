@@ -154,6 +154,8 @@ def report_data(build: Build) -> dict:
     manifest = build.manifest
     meta = read_json(build.model_meta)
     entries = [_metric_entry(key, manifest.specs[key], metric) for key, metric in metrics(build).items()]
+    # A --target/--platform build reports every target: the others as their last build left them.
+    reported = build.reported_targets()
     return {
         "schema_version": 1,
         "edgebuild_version": __version__,
@@ -164,10 +166,8 @@ def report_data(build: Build) -> dict:
         # The gating metric first, then those the manifest only reports, then the guards'.
         "metrics": entries,
         "warnings": read_json(build.baseline).get("warnings", []),
-        "toolchain": {name: build.registry.backends[name].version()
-                      for name in sorted({t.format for t in build.reported_targets()})},
-        # A --target/--platform build reports every target: the others as their last build left them.
-        "targets": [summary for t in build.reported_targets() if (summary := target_summary(build, t)) is not None],
+        "toolchain": {name: build.registry.backends[name].version() for name in build.backends_in_use(reported)},
+        "targets": [summary for t in reported if (summary := target_summary(build, t)) is not None],
     }
 
 
