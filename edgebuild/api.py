@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any, Callable, Mapping, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 import yaml
@@ -193,6 +193,16 @@ class QATBackend(Backend, Protocol):
         """Prepare `module`, call `train(module, layers[, after_step])`, write the trained bundle to `out`."""
 
 
+@runtime_checkable
+class WeightValuesBackend(Backend, Protocol):
+    """A backend that can read back the values its bundles store: edgebuild finds weights stored
+    twice (identical, negated, transposed or scaled copies) and reports them."""
+
+    def weight_values(self, bundle: Path) -> Iterable[tuple[str, int, Callable[[], np.ndarray]]]:
+        """Each stored weight buffer once: (name as `weights()` gives it, element count, a function
+        returning its values as float32, dequantized)."""
+
+
 class BackendBase:
     """Defaults for the optional parts of the Backend protocol."""
 
@@ -312,6 +322,21 @@ class SearchStrategy:
     @property
     def searches(self) -> bool:
         return self.search is not None
+
+
+@dataclass(frozen=True)
+class GraphRewrite:
+    """An fp32-exact rewrite of the exported program, applied before any backend converts it.
+
+    `rewrite(program)` edits the `torch.export.ExportedProgram` in place and returns how many
+    places it changed. Rewrites exist to stop a converter from storing or computing something
+    twice (a PReLU's negated weight copy); edgebuild checks on the evaluation data that the
+    rewritten program's outputs are within 1 ulp of the original's, and refuses the build if not.
+    """
+
+    name: str
+    rewrite: Callable[[Any], int]
+    description: str = ""
 
 
 def protocol_members(protocol: type) -> set[str]:

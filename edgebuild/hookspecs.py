@@ -41,3 +41,8 @@ def register_reporters(register):
 @hookspec
 def register_search_strategies(register):
     """Register mixed-precision search strategies: register(SearchStrategy(...)) for `search.strategy`."""
+
+
+@hookspec
+def register_graph_rewrites(register):
+    """Register fp32-exact rewrites of the exported program: register(GraphRewrite(...)); `model.rewrites` switches them off."""

@@ -26,7 +26,7 @@ TOP_KEYS = {"version": True, "model": True, "data": True, "metric": False, "targ
             "reports": False, "search": False, "report_metrics": False, "plugins": False}
 DEFAULT_REPORTS = ["json", "md", "junit", "html"]
 MODEL_KEYS = {"name": True, "source": True, "entry": False, "path": False, "description": False, "version": False,
-              "task": False, "sequence_length": False, "outputs": False}
+              "task": False, "sequence_length": False, "outputs": False, "rewrites": False}
 DATA_KEYS = {"calibration": False, "evaluation": True, "train": False}
 DATA_ROLES = ("evaluation", "calibration", "train")
 # Plain text data is tokenized with the model's own tokenizer into windows of sequence_length
@@ -440,6 +440,8 @@ def _model(check: "_Validator", doc: "_Document", value: Any) -> dict:
                                                          "letters, digits or '_' (64 at most)")
             if name in names[:i]:
                 raise doc.error(("model", "outputs", i), f"duplicate output name {name!r}")
+    if "rewrites" in model:
+        _rewrites(check, model["rewrites"])
     if source == "hf":
         _hf_model(check, doc, model)
     elif source != "python":
@@ -447,6 +449,16 @@ def _model(check: "_Validator", doc: "_Document", value: Any) -> dict:
             raise doc.error(("model", "path"), f"required key is missing: source {source!r} takes path: FILE")
         check.project_path(model["path"], ("model", "path"), must_exist=True)
     return model
+
+
+def _rewrites(check: "_Validator", value: Any) -> None:
+    """`rewrites: {NAME: false}`: every registered graph rewrite runs unless switched off here."""
+    path = ("model", "rewrites")
+    known = list(check.registry.rewrites)
+    check.mapping(value, path, {name: False for name in known})
+    for name, on in value.items():
+        if not isinstance(on, bool):
+            raise check.doc.error(path + (name,), f"expected true or false, got {_typename(on)} {on!r}")
 
 
 def _hf_model(check: "_Validator", doc: "_Document", model: dict) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pluggy
 
 from . import hookspecs
-from .api import Backend, Metric, SearchStrategy, Technique, missing_members
+from .api import Backend, GraphRewrite, Metric, SearchStrategy, Technique, missing_members
 from .errors import InputError, first_line
 
 ENTRY_POINT_GROUP = "edgebuild"
@@ -37,6 +37,7 @@ class Registry:
     packagers: dict = field(default_factory=dict)
     reporters: dict = field(default_factory=dict)
     strategies: dict[str, SearchStrategy] = field(default_factory=dict)
+    rewrites: dict[str, GraphRewrite] = field(default_factory=dict)
     origin: dict[tuple[str, str], str] = field(default_factory=dict)  # (kind, name) -> plugin name
     replaced: dict[tuple[str, str], str] = field(default_factory=dict)  # (kind, name) -> the plugin replaced
     plugins: list[dict] = field(default_factory=list)
@@ -68,6 +69,8 @@ HOOKS = {
     "register_reporters": ("reporter", "reporters", lambda name, r: (name, r)),
     "register_search_strategies": ("strategy", "strategies",
                                    lambda s: (_checked("search strategy", s, SearchStrategy).name, s)),
+    "register_graph_rewrites": ("graph rewrite", "rewrites",
+                                lambda r: (_checked("graph rewrite", r, GraphRewrite).name, r)),
 }
 
 

@@ -4,12 +4,13 @@ from pathlib import Path
 
 import numpy as np
 
-from ..api import Technique
+from ..api import Technique, WeightValuesBackend
 from ..data import Dataset, load_dataset
 from ..errors import InputError, ToolchainError
 from ..fsutil import bundle_bytes, bundle_download_bytes, read_json
 from ..manifest import Target
 from ..policy import Limits, target_limits
+from ..weights import find_copies
 from .layout import Build
 
 LATENCY_THREADS = 1
@@ -180,6 +181,8 @@ def evaluate_bundle(build: Build, backend, bundle: Path) -> dict:
         "latency": prediction.details,
         "layers": backend.weights(bundle),
     }
+    if isinstance(backend, WeightValuesBackend):
+        record["copies"] = find_copies(backend.weight_values(bundle))
     if per_output:
         record["per_output"] = per_output
     if prediction.latency_ms is None and prediction.latency_note:

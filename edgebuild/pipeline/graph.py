@@ -64,9 +64,13 @@ class Graph:
                            config={"sequence_length": manifest.model.get("sequence_length")})
                  for role in DATA_ROLES if build.is_text(role)]
         return tasks + [
+            # Graph rewrites are checked on the evaluation data, so it is an input of the export.
             self.task("export", model.export_model,
-                      file_dep=self.sources(), targets=[rel(build.exported_program), rel(build.model_meta)],
-                      code=(("loader", manifest.model["source"]),), config={"model": manifest.model},
+                      file_dep=self.sources() + [self.evaluation],
+                      targets=[rel(build.exported_program), rel(build.model_meta)],
+                      code=(("loader", manifest.model["source"]),
+                            *(("graph rewrite", name) for name in build.registry.rewrites)),
+                      config={"model": manifest.model},
                       uptodate=[(record_matches, (build.model_meta, build.exported_program))]),
             self.task("reference", model.reference_outputs,
                       file_dep=[rel(build.exported_program), rel(build.model_meta), self.evaluation],

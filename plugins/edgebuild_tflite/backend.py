@@ -15,6 +15,7 @@ import numpy as np
 from edgebuild.api import BackendBase, CompressInput, NotApplicable, Prediction, Technique, package_version
 from edgebuild.data import padded_batches
 from edgebuild.errors import ToolchainError, first_line
+from edgebuild.weights import find_copies
 
 SIGNATURE = "serving_default"
 _LOWERING = re.compile(r"Lowering not found: (\S+)")
@@ -118,6 +119,9 @@ class TFLiteBackend(BackendBase):
 
     def weights(self, bundle: Path) -> list[dict]:
         return weight_tensors(bundle)
+
+    def weight_values(self, bundle: Path):
+        return stored_values(bundle)
 
     # ---- mixed precision ----------------------------------------------------------------------
 
@@ -237,7 +241,7 @@ def _weighted_layers(bundle: str, mtime_ns: int, size: int) -> tuple[dict, ...]:
     model = flatbuffer.read_model(bundle)
     subgraph = model.subgraphs[0]
     names = _display_names(model, subgraph)
-    layers = []
+    layers, loaders = [], []
     for op_name, op in _weighted_ops(model, subgraph):
         weight = subgraph.tensors[op.inputs[1]]
         buffer = model.buffers[weight.buffer]
@@ -246,6 +250,7 @@ def _weighted_layers(bundle: str, mtime_ns: int, size: int) -> tuple[dict, ...]:
         layers.append({"name": names[op.inputs[1]], "op": op_name, "in_features": int(weight.shape[-1]),
                        "scope": flatbuffer.get_op_scope(op, subgraph.tensors),
                        "params": int(np.prod(weight.shape))})
+        loaders.append((_loader(weight, buffer.data) if buffer.data is not None else None, weight.buffer))
     # Unique, stable names: two ops may share a module path.
     seen = {}
     for layer in layers:
@@ -253,7 +258,29 @@ def _weighted_layers(bundle: str, mtime_ns: int, size: int) -> tuple[dict, ...]:
         seen[layer["name"]] = count + 1
         if count:
             layer["name"] = f"{layer['name']}#{count}"
-    return tuple(layers)
+    return tuple(_merge_copies(layers, loaders))
+
+
+def _merge_copies(layers: list[dict], loaders: list) -> list[dict]:
+    """A weight the converter stored twice (a negated or transposed copy) is one layer to the search:
+    its copies' scopes join the first one's, their parameters count in its bytes, and both are
+    always given the same precision."""
+    first_of_buffer, candidates = {}, []
+    for layer, (load, buffer) in zip(layers, loaders):
+        if buffer in first_of_buffer:  # two ops reading one buffer: stored once, nothing to merge
+            continue
+        first_of_buffer[buffer] = layer["name"]
+        if load is not None:
+            candidates.append((layer["name"], layer["params"], load))
+    by_name = {layer["name"]: layer for layer in layers}
+    merged = set()
+    for copy in find_copies(candidates):
+        kept, twin = by_name[copy["copy_of"]], by_name[copy["tensor"]]
+        kept.setdefault("copies", []).append({"name": twin["name"], "relation": copy["relation"]})
+        kept.setdefault("also_scopes", []).append(twin["scope"])
+        kept["params"] += twin["params"]
+        merged.add(twin["name"])
+    return [layer for layer in layers if layer["name"] not in merged]
 
 
 def resolve_layer_rules(recipe: list[dict], fp32_bundle: Path) -> list[dict]:
@@ -282,7 +309,7 @@ def resolve_layer_rules(recipe: list[dict], fp32_bundle: Path) -> list[dict]:
         if not matched:
             raise NotApplicable(f"no layer of this model matches {rule['layers']!r}")
         body = {key: value for key, value in rule.items() if key != "layers"}
-        resolved += [{"regex": "^" + re.escape(layer["scope"]) + "$", **body} for layer in matched]
+        resolved += [{"regex": "^" + re.escape(scope) + "$", **body} for layer in matched for scope in _scopes(layer)]
     for rule in resolved:
         block = blockwise(rule)
         if not block:
@@ -303,8 +330,13 @@ def compile_assignment(assignment: dict[str, str], layers: list[dict]) -> list[d
         if precision is None:
             continue
         _, rule = PRECISIONS[precision]
-        rules.append({"regex": "^" + re.escape(layer["scope"]) + "$", "operation": "*", **rule})
+        rules += [{"regex": "^" + re.escape(scope) + "$", "operation": "*", **rule} for scope in _scopes(layer)]
     return rules
+
+
+def _scopes(layer: dict) -> list[str]:
+    """The op scopes a layer's rules match: its own, and those of copies of its weight."""
+    return [layer["scope"], *layer.get("also_scopes", [])]
 
 
 def _weighted_ops(model, subgraph):
@@ -378,6 +410,82 @@ def weight_tensors(bundle: Path) -> list[dict]:
             tensors.append({"name": names[index], "dtype": str(getattr(dtype, "name", dtype)).lower(),
                             "shape": [int(d) for d in tensor.shape], "bytes": size})
     return sorted(tensors, key=lambda t: (-t["bytes"], t["name"]))
+
+
+# TFLite tensor type codes of the weights edgebuild can read back: float32, float16, int8, int4.
+_FLOAT_TYPES = {0: "<f4", 1: "<f2"}
+_INT8, _INT4 = 9, 17
+
+
+def stored_values(bundle: Path):
+    """(name, element count, load) for each stored weight buffer, once per buffer: what
+    `edgebuild.weights.find_copies` compares. Blockwise-quantized tensors are skipped (their
+    scales live in a tensor of their own)."""
+    from ai_edge_quantizer.utils import tfl_flatbuffer_utils as flatbuffer
+
+    model = flatbuffer.read_model(str(bundle))
+    seen = set()
+    for subgraph in model.subgraphs:
+        names = _display_names(model, subgraph)
+        for index, tensor in enumerate(subgraph.tensors):
+            data = model.buffers[tensor.buffer].data
+            if data is None or not len(data) or tensor.buffer in seen:
+                continue
+            seen.add(tensor.buffer)
+            load = _loader(tensor, data, _blockwise_scales(model, subgraph, tensor))
+            if load is not None:
+                yield names[index], int(np.prod(tensor.shape)), load
+
+
+def _blockwise_scales(model, subgraph, tensor):
+    """A blockwise-quantized tensor's scales ([rows, blocks], in a tensor of their own); else None."""
+    details = getattr(tensor.quantization, "details", None)
+    index = getattr(details, "scales", None)
+    if index is None or index < 0:
+        return None
+    scales = subgraph.tensors[index]
+    data = model.buffers[scales.buffer].data
+    if scales.type not in _FLOAT_TYPES or data is None:
+        return None
+    return np.frombuffer(data, dtype=_FLOAT_TYPES[scales.type]).astype(np.float32).reshape(
+        [int(d) for d in scales.shape])
+
+
+def _loader(tensor, data, block_scales=None):
+    shape = [int(d) for d in tensor.shape]
+    count = int(np.prod(shape))
+    quantization = tensor.quantization
+    if tensor.type in _FLOAT_TYPES:
+        return lambda: np.frombuffer(data, dtype=_FLOAT_TYPES[tensor.type], count=count).astype(np.float32).reshape(shape)
+    if tensor.type not in (_INT8, _INT4) or not shape:
+        return None
+    if block_scales is not None:  # one scale per block of the last dimension, per row
+        if len(shape) != 2 or block_scales.shape[0] != shape[0] or shape[1] % block_scales.shape[1]:
+            return None
+        block = shape[1] // block_scales.shape[1]
+        scale = np.repeat(block_scales, block, axis=1)
+        axis, zero = 0, np.zeros(1, np.float32)
+    else:
+        scale = None if quantization is None or quantization.scale is None else np.asarray(quantization.scale, np.float32)
+        if scale is None:
+            return None
+        axis = quantization.quantizedDimension or 0
+        if scale.size not in (1, shape[axis]):
+            return None
+        zero = np.asarray(quantization.zeroPoint if quantization.zeroPoint is not None else [0], np.float32)
+        scale = scale.reshape([-1 if d == axis else 1 for d in range(len(shape))] if scale.size > 1 else [1] * len(shape))
+
+    def load():
+        if tensor.type == _INT8:
+            values = np.frombuffer(data, dtype=np.int8, count=count).astype(np.float32)
+        else:  # two per byte, low nibble first, sign-extended
+            packed = np.frombuffer(data, dtype=np.uint8)
+            nibbles = np.stack([packed & 0x0F, packed >> 4], axis=1).ravel()[:count].astype(np.int8)
+            values = np.where(nibbles > 7, nibbles - 16, nibbles).astype(np.float32)
+        along = [-1 if d == axis else 1 for d in range(len(shape))] if zero.size > 1 else [1] * len(shape)
+        return (values.reshape(shape) - zero.reshape(along)) * scale
+
+    return load
 
 
 def _FakeQuant(qmin: int, qmax: int):

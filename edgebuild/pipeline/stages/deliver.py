@@ -9,6 +9,7 @@ from ...api import PackageInput
 from ...fsutil import atomic_write_json, bundle_files, read_json, remove_dir, replace_dir, sha256_file
 from ...manifest import Target
 from ...policy import choose, is_judged, judged, nearest, pareto_front, store_limit, target_checks
+from ...units import format_size
 from ..evaluation import limits, metrics, post_training_entries
 from ..layout import Build
 
@@ -156,18 +157,20 @@ def report_data(build: Build) -> dict:
     entries = [_metric_entry(key, manifest.specs[key], metric) for key, metric in metrics(build).items()]
     # A --target/--platform build reports every target: the others as their last build left them.
     reported = build.reported_targets()
+    targets = [summary for t in reported if (summary := target_summary(build, t)) is not None]
     return {
         "schema_version": 1,
         "edgebuild_version": __version__,
         "manifest": manifest.path.name,
         "model": {"name": manifest.model_name, "source": manifest.model["source"], "parameters": meta["parameters"],
-                  "inputs": meta["inputs"], "outputs": meta["outputs"]},
+                  "inputs": meta["inputs"], "outputs": meta["outputs"], "rewrites": meta.get("rewrites", [])},
         "metric": entries[0],
         # The gating metric first, then those the manifest only reports, then the guards'.
         "metrics": entries,
-        "warnings": read_json(build.baseline).get("warnings", []),
+        "warnings": read_json(build.baseline).get("warnings", [])
+                    + [f"{t['name']}: {entry['text']}" for t in targets for entry in t["stored_twice"]],
         "toolchain": {name: build.registry.backends[name].version() for name in build.backends_in_use(reported)},
-        "targets": [summary for t in reported if (summary := target_summary(build, t)) is not None],
+        "targets": targets,
     }
 
 
@@ -183,7 +186,24 @@ def target_summary(build: Build, target: Target) -> dict | None:
         summary["chosen"]["path"] = packaged["bundle"]
     summary["built_at"] = packaged.get("built_at")
     summary["in_this_build"] = any(t.name == target.name for t in build.manifest.targets)
+    summary["stored_twice"] = stored_twice(summary)
     return summary
+
+
+def stored_twice(summary: dict) -> list[dict]:
+    """The chosen bundle's weights stored more than once, each with the line every report shows."""
+    chosen = summary["chosen"] and next((c for c in summary["candidates"]
+                                         if c["technique"] == summary["chosen"]["technique"]), None)
+    if not chosen:
+        return []
+    stored = {layer["name"]: layer for layer in chosen.get("layers", [])}
+    entries = []
+    for copy in chosen.get("copies", []):
+        layer = stored.get(copy["tensor"], {})
+        text = (f"stored twice: {copy['copy_of']} and {copy['tensor']} ({copy['relation']}), "
+                f"{copy['params']:,} parameters, {format_size(layer.get('bytes', 0))} at {layer.get('dtype', '?')}")
+        entries.append({**copy, "bytes": layer.get("bytes"), "dtype": layer.get("dtype"), "text": text})
+    return entries
 
 
 def write_reports(build: Build, reporters: list[str], data: dict | None = None) -> None:

@@ -49,33 +49,42 @@ def export_model(build: Build) -> None:
     parameters = int(sum(p.numel() for p in module.parameters()))
     if reference:
         _check_against(build, program, reference[0], example, inputs)
+    rewrites = _rewrite(build, program, example, inputs)
 
     temporary = atomic_output(build.exported_program)
     torch.export.save(program, str(temporary))
     os.replace(temporary, build.exported_program)
     atomic_write_json(build.model_meta, {"name": manifest.model_name, "inputs": inputs, "outputs": outputs,
-                                         "parameters": parameters, "torch": torch.__version__,
+                                         "parameters": parameters, "torch": torch.__version__, "rewrites": rewrites,
                                          "sha256": sha256_file(build.exported_program)})
 
 
 REFERENCE_SAMPLES = 64
 
 
+def _samples(build: Build, inputs: list[dict]) -> tuple:
+    """The first evaluation samples: what a program is checked against the module it came from on."""
+    data = load_dataset(build.data("evaluation"), build.manifest.relative(build.data_source("evaluation")),
+                        inputs, need_labels=False)
+    return tuple(array[:REFERENCE_SAMPLES] for array in data.inputs)
+
+
+def _outputs(module, samples: tuple, example: tuple, inputs: list[dict]) -> list:
+    """Every output of `module` on the samples, then on the example inputs."""
+    import torch
+
+    outputs = run_torch_module(module, samples, int(inputs[0]["shape"][0]) or 1)
+    with torch.no_grad():
+        return outputs + [t.float().numpy() for t in leaves(module(*example))]
+
+
 def _check_against(build: Build, program, reference, example: tuple, inputs: list[dict]) -> None:
     """The exported program must give the outputs of the module it was converted from (a TorchScript
     file's), on the example inputs and on the evaluation data: a conversion that changes answers
     never reaches a bundle."""
-    import torch
-
-    data = load_dataset(build.data("evaluation"), build.manifest.relative(build.data_source("evaluation")),
-                        inputs, need_labels=False)
-    samples = tuple(array[:REFERENCE_SAMPLES] for array in data.inputs)
-    batch = int(inputs[0]["shape"][0]) or 1
-    converted = run_torch_module(program.module(), samples, batch)
-    expected = run_torch_module(reference, samples, batch)
-    with torch.no_grad():
-        converted += [t.float().numpy() for t in leaves(program.module()(*example))]
-        expected += [t.float().numpy() for t in leaves(reference(*example))]
+    samples = _samples(build, inputs)
+    converted = _outputs(program.module(), samples, example, inputs)
+    expected = _outputs(reference, samples, example, inputs)
     if len(converted) != len(expected):
         raise ToolchainError(f"the converted program returns {len(converted)} outputs, the TorchScript module "
                              f"{len(expected)}", stage="export")
@@ -84,6 +93,52 @@ def _check_against(build: Build, program, reference, example: tuple, inputs: lis
             difference = float(np.abs(got - want).max()) if got.shape == want.shape else "shape"
             raise ToolchainError(f"the converted program's outputs differ from the TorchScript module's on the "
                                  f"evaluation data (max |diff| {difference})", stage="export")
+
+
+def _rewrite(build: Build, program, example: tuple, inputs: list[dict]) -> list[dict]:
+    """Apply the graph rewrites the manifest leaves on, in registration order, each checked on the
+    evaluation data: a rewrite that moves any output by more than 1 ulp fails the export."""
+    switched = build.manifest.model.get("rewrites", {})
+    applied, samples, before = [], None, None
+    for name, rewrite in build.registry.rewrites.items():
+        if not switched.get(name, True):
+            continue
+        original = program.module()  # a graph of its own over the same weights
+        try:
+            changed = int(rewrite.rewrite(program))
+        except Exception as exc:
+            raise ToolchainError(f"graph rewrite {name!r} failed: {first_line(exc)} (switch it off with "
+                                 f"model.rewrites: {{{name}: false}})", stage="export") from exc
+        record = {"name": name, "description": rewrite.description, "changed": changed}
+        if changed:
+            samples = _samples(build, inputs) if samples is None else samples
+            before = _outputs(original, samples, example, inputs) if before is None else before
+            after = _outputs(program.module(), samples, example, inputs)
+            record["max_ulp"] = _max_ulp(before, after)
+            if record["max_ulp"] > 1:
+                raise ToolchainError(f"graph rewrite {name!r} changed the model's outputs by {record['max_ulp']} ulp "
+                                     f"on the evaluation data (at most 1 is allowed); switch it off with "
+                                     f"model.rewrites: {{{name}: false}}", stage="export")
+            record["samples"] = len(samples[0])
+            before = after
+        applied.append(record)
+    return applied
+
+
+def _max_ulp(before: list, after: list) -> int:
+    """The largest distance in float32 units in the last place between matching outputs."""
+    worst = 0
+    for old, new in zip(before, after, strict=True):
+        old, new = old.astype(np.float32), new.astype(np.float32)
+        if old.shape != new.shape or not np.array_equal(np.isnan(old), np.isnan(new)):
+            return 2**31 - 1
+        finite = ~np.isnan(old)
+        # float32 bit patterns, ordered so that adjacent floats differ by 1 (negatives mirrored)
+        ordered = [np.where(bits < 0, np.int64(-2**31) - bits, bits) for bits in
+                   (a[finite].view(np.int32).astype(np.int64) for a in (old, new))]
+        if ordered[0].size:
+            worst = max(worst, int(np.abs(ordered[0] - ordered[1]).max()))
+    return worst
 
 
 def _output_names(build: Build, result, results: list) -> list[str]:
