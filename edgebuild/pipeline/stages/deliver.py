@@ -1,5 +1,6 @@
 """Select, package, report, lock: the chosen candidate per target, laid out in `output`, the reports
 release managers read, and edgebuild.lock for `edgebuild check`."""
+import math
 import os
 import shutil
 from datetime import datetime, timezone
@@ -196,10 +197,11 @@ def stored_twice(summary: dict) -> list[dict]:
                                          if c["technique"] == summary["chosen"]["technique"]), None)
     if not chosen:
         return []
-    stored = {layer["name"]: layer for layer in chosen.get("layers", [])}
+    # A layer's weight and bias share a name: the copy is the tensor of that name and size.
+    stored = {(layer["name"], math.prod(layer["shape"])): layer for layer in chosen.get("layers", [])}
     entries = []
     for copy in chosen.get("copies", []):
-        layer = stored.get(copy["tensor"], {})
+        layer = stored.get((copy["tensor"], copy["params"]), {})
         text = (f"stored twice: {copy['copy_of']} and {copy['tensor']} ({copy['relation']}), "
                 f"{copy['params']:,} parameters, {format_size(layer.get('bytes', 0))} at {layer.get('dtype', '?')}")
         entries.append({**copy, "bytes": layer.get("bytes"), "dtype": layer.get("dtype"), "text": text})
