@@ -88,7 +88,7 @@ def test_gradle_prebuild_flow(app, gradle_home):
     fourth = gradle(app, gradle_home, "preBuild")
     assert fourth.returncode != 0
     assert ("edgebuild failed (exit 1): edgebuild.yaml: target android: no candidate meets every budget and the "
-            "floor; nearest: int4-weight-only (size 26648 B > limit 1000 B); report: dist/report.md") in fourth.stderr
+            "floor; nearest: int4-blockwise64 (size 26440 B > limit 1000 B); report: dist/report.md") in fourth.stderr
 
 
 def test_android_plugin_branch_and_gradle_properties(built_copy, gradle_home):
