@@ -124,6 +124,8 @@ def test_a_linear_followed_by_prelu_is_stored_once_and_a_remaining_copy_is_repor
     assert "PReLU_prelu2" not in layers
     assert layers["Linear_dense"]["params"] == 2 * 131072
     assert layers["Linear_dense"]["copies"] == [{"name": "PReLU_prelu2", "relation": "negated"}]
+    assert ("Linear_dense is stored twice (PReLU_prelu2 holds a negated copy): searched as one layer, both "
+            "copies at one precision") in target["search"]["notes"]
 
 
 INEXACT_REWRITE = '''
@@ -209,3 +211,58 @@ def test_copies_are_found_by_relation_and_unrelated_tensors_are_not():
     found = find_copies((name, values.size, lambda values=values: values) for name, values in tensors)
     assert [(c["tensor"], c["copy_of"], c["relation"]) for c in found] == [
         ("a_negated", "a", "negated"), ("a_t", "a", "transposed")]
+
+
+TIED_LM = '''
+import torch
+from torch import nn
+
+
+class TiedLM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(64, 32)
+        self.mix = nn.Linear(32, 32)
+        self.lm_head = nn.Linear(32, 64, bias=False)
+        self.lm_head.weight = self.embed.weight  # tied: one table, read by a lookup and a matmul
+
+    def forward(self, tokens):
+        return self.lm_head(torch.relu(self.mix(self.embed(tokens))))
+
+
+def build():
+    torch.manual_seed(0)
+    return TiedLM().eval(), (torch.zeros(1, 8, dtype=torch.int64),)
+'''
+
+
+@pytest.mark.slow
+def test_a_tied_embedding_is_one_layer_to_the_search_and_every_precision_compresses(tmp_path):
+    """The lookup and lm_head read one buffer; the quantizer cannot give them two precisions (it
+    failed on the first sensitivity probe), so the search sees one layer, stored once."""
+    import torch
+
+    from edgebuild.api import CompressInput
+    from edgebuild_tflite.backend import TFLiteBackend, weighted_layers
+
+    (tmp_path / "tied.py").write_text(TIED_LM)
+    namespace = {}
+    exec(compile(TIED_LM, "tied.py", "exec"), namespace)
+    module, example = namespace["build"]()
+    torch.export.save(torch.export.export(module, example), str(tmp_path / "tied.pt2"))
+    backend, fp32 = TFLiteBackend(), tmp_path / "fp32.tflite"
+    backend.convert(tmp_path / "tied.pt2", fp32, {})
+    layers = weighted_layers(fp32)
+    [table] = [layer for layer in layers if layer.get("shared_with")]
+    assert table["op"] == "EMBEDDING_LOOKUP" and table["params"] == 64 * 32 and len(table["shared_with"]) == 1
+    assert table["shared_with"][0] not in {layer["name"] for layer in layers}
+    source = CompressInput(fp32_bundle=fp32, exported_program=tmp_path / "tied.pt2", calibration=None,
+                           work_dir=tmp_path, options={})
+    sizes = {}
+    for precision in backend.default_precisions():
+        out = tmp_path / f"{precision}.tflite"
+        backend.compress(backend.mixed_technique({table["name"]: precision}, layers, "probe"), source, out)
+        stored = [t for t in backend.weights(out) if t["shape"] == [64, 32]]
+        assert len(stored) == 1, (precision, stored)  # still one table, at the precision asked
+        sizes[precision] = stored[0]["bytes"]
+    assert sizes["fp16"] == 64 * 32 * 2 and sizes["int8"] == 64 * 32 and sizes["int4"] == 64 * 32 // 2

@@ -262,22 +262,29 @@ def _weighted_layers(bundle: str, mtime_ns: int, size: int) -> tuple[dict, ...]:
 
 
 def _merge_copies(layers: list[dict], loaders: list) -> list[dict]:
-    """A weight the converter stored twice (a negated or transposed copy) is one layer to the search:
-    its copies' scopes join the first one's, their parameters count in its bytes, and both are
-    always given the same precision."""
-    first_of_buffer, candidates = {}, []
+    """One weight is one layer to the search, however often it is read or stored.
+
+    Ops reading one buffer (a tied embedding table and lm_head) share it: the quantizer cannot
+    give them different precisions, so they are one layer (`shared_with`), its parameters stored
+    once. A weight the converter stored twice (a negated or transposed copy) is one layer too
+    (`copies`): both are always given the same precision, and both count in its bytes.
+    """
+    by_name = {layer["name"]: layer for layer in layers}
+    first_of_buffer, candidates, merged = {}, [], set()
     for layer, (load, buffer) in zip(layers, loaders):
-        if buffer in first_of_buffer:  # two ops reading one buffer: stored once, nothing to merge
+        if buffer in first_of_buffer:
+            kept = by_name[first_of_buffer[buffer]]
+            kept.setdefault("shared_with", []).append(layer["name"])
+            kept.setdefault("also_scopes", []).append(layer["scope"])
+            merged.add(layer["name"])
             continue
         first_of_buffer[buffer] = layer["name"]
         if load is not None:
             candidates.append((layer["name"], layer["params"], load))
-    by_name = {layer["name"]: layer for layer in layers}
-    merged = set()
     for copy in find_copies(candidates):
         kept, twin = by_name[copy["copy_of"]], by_name[copy["tensor"]]
         kept.setdefault("copies", []).append({"name": twin["name"], "relation": copy["relation"]})
-        kept.setdefault("also_scopes", []).append(twin["scope"])
+        kept.setdefault("also_scopes", []).extend(_scopes(twin))
         kept["params"] += twin["params"]
         merged.add(twin["name"])
     return [layer for layer in layers if layer["name"] not in merged]

@@ -118,6 +118,19 @@ def _not_offered_notes(backend, layers: list[dict], measured: dict) -> list[str]
             elif cost is None:
                 notes.append(f"{layer['name']} ({layer['op']}): {backend.name} keeps this weight in float when "
                              f"asked {precision}, so {precision} is not offered for it")
+    return notes + _one_weight_notes(layers)
+
+
+def _one_weight_notes(layers: list[dict]) -> list[str]:
+    """Layers the backend merged because they read, or store a copy of, one weight."""
+    notes = []
+    for layer in layers:
+        if layer.get("shared_with"):
+            notes.append(f"{layer['name']} shares its weight with {', '.join(layer['shared_with'])} (stored once): "
+                         f"searched as one layer")
+        for copy in layer.get("copies", []):
+            notes.append(f"{layer['name']} is stored twice ({copy['name']} holds a {copy['relation']} copy): "
+                         f"searched as one layer, both copies at one precision")
     return notes
 
 
