@@ -142,7 +142,7 @@ def main() -> None:
             for technique in [*TECHNIQUES, "mixed-precision"]:
                 candidate = by_name.get(technique)
                 if not candidate or "bytes" not in candidate:
-                    print(f"{name:<18}{technique:<20}{'—':>10}  {candidate and candidate.get('reason', candidate['status'])}")
+                    print(f"{name:<18}{technique:<20}{'—':>10}  {(candidate.get('reason') or candidate['status']) if candidate else 'not built'}")
                     continue
                 floor = (mixed_floor(target, counted) if technique == "mixed-precision"
                          else floor_bytes(technique, counted, depthwise))

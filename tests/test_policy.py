@@ -168,3 +168,28 @@ def test_cache_keys_of_the_search_include_the_code_that_produced_them(tmp_path, 
     monkeypatch.setattr(Build, "code", lambda self, *items: "an edited plugin")
     after = keys()
     assert before[0] != after[0] and before[1] != after[1]
+
+
+def test_the_sensitivity_strategy_leaves_out_a_layer_with_no_precision_to_offer():
+    """A layer every probe kept in float (the backend offers it nothing) stays as converted; the
+    strategy searches the others (it raised IndexError on an LSTM's input projection)."""
+    from edgebuild_search import sensitivity_search
+
+    kept = {"name": "rnn_input", "op": "FULLY_CONNECTED", "params": 10}
+    context = search_context(True)
+    context.layers.append(kept)
+    context.sensitivity["rnn_input"] = {"int8": None, "int4": None}
+    context.layer_bytes["rnn_input"] = {"int8": None, "int4": None}
+    assert sensitivity_search(context) == {"dense": "int4"}
+
+
+def test_a_probe_reads_the_stored_type_of_the_layers_weight_not_of_its_bias():
+    from edgebuild.pipeline.stages.search import _stored_dtype
+
+    tensors = [{"name": "LSTM_rnn", "dtype": "float32", "shape": [512]},       # its bias, same name
+               {"name": "LSTM_rnn", "dtype": "int8", "shape": [512, 32]}]
+    assert _stored_dtype(tensors, {"name": "LSTM_rnn", "params": 512 * 32}) == "int8"
+    # merged with a negated copy of its weight: the layer counts both copies' parameters
+    merged = {"name": "LSTM_rnn", "params": 2 * 512 * 32, "copies": [{"name": "twin", "relation": "negated"}]}
+    assert _stored_dtype(tensors, merged) == "int8"
+    assert _stored_dtype(tensors, {"name": "other", "params": 10}) is None

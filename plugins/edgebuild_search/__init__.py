@@ -18,12 +18,15 @@ def _holds_floor(point: dict) -> bool:
 def pareto_chain(context: SearchContext) -> list[dict]:
     """Assignments from all-highest precision down to all-lowest, each step lowering the layer
     that costs the least proxy noise per byte saved: a list ordered by falling size."""
-    options = {layer["name"]: context.options(layer) for layer in context.layers}
+    # A layer with no precision to offer (the backend keeps it as converted) is left out.
+    options = {layer["name"]: choices for layer in context.layers if (choices := context.options(layer))}
     current = {name: choices[0] for name, choices in options.items()}
     chain = [dict(current)]
     while True:
         moves = []
         for layer in context.layers:
+            if layer["name"] not in options:
+                continue
             names = options[layer["name"]]
             position = names.index(current[layer["name"]])
             if position + 1 == len(names):
@@ -67,6 +70,8 @@ def sensitivity_search(context: SearchContext):
     neighbours = []
     for layer in context.layers:
         names = context.options(layer)
+        if layer["name"] not in assignment:
+            continue
         position = names.index(assignment[layer["name"]])
         if position + 1 < len(names):
             neighbour = {**assignment, layer["name"]: names[position + 1]}

@@ -6,6 +6,7 @@ content hash (and the code that produced them), so rerunning a search, or anothe
 """
 import hashlib
 import json
+import math
 import shutil
 import time
 
@@ -84,7 +85,7 @@ def sensitivity_table(build: Build, target: Target, layers: list[dict], precisio
             except NotApplicable as exc:  # e.g. blocks that do not divide this layer
                 refused.setdefault(name, {})[precision] = str(exc)
                 continue
-            stored = next((t["dtype"] for t in backend.weights(bundle) if t["name"] == name), None)
+            stored = _stored_dtype(backend.weights(bundle), layer)
             if stored in ("float32", "float16") and precisions[precision] < (32 if stored == "float32" else 16):
                 continue  # the backend stores this op's weight wider than asked: no such precision here
             # What this layer really costs at this precision, scales and zero points included.
@@ -105,6 +106,13 @@ def _grid(build: Build, target: Target) -> tuple[list[dict], dict[str, float], d
     asked = build.manifest.search.get("precisions", backend.default_precisions(variant.options))
     precisions = {p: bits for p, bits in offered.items() if p in asked}
     return backend.layers(build.fp32_bundle(variant.key), variant.options), precisions, offered
+
+
+def _stored_dtype(tensors: list[dict], layer: dict) -> str | None:
+    """How a probe stores a layer's weight: the tensor of its name and size (its bias shares the
+    name; a layer merged with a stored copy of its weight counts both copies' parameters)."""
+    sizes = {layer["params"], layer["params"] // (1 + len(layer.get("copies", [])))}
+    return next((t["dtype"] for t in tensors if t["name"] == layer["name"] and math.prod(t["shape"]) in sizes), None)
 
 
 def _not_offered_notes(backend, layers: list[dict], measured: dict) -> list[str]:
