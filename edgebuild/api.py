@@ -194,6 +194,15 @@ class QATBackend(Backend, Protocol):
 
 
 @runtime_checkable
+class ShardedPredictBackend(Backend, Protocol):
+    """A backend whose `predict` may run on disjoint shards of the samples at once, each call with a
+    runtime of its own, and give every sample the same bits a single call gives it: accuracy runs
+    then use every core (`--jobs`), and latency is timed apart, single-threaded."""
+
+    shards_predict: bool
+
+
+@runtime_checkable
 class WeightValuesBackend(Backend, Protocol):
     """A backend that can read back the values its bundles store: edgebuild finds weights stored
     twice (identical, negated, transposed or scaled copies) and reports them."""

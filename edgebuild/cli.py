@@ -30,6 +30,8 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--report", action="append", default=[], metavar="FORMAT",
                        help="report formats to write (json, md, junit, html; repeatable; default: the manifest's)")
     build.add_argument("--no-wait", action="store_true", help="fail instead of waiting when another build holds the project")
+    build.add_argument("--jobs", metavar="N", help="shards of the evaluation data run at once (default: "
+                                                   "EDGEBUILD_JOBS, else every core); results do not depend on it")
 
     validate = commands.add_parser("validate", help="check the manifest and exit")
     validate.add_argument("-f", "--file", default=DEFAULT_MANIFEST, help="manifest (default: edgebuild.yaml)")
@@ -111,10 +113,24 @@ def cmd_plugins(args, console: Console) -> int:
     return EXIT_OK
 
 
+def _set_jobs(value: str | None) -> None:
+    """`--jobs N` (else EDGEBUILD_JOBS), checked here so a stage never meets a bad value; stages and
+    the processes they start read it from the environment."""
+    from .pipeline.evaluation import JOBS_VARIABLE
+
+    source, value = ("--jobs", value) if value is not None else (JOBS_VARIABLE, os.environ.get(JOBS_VARIABLE))
+    if value is None:
+        return
+    if not value.strip().isdigit() or int(value) < 1:
+        raise InputError(f"expected a whole number of at least 1, got {value!r}", file=source)
+    os.environ[JOBS_VARIABLE] = str(int(value))
+
+
 def cmd_build(args, console: Console) -> int:
     from .pipeline.layout import Build
     from .pipeline.runner import read_targets, run_pipeline
 
+    _set_jobs(args.jobs)
     manifest, registry = _load(args.file, args.target, args.platform)
     if args.report:
         manifest.reports = _report_formats(args.report, registry)

@@ -1,10 +1,13 @@
 """What several stages share: reading data as the model takes it, running a bundle in its runtime,
 measuring the manifest's metrics, and a target's limits. Stages import this; it imports no stage."""
+import dataclasses
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
-from ..api import Technique, WeightValuesBackend
+from ..api import Prediction, ShardedPredictBackend, Technique, WeightValuesBackend
 from ..data import Dataset, load_dataset
 from ..errors import InputError, ToolchainError
 from ..fsutil import bundle_bytes, bundle_download_bytes, read_json
@@ -14,7 +17,49 @@ from ..weights import find_copies
 from .layout import Build
 
 LATENCY_THREADS = 1
+LATENCY_RUNS = 20        # timed single-thread invokes of one batch (after the backend's warm-up)
+LATENCY_WARMUP = 3       # invokes a backend leaves out of its median (allocation, weight packing)
 DETERMINISM_SAMPLES = 4  # batches run a second time to check the runtime's outputs repeat
+JOBS_VARIABLE = "EDGEBUILD_JOBS"
+
+
+def jobs() -> int:
+    """How many shards of the samples an accuracy run evaluates at once: EDGEBUILD_JOBS (`--jobs`,
+    checked by the CLI), else every core this process may use."""
+    value = os.environ.get(JOBS_VARIABLE, "").strip()
+    return int(value) if value.isdigit() and int(value) >= 1 else len(os.sched_getaffinity(0))
+
+
+def predict_samples(backend, bundle: Path, inputs, *, batch: int, exported_program: Path | None,
+                    workers: int) -> Prediction:
+    """Every sample through the bundle. A `ShardedPredictBackend` runs up to `workers` contiguous
+    shards at once (whole batches each); its latency is then timed apart (`time_latency`)."""
+    total = len(inputs[0])
+    batches = -(-total // batch)
+    shards = min(workers, batches) if isinstance(backend, ShardedPredictBackend) else 1
+    if shards <= 1:
+        return backend.predict(bundle, inputs, threads=LATENCY_THREADS, batch=batch, exported_program=exported_program)
+    bounds = [round(batches * i / shards) * batch for i in range(shards + 1)]
+    parts = [[array[start:end] for array in inputs] for start, end in zip(bounds, bounds[1:])]
+    with ThreadPoolExecutor(shards) as pool:  # the runtime releases the GIL while it runs
+        results = list(pool.map(lambda part: backend.predict(bundle, part, threads=LATENCY_THREADS, batch=batch,
+                                                             exported_program=exported_program), parts))
+    first = results[0].outputs
+    if isinstance(first, dict):
+        outputs = {name: np.concatenate([r.outputs[name] for r in results]) for name in first}
+    elif isinstance(first, np.ndarray):
+        outputs = np.concatenate([r.outputs for r in results])
+    else:
+        outputs = [np.concatenate(parts) for parts in zip(*(r.outputs for r in results))]
+    return dataclasses.replace(results[0], outputs=outputs, latency_ms=None,
+                               details={**results[0].details, "shards": shards})
+
+
+def time_latency(backend, bundle: Path, inputs, *, batch: int, exported_program: Path | None) -> Prediction:
+    """Latency as it means something: one batch, invoked LATENCY_WARMUP + LATENCY_RUNS times on one
+    thread, nothing else running in this process."""
+    repeated = [np.concatenate([array[:batch]] * (LATENCY_WARMUP + LATENCY_RUNS)) for array in inputs]
+    return backend.predict(bundle, repeated, threads=LATENCY_THREADS, batch=batch, exported_program=exported_program)
 
 
 def read_data(build: Build, role: str, *, need_labels: bool) -> Dataset:
@@ -163,8 +208,13 @@ def evaluate_bundle(build: Build, backend, bundle: Path) -> dict:
     bytes, latency; a runtime that is not deterministic by construction runs the first samples
     twice, and outputs that differ are an error."""
     data = evaluation_data(build)
-    prediction = backend.predict(bundle, data.inputs, threads=LATENCY_THREADS, batch=example_batch(build),
-                                 exported_program=build.exported_program)
+    batch = example_batch(build)
+    prediction = predict_samples(backend, bundle, data.inputs, batch=batch, exported_program=build.exported_program,
+                                 workers=jobs())
+    if isinstance(backend, ShardedPredictBackend):
+        timed = time_latency(backend, bundle, data.inputs, batch=batch, exported_program=build.exported_program)
+        prediction = dataclasses.replace(prediction, latency_ms=timed.latency_ms, latency_note=timed.latency_note,
+                                         details=timed.details)
     specs = output_specs(build)
     outputs = named_outputs(prediction.outputs, specs, prediction.runtime)
     if not prediction.deterministic:  # a simulation would pay a second full weight decompression

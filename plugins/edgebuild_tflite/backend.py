@@ -42,6 +42,9 @@ class TFLiteBackend(BackendBase):
     platform = "android"
     extension = ".tflite"
     reference_bytes_per_weight = 4  # candidates start from the float32 conversion
+    # One single-threaded interpreter per shard: a sample's outputs do not depend on how many run
+    # at once (XNNPACK's own threads do change int4 weight-only outputs, in the last bits).
+    shards_predict = True
 
     def version(self) -> str:
         return (f"litert-torch {package_version('litert-torch')}, ai-edge-quantizer {package_version('ai-edge-quantizer')}, "

@@ -15,7 +15,8 @@ from ...fsutil import (atomic_output, atomic_write_json, bundle_bytes, bundle_sh
                        replace_path)
 from ...manifest import Target
 from ...policy import judged
-from ..evaluation import evaluate_bundle, example_batch, limits, named_outputs, output_specs, read_data
+from ..evaluation import (evaluate_bundle, example_batch, jobs, limits, named_outputs, output_specs, predict_samples,
+                          read_data)
 from ..layout import Build
 
 MIXED = "mixed-precision"
@@ -60,8 +61,8 @@ def sensitivity_table(build: Build, target: Target, layers: list[dict], precisio
     specs = output_specs(build)
 
     def run(bundle) -> dict:
-        prediction = backend.predict(bundle, inputs, threads=1, batch=example_batch(build),
-                                     exported_program=build.exported_program)
+        prediction = predict_samples(backend, bundle, inputs, batch=example_batch(build),
+                                     exported_program=build.exported_program, workers=jobs())
         return named_outputs(prediction.outputs, specs, prediction.runtime)
 
     def db(outputs: dict) -> float:  # the worst output's SQNR: no layer may wreck any output
