@@ -30,6 +30,8 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--report", action="append", default=[], metavar="FORMAT",
                        help="report formats to write (json, md, junit, html; repeatable; default: the manifest's)")
     build.add_argument("--no-wait", action="store_true", help="fail instead of waiting when another build holds the project")
+    build.add_argument("--evaluate-all", action="store_true",
+                       help="evaluate candidates over every size budget too (by default they are reported, not run)")
     build.add_argument("--jobs", metavar="N", help="shards of the evaluation data run at once (default: "
                                                    "EDGEBUILD_JOBS, else every core); results do not depend on it")
 
@@ -131,6 +133,10 @@ def cmd_build(args, console: Console) -> int:
     from .pipeline.runner import read_targets, run_pipeline
 
     _set_jobs(args.jobs)
+    if args.evaluate_all:  # through the environment, so isolated stage processes see it too
+        from .pipeline.layout import EVALUATE_ALL_VARIABLE
+
+        os.environ[EVALUATE_ALL_VARIABLE] = "1"
     manifest, registry = _load(args.file, args.target, args.platform)
     if args.report:
         manifest.reports = _report_formats(args.report, registry)

@@ -116,6 +116,8 @@ def target_limits(target, metrics: Mapping[str, Metric], gate: str, baseline: fl
 
 
 def _unmeasured_reason(constraint: str, measured: dict) -> str:
+    if measured.get("not_evaluated"):  # over every size budget: never run, so nothing was measured
+        return measured["not_evaluated"]
     if constraint == "latency":
         return f"latency not measured: {measured.get('latency_note') or 'the runtime reported no latency'}"
     return f"{constraint} not measured"
@@ -171,8 +173,13 @@ def choose(candidates: list[dict], higher_is_better: bool) -> dict | None:
 
 
 def is_judged(candidate: dict) -> bool:
-    """Built and evaluated (whatever the verdict), as opposed to skipped or failed to build."""
+    """Built and judged (whatever the verdict), as opposed to skipped or failed to build."""
     return candidate["status"] in (Status.PASS, Status.FAIL, Status.UNVERIFIED)
+
+
+def is_measured(candidate: dict) -> bool:
+    """Judged and run in its runtime: it has a metric (one over every size budget is not run)."""
+    return is_judged(candidate) and "metric" in candidate
 
 
 def nearest(candidates: list[dict]) -> dict | None:

@@ -110,7 +110,10 @@ class Graph:
                 file_dep=[rel(build.candidate_record(key, technique.name)), rel(build.reference), self.evaluation],
                 targets=[rel(build.evaluation(key, technique.name))],
                 code=(("backend", backend),) + self.metric_code,
-                config={"metrics": self.build.manifest.metrics, "threads": LATENCY_THREADS}, uptodate=valid))
+                config={"metrics": self.build.manifest.metrics, "threads": LATENCY_THREADS},
+                # Budgets are not in the key (a budget edit reruns no evaluation); a candidate left out
+                # as over budget is evaluated once a budget grows past it.
+                uptodate=valid + [(candidates.evaluation_is_current, (build, key, technique.name))]))
         return tasks
 
     # ---- search / qat / select / package, per target ---------------------------------------------

@@ -1,5 +1,6 @@
 """Where each stage keeps its state under `.edgebuild/`, and what a build is made of (variants,
 techniques, searches, input files): one place, so the task graph and the stages agree."""
+import os
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -21,6 +22,9 @@ class Variant:
 def _in_state(*parts: str) -> property:
     """A fixed file under the build's state folder."""
     return property(lambda self: self.state.joinpath(*parts))
+
+
+EVALUATE_ALL_VARIABLE = "EDGEBUILD_EVALUATE_ALL"  # set by `build --evaluate-all`
 
 
 @dataclass
@@ -48,6 +52,15 @@ class Build:
             variant = self.variant(target)
             found.setdefault(variant.key, variant)
         return dict(sorted(found.items()))
+
+    def evaluation_size_limit(self, variant_key: str) -> int | None:
+        """Bytes above which a candidate of this variant fails every target's size budget, so its
+        accuracy cannot change what ships: it is not evaluated (`--evaluate-all` evaluates it).
+        None when a target of the variant has no size budget, or every candidate is to be evaluated."""
+        if os.environ.get(EVALUATE_ALL_VARIABLE) == "1":
+            return None
+        sizes = [t.size for t in self.manifest.declared_targets if self.variant(t).key == variant_key]
+        return None if not sizes or None in sizes else max(sizes)
 
     def kept_targets(self) -> list[Target]:
         """Declared targets outside a --target/--platform selection that an earlier build delivered:

@@ -3,7 +3,7 @@ import math
 from pathlib import Path
 
 from edgebuild.fsutil import atomic_write_text
-from edgebuild.policy import is_judged, pareto_front
+from edgebuild.policy import is_measured, pareto_front
 from edgebuild.reasons import candidate_reason
 from edgebuild.units import format_size
 
@@ -14,7 +14,7 @@ WIDTH, HEIGHT, PAD = 640, 360, 56
 
 def scatter(target: dict, higher_is_better: bool) -> dict:
     """Pixel geometry for the size-vs-metric plot: log bytes on x, metric on y."""
-    points = [c for c in target["candidates"] if is_judged(c)]
+    points = [c for c in target["candidates"] if is_measured(c)]
     if not points:
         return {"points": [], "front": "", "lines": []}
     xs = [math.log10(p["bytes"]) for p in points]

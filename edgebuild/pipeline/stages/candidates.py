@@ -2,7 +2,8 @@
 candidate run in its runtime on the evaluation set."""
 from ...api import CandidateRecord, CompressInput, NotApplicable, Status
 from ...errors import EdgebuildError, ToolchainError, first_line
-from ...fsutil import atomic_output, atomic_write_json, bundle_sha256, read_json, record_matches, remove_path, replace_path
+from ...fsutil import (atomic_output, atomic_write_json, bundle_bytes, bundle_download_bytes, bundle_sha256, read_json,
+                       record_matches, remove_path, replace_path)
 from ..evaluation import NotDeterministic, evaluate_bundle, read_data
 from ..layout import Build
 
@@ -70,6 +71,19 @@ def candidate_is_valid(build: Build, variant_key: str, technique_name: str) -> b
                           build.candidate_bundle(variant_key, technique_name))
 
 
+def evaluation_is_current(build: Build, variant_key: str, technique_name: str) -> bool:
+    """An evaluation left out for being over budget is stale once a budget grows past the candidate
+    (or `--evaluate-all` asks for it); a full evaluation stays valid whatever the budgets."""
+    try:
+        record = read_json(build.evaluation(variant_key, technique_name))
+    except (OSError, ValueError):
+        return False
+    if "not_evaluated" not in record:
+        return True
+    limit = build.evaluation_size_limit(variant_key)
+    return limit is not None and record["bytes"] > limit
+
+
 def evaluate(build: Build, variant_key: str, technique_name: str) -> None:
     """Run the candidate in its runtime on the evaluation set; record metric, size and latency."""
     variant = build.variants[variant_key]
@@ -84,8 +98,17 @@ def evaluate(build: Build, variant_key: str, technique_name: str) -> None:
     if record.status != Status.OK:
         atomic_write_json(destination, {**result, "status": "error", "error": record.error})
         return
+    bundle = build.candidate_bundle(variant_key, technique_name)
+    limit = build.evaluation_size_limit(variant_key)
+    if limit is not None and bundle_bytes(bundle) > limit:  # no target can ship it, whatever its accuracy
+        atomic_write_json(destination, {**result, "status": "ok", "sha256": record.sha256,
+                                        "bytes": bundle_bytes(bundle), "download_bytes": bundle_download_bytes(bundle),
+                                        "not_evaluated": f"not evaluated: over budget ({bundle_bytes(bundle):,} B > "
+                                                         f"{limit:,} B, the largest size budget of its targets; "
+                                                         f"--evaluate-all evaluates it)"})
+        return
     try:
-        measured = evaluate_bundle(build, backend, build.candidate_bundle(variant_key, technique_name))
+        measured = evaluate_bundle(build, backend, bundle)
     except EdgebuildError:
         raise
     except Exception as exc:  # the runtime failed on this candidate, or its outputs do not repeat

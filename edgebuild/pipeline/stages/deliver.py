@@ -9,7 +9,7 @@ from ... import __version__
 from ...api import PackageInput
 from ...fsutil import atomic_write_json, bundle_files, read_json, remove_dir, replace_dir, sha256_file
 from ...manifest import Target
-from ...policy import choose, is_judged, judged, nearest, pareto_front, store_limit, target_checks
+from ...policy import choose, is_judged, is_measured, judged, nearest, pareto_front, store_limit, target_checks
 from ...units import format_size
 from ..evaluation import limits, metrics, post_training_entries
 from ..layout import Build
@@ -67,7 +67,7 @@ def select(build: Build, target: Target) -> None:
         sources[entry["technique"]] = source
     chosen = choose(candidates, metric.higher_is_better)
     bundle_path = build.target_output(target) / f"{manifest.model_name}{build.backend(target).extension}"
-    measured = [c for c in candidates if is_judged(c)]
+    measured = [c for c in candidates if is_measured(c)]
     selection = {
         "name": target.name,
         "format": target.format,
@@ -91,7 +91,7 @@ def select(build: Build, target: Target) -> None:
                          for c in pareto_front(measured, metric.higher_is_better)],
         **_extras(search, trained),
     }
-    if chosen is None and measured:
+    if chosen is None and any(is_judged(c) for c in candidates):
         selection["nearest"] = nearest(candidates)
     atomic_write_json(build.selection(target), selection)
 
