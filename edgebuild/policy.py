@@ -200,7 +200,9 @@ def target_checks(limits: Limits, candidates: list[dict], chosen: dict | None) -
     can meet, and which this host cannot verify)."""
     if chosen is not None:
         return [check.to_json() for check in judge(limits, chosen)]
-    judged_ = [c for c in candidates if is_judged(c)]
+    # Candidates run in their runtime first: on a tie (latency unverified on every one) the reason
+    # shown is the runtime's, not "not evaluated: over budget".
+    judged_ = sorted((c for c in candidates if is_judged(c)), key=lambda c: not is_measured(c))
     every = [(check, c["technique"]) for c in judged_ for check in judge(limits, c)]
     identities = list(dict.fromkeys((check.constraint, check.metric, check.output) for check, _ in every))
     if not every:
