@@ -122,3 +122,14 @@ def test_a_budget_that_grows_past_a_left_out_candidate_evaluates_it(built_exampl
     assert {s for s in json.loads(done.stdout)["executed"] if s.startswith("evaluate:")} == {"evaluate:tflite:fp16"}
     by_name = {c["technique"]: c for c in read_report(root)["targets"][0]["candidates"]}
     assert "metric" in by_name["fp16"] and "not_evaluated" in by_name["fp32"]
+
+
+def test_shards_are_bounded_by_the_memory_their_runtimes_need():
+    """Each shard's interpreter holds its own packed weights (budgeted at 4x the bundle): a large
+    bundle gets fewer shards, whatever --jobs asks for."""
+    from edgebuild.pipeline.evaluation import available_memory, shards_within
+
+    assert shards_within(16 * 2**30, 512 * 2**20) == 4      # 8 GiB usable / 2 GiB per runtime
+    assert shards_within(3 * 2**30, 512 * 2**20) == 1       # never fewer than one
+    assert shards_within(16 * 2**30, 60_000) > 10_000       # small models: --jobs decides
+    assert available_memory() > 2**30                      # read from /proc/meminfo here

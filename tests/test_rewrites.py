@@ -266,3 +266,47 @@ def test_a_tied_embedding_is_one_layer_to_the_search_and_every_precision_compres
         assert len(stored) == 1, (precision, stored)  # still one table, at the precision asked
         sizes[precision] = stored[0]["bytes"]
     assert sizes["fp16"] == 64 * 32 * 2 and sizes["int8"] == 64 * 32 and sizes["int4"] == 64 * 32 // 2
+
+
+TWICE = '''
+import torch
+from torch import nn
+
+
+class Twice(nn.Module):
+    """Two layers, one weight the other's negation: both converters store it twice. (Identical
+    untied weights they store once.)"""
+
+    def __init__(self):
+        super().__init__()
+        self.left, self.right = nn.Linear(64, 48), nn.Linear(64, 48)
+        with torch.no_grad():
+            self.right.weight.copy_(-self.left.weight)
+
+    def forward(self, x):
+        return self.left(x) - self.right(torch.relu(x))
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt, options", [("tflite", {}), ("coreml", {"min_ios": 16, "model": {"name": "twice"}})])
+def test_every_backend_that_reads_its_weights_back_finds_a_copy(tmp_path, fmt, options):
+    import torch
+
+    from edgebuild.api import WeightValuesBackend
+    from edgebuild.plugins import default_registry
+
+    namespace = {}
+    exec(compile(TWICE, "twice.py", "exec"), namespace)
+    torch.manual_seed(0)
+    module = namespace["Twice"]().eval()
+    program = tmp_path / "twice.pt2"
+    torch.export.save(torch.export.export(module, (torch.zeros(1, 64),)), str(program))
+    backend = default_registry().backends[fmt]
+    assert isinstance(backend, WeightValuesBackend)
+    bundle = tmp_path / f"fp32{backend.extension}"
+    backend.convert(program, bundle, options)
+    found = find_copies(backend.weight_values(bundle))
+    assert [(c["relation"], c["params"]) for c in found] == [("negated", 64 * 48)]
+    assert {found[0]["tensor"], found[0]["copy_of"]} == ({"Linear_left", "Linear_right"} if fmt == "tflite"
+                                                         else {"left_weight", "right_weight"})

@@ -36,7 +36,7 @@ def predict_samples(backend, bundle: Path, inputs, *, batch: int, exported_progr
     shards at once (whole batches each); its latency is then timed apart (`time_latency`)."""
     total = len(inputs[0])
     batches = -(-total // batch)
-    shards = min(workers, batches) if isinstance(backend, ShardedPredictBackend) else 1
+    shards = min(workers, batches, _shards_memory_allows(bundle)) if isinstance(backend, ShardedPredictBackend) else 1
     if shards <= 1:
         return backend.predict(bundle, inputs, threads=LATENCY_THREADS, batch=batch, exported_program=exported_program)
     bounds = [round(batches * i / shards) * batch for i in range(shards + 1)]
@@ -53,6 +53,30 @@ def predict_samples(backend, bundle: Path, inputs, *, batch: int, exported_progr
         outputs = [np.concatenate(parts) for parts in zip(*(r.outputs for r in results))]
     return dataclasses.replace(results[0], outputs=outputs, latency_ms=None,
                                details={**results[0].details, "shards": shards})
+
+
+# Each shard's runtime holds its own copy of the weights (XNNPACK packs them per interpreter), and
+# packing may widen them: budget this many times the bundle's bytes per shard.
+SHARD_BYTES_PER_BUNDLE_BYTE = 4
+
+
+def _shards_memory_allows(bundle: Path) -> int:
+    """How many runtimes of this bundle fit in half the memory available now (Linux; else no cap)."""
+    available = available_memory()
+    return 2**31 if available is None else shards_within(available, bundle_bytes(bundle))
+
+
+def shards_within(available: int, bundle_size: int) -> int:
+    return max(1, available // 2 // max(1, SHARD_BYTES_PER_BUNDLE_BYTE * bundle_size))
+
+
+def available_memory() -> int | None:
+    """MemAvailable from /proc/meminfo, in bytes; None where there is no such file."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            return next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
 
 
 def time_latency(backend, bundle: Path, inputs, *, batch: int, exported_program: Path | None) -> Prediction:

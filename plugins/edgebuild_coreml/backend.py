@@ -5,6 +5,7 @@ simulation*: the exported PyTorch program with every parameter replaced by the v
 stores (decompressed exactly as the runtime materialises it). Activations run in float32, so
 float16 compute and activation quantization are not simulated; reports say so.
 """
+import functools
 import gc
 import json
 import re
@@ -282,6 +283,21 @@ class CoreMLBackend(BackendBase):
                 kind, shape = _compression_kind(op), [int(d) for d in op.outputs[0].shape]
             rows.append({"name": _parameter_key(op.name), "dtype": kind, "shape": shape, "bytes": int(stored)})
         return sorted(rows, key=lambda r: (-r["bytes"], r["name"]))
+
+
+    def weight_values(self, bundle: Path):
+        """Each stored weight, decompressed as Core ML materialises it, one at a time when asked."""
+        for op in _weight_ops(bundle):
+            output = op.outputs[0]
+            if not output.shape or (op.op_type == "const" and not (
+                    isinstance(output.val, np.ndarray) and output.val.dtype.kind == "f")):
+                continue
+            yield _parameter_key(op.name), int(np.prod(output.shape)), functools.partial(_materialized, op)
+
+
+def _materialized(op) -> np.ndarray:
+    value = op.outputs[0].val if op.op_type == "const" else op.materialized_val_inference()
+    return np.asarray(value, dtype=np.float32)
 
 
 # ---- compressions, one small function per recipe kind (techniques.yaml's `compress.kind`) -------
