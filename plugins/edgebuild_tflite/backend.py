@@ -429,8 +429,8 @@ _INT8, _INT4 = 9, 17
 
 def stored_values(bundle: Path):
     """(name, element count, load) for each stored weight buffer, once per buffer: what
-    `edgebuild.weights.find_copies` compares. Blockwise-quantized tensors are skipped (their
-    scales live in a tensor of their own)."""
+    `edgebuild.weights.find_copies` compares. `load()` dequantizes int8 and int4 weights with
+    their per-channel or blockwise scales (the latter live in a tensor of their own)."""
     from ai_edge_quantizer.utils import tfl_flatbuffer_utils as flatbuffer
 
     model = flatbuffer.read_model(str(bundle))
