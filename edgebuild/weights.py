@@ -16,12 +16,16 @@ SCALE_TOLERANCE = 1e-6
 
 
 def _signature(values: np.ndarray) -> str | None:
-    magnitudes = np.sort(np.abs(values.astype(np.float32, copy=False)).ravel())
+    # One working copy, edited in place: an LLM's embedding table is ~100 MB of float32.
+    magnitudes = np.abs(values.astype(np.float32, copy=False)).ravel()
+    magnitudes.sort()
     largest = float(magnitudes[-1])
     if largest == 0.0 or not np.isfinite(largest) or magnitudes[0] == largest:
         return None  # zeros or a splat: not a weight anyone would call stored twice
     # Rounded to 12 bits: a copy scaled in float32 rounds its magnitudes a little differently.
-    return hashlib.sha256(np.round(magnitudes / largest * 4096).astype(np.int32).tobytes()).hexdigest()
+    magnitudes *= np.float32(4096 / largest)
+    np.rint(magnitudes, out=magnitudes)
+    return hashlib.sha256(memoryview(magnitudes)).hexdigest()
 
 
 def relation(original: np.ndarray, other: np.ndarray) -> str | None:

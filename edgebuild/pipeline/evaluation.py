@@ -231,6 +231,8 @@ def evaluate_bundle(build: Build, backend, bundle: Path) -> dict:
     """Run a bundle in its runtime on the evaluation set: every output's metrics, bytes, download
     bytes, latency; a runtime that is not deterministic by construction runs the first samples
     twice, and outputs that differ are an error."""
+    # First, while nothing else is held: decompressing an LLM's weights one at a time still needs room.
+    copies = find_copies(backend.weight_values(bundle)) if isinstance(backend, WeightValuesBackend) else None
     data = evaluation_data(build)
     batch = example_batch(build)
     prediction = predict_samples(backend, bundle, data.inputs, batch=batch, exported_program=build.exported_program,
@@ -255,8 +257,8 @@ def evaluate_bundle(build: Build, backend, bundle: Path) -> dict:
         "latency": prediction.details,
         "layers": backend.weights(bundle),
     }
-    if isinstance(backend, WeightValuesBackend):
-        record["copies"] = find_copies(backend.weight_values(bundle))
+    if copies is not None:
+        record["copies"] = copies
     if per_output:
         record["per_output"] = per_output
     if prediction.latency_ms is None and prediction.latency_note:

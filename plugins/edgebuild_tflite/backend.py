@@ -466,36 +466,45 @@ def _loader(tensor, data, block_scales=None):
     count = int(np.prod(shape))
     quantization = tensor.quantization
     if tensor.type in _FLOAT_TYPES:
-        return lambda: np.frombuffer(data, dtype=_FLOAT_TYPES[tensor.type], count=count).astype(np.float32).reshape(shape)
+        return lambda: np.frombuffer(data, dtype=_FLOAT_TYPES[tensor.type], count=count).astype(np.float32, copy=False).reshape(shape)
     if tensor.type not in (_INT8, _INT4) or not shape:
         return None
     if block_scales is not None:  # one scale per block of the last dimension, per row
         if len(shape) != 2 or block_scales.shape[0] != shape[0] or shape[1] % block_scales.shape[1]:
             return None
-        block = shape[1] // block_scales.shape[1]
-        scale = np.repeat(block_scales, block, axis=1)
-        axis, zero = 0, np.zeros(1, np.float32)
-    else:
-        scale = None if quantization is None or quantization.scale is None else np.asarray(quantization.scale, np.float32)
-        if scale is None:
-            return None
-        axis = quantization.quantizedDimension or 0
-        if scale.size not in (1, shape[axis]):
-            return None
-        zero = np.asarray(quantization.zeroPoint if quantization.zeroPoint is not None else [0], np.float32)
-        scale = scale.reshape([-1 if d == axis else 1 for d in range(len(shape))] if scale.size > 1 else [1] * len(shape))
+        blocks = block_scales.shape[1]
+        return lambda: _dequantized(tensor.type, data, count, [shape[0], blocks, shape[1] // blocks],
+                                    block_scales[:, :, None], None).reshape(shape)
+    scale = None if quantization is None or quantization.scale is None else np.asarray(quantization.scale, np.float32)
+    if scale is None:
+        return None
+    axis = quantization.quantizedDimension or 0
+    if scale.size not in (1, shape[axis]):
+        return None
+    along = [-1 if d == axis else 1 for d in range(len(shape))]
+    zero = np.asarray(quantization.zeroPoint if quantization.zeroPoint is not None else [0], np.float32)
+    return lambda: _dequantized(tensor.type, data, count, shape, scale.reshape(along if scale.size > 1 else [1]),
+                                zero.reshape(along if zero.size > 1 else [1]))
 
-    def load():
-        if tensor.type == _INT8:
-            values = np.frombuffer(data, dtype=np.int8, count=count).astype(np.float32)
-        else:  # two per byte, low nibble first, sign-extended
-            packed = np.frombuffer(data, dtype=np.uint8)
-            nibbles = np.stack([packed & 0x0F, packed >> 4], axis=1).ravel()[:count].astype(np.int8)
-            values = np.where(nibbles > 7, nibbles - 16, nibbles).astype(np.float32)
-        along = [-1 if d == axis else 1 for d in range(len(shape))] if zero.size > 1 else [1] * len(shape)
-        return (values.reshape(shape) - zero.reshape(along)) * scale
 
-    return load
+def _dequantized(kind: int, data, count: int, shape: list[int], scale: np.ndarray, zero: np.ndarray | None):
+    """Integer weights as float32, in one array worked in place (an LLM's table is ~100 MB)."""
+    if kind == _INT8:
+        values = np.frombuffer(data, dtype=np.int8, count=count).astype(np.float32)
+    else:  # two per byte, low nibble first, sign-extended
+        packed = np.frombuffer(data, dtype=np.uint8)
+        nibbles = np.empty(packed.size * 2, dtype=np.int8)
+        nibbles[0::2] = packed & 0x0F
+        nibbles[1::2] = packed >> 4
+        nibbles = nibbles[:count]
+        nibbles[nibbles > 7] -= 16
+        values = nibbles.astype(np.float32)
+        del nibbles
+    values = values.reshape(shape)
+    if zero is not None and zero.any():
+        values -= zero
+    values *= scale
+    return values
 
 
 def _FakeQuant(qmin: int, qmax: int):
