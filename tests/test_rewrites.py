@@ -177,6 +177,31 @@ def test_a_rewrite_that_changes_outputs_fails_the_export_and_leaves_no_output(tm
     assert [(r["name"], r["changed"]) for r in applied] == [("prelu-as-select", 2)]
 
 
+BROKEN_REWRITE = '''
+from edgebuild.api import GraphRewrite
+from edgebuild.hookspecs import hookimpl
+
+
+def explodes(program):
+    raise RuntimeError("no such pattern")
+
+
+@hookimpl
+def register_graph_rewrites(register):
+    register(GraphRewrite("explodes", explodes, "a rewrite that raises"))
+'''
+
+
+def test_a_rewrite_that_raises_fails_the_export_naming_it(tmp_path):
+    project = _project(tmp_path, plugins=["rewrite_plugin.py"])
+    (project / "rewrite_plugin.py").write_text(BROKEN_REWRITE)
+    done = run_edgebuild("build", cwd=project)
+    assert done.returncode == 3, done.stderr
+    assert "graph rewrite 'explodes' failed:" in done.stderr and "no such pattern" in done.stderr
+    assert "(switch it off with model.rewrites: {explodes: false})" in done.stderr and "Traceback" not in done.stderr
+    assert not (project / "dist").exists()
+
+
 @pytest.mark.parametrize("rewrites, message", [
     ({"prelu-as-selct": False}, "model.rewrites.prelu-as-selct: unknown key; did you mean 'prelu-as-select'?"),
     ({"prelu-as-select": "no"}, "model.rewrites.prelu-as-select: expected true or false, got a string 'no'"),

@@ -99,11 +99,11 @@ def evaluate(build: Build, variant_key: str, technique_name: str) -> None:
         atomic_write_json(destination, {**result, "status": "error", "error": record.error})
         return
     bundle = build.candidate_bundle(variant_key, technique_name)
-    limit = build.evaluation_size_limit(variant_key)
-    if limit is not None and bundle_bytes(bundle) > limit:  # no target can ship it, whatever its accuracy
+    limit, size = build.evaluation_size_limit(variant_key), bundle_bytes(bundle)
+    if limit is not None and size > limit:  # no target can ship it, whatever its accuracy
         atomic_write_json(destination, {**result, "status": "ok", "sha256": record.sha256,
-                                        "bytes": bundle_bytes(bundle), "download_bytes": bundle_download_bytes(bundle),
-                                        "not_evaluated": f"not evaluated: over budget ({bundle_bytes(bundle):,} B > "
+                                        "bytes": size, "download_bytes": bundle_download_bytes(bundle),
+                                        "not_evaluated": f"not evaluated: over budget ({size:,} B > "
                                                          f"{limit:,} B, the largest size budget of its targets; "
                                                          f"--evaluate-all evaluates it)"})
         return
