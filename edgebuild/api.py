@@ -103,6 +103,68 @@ class Prediction:
     deterministic: bool = False
 
 
+@dataclass(frozen=True)
+class ImageInput:
+    """An input the app feeds as an image: pixels in `range`, normalized as (pixel - mean) / std per
+    channel before the model sees them (the evaluation data hold the normalized values)."""
+
+    layout: str                          # "NCHW" or "NHWC": where the channels are in the input's shape
+    mean: tuple[float, ...]              # one value, or one per channel
+    std: tuple[float, ...]
+    range: tuple[float, float] = (0.0, 255.0)
+    description: str = ""
+
+    def channels(self, shape: Sequence[int]) -> int:
+        return int(shape[1] if self.layout == "NCHW" else shape[-1])
+
+    def to_json(self) -> dict:
+        return {"layout": self.layout, "mean": list(self.mean), "std": list(self.std), "range": list(self.range),
+                "description": self.description}
+
+    @classmethod
+    def from_json(cls, record: dict) -> "ImageInput":
+        return cls(record["layout"], tuple(record["mean"]), tuple(record["std"]), tuple(record["range"]),
+                   record.get("description", ""))
+
+
+# `labels` key for the model's only output, when the manifest gives one file without an output name.
+ONLY_OUTPUT = ""
+
+
+@dataclass(frozen=True)
+class ModelInterface:
+    """What the platforms' own tools read from a bundle (TFLite Model Metadata, a Core ML model's
+    description): general info, image inputs with their normalization, class labels per output.
+    Backends get it as the variant option `model` and write it in their format's own form."""
+
+    name: str
+    description: str = ""
+    version: str = ""
+    author: str = ""
+    license: str = ""
+    images: Mapping[str, ImageInput] = field(default_factory=dict)      # input name -> image
+    labels: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # output name (or ONLY_OUTPUT) -> labels
+
+    def labels_by_output(self, outputs: Sequence[str]) -> dict[str, tuple[str, ...]]:
+        """Labels keyed by real output names, in the model's output order."""
+        if ONLY_OUTPUT in self.labels and len(outputs) == 1:
+            return {outputs[0]: self.labels[ONLY_OUTPUT]}
+        return {name: self.labels[name] for name in outputs if name in self.labels}
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "description": self.description, "version": self.version, "author": self.author,
+                "license": self.license, "images": {k: v.to_json() for k, v in sorted(self.images.items())},
+                "labels": {k: list(v) for k, v in sorted(self.labels.items())}}
+
+    @classmethod
+    def from_json(cls, record: Mapping | None) -> "ModelInterface":
+        record = record or {}
+        return cls(record.get("name", ""), record.get("description") or "", record.get("version") or "",
+                   record.get("author") or "", record.get("license") or "",
+                   {k: ImageInput.from_json(v) for k, v in (record.get("images") or {}).items()},
+                   {k: tuple(v) for k, v in (record.get("labels") or {}).items()})
+
+
 @runtime_checkable
 class Backend(Protocol):
     """Converts an exported PyTorch program into one bundle format and runs bundles of that format.

@@ -10,7 +10,7 @@ import yaml
 
 from . import devices as device_catalog
 from . import hf
-from .api import MixedPrecisionBackend, QATBackend
+from .api import ONLY_OUTPUT, ImageInput, MixedPrecisionBackend, ModelInterface, QATBackend
 from .errors import InputError
 from .outputs import OUTPUT_NAME
 from .plugins import Registry, default_registry, registry_with
@@ -26,7 +26,14 @@ TOP_KEYS = {"version": True, "model": True, "data": True, "metric": False, "targ
             "reports": False, "search": False, "report_metrics": False, "plugins": False}
 DEFAULT_REPORTS = ["json", "md", "junit", "html"]
 MODEL_KEYS = {"name": True, "source": True, "entry": False, "path": False, "description": False, "version": False,
-              "task": False, "sequence_length": False, "outputs": False, "rewrites": False}
+              "task": False, "sequence_length": False, "outputs": False, "rewrites": False, "author": False,
+              "license": False, "labels": False, "inputs": False}
+# What the bundles tell the platforms' tools about the model (ModelInterface); none of it changes the
+# exported program, so editing it re-exports nothing.
+INTERFACE_KEYS = ("description", "version", "author", "license", "labels", "inputs")
+INPUT_KEYS = {"kind": True, "layout": False, "mean": True, "std": True, "range": False, "description": False}
+INPUT_KINDS = ("image",)
+IMAGE_LAYOUTS = ("NCHW", "NHWC")
 DATA_KEYS = {"calibration": False, "evaluation": True, "train": False}
 DATA_ROLES = ("evaluation", "calibration", "train")
 # Plain text data is tokenized with the model's own tokenizer into windows of sequence_length
@@ -116,6 +123,8 @@ class Manifest:
     specs: dict[str, MetricSpec] = field(default_factory=dict)  # key -> spec, for every key in `metrics`
     plugins: list[Path] = field(default_factory=list)            # project-local plugin files
     document: "_Document | None" = field(default=None, repr=False)
+    interface: ModelInterface | None = None
+    label_files: dict[str, Path] = field(default_factory=dict)   # output name (or ONLY_OUTPUT) -> labels file
     # Every target the manifest declares; `targets` may be narrowed to a --target/--platform selection,
     # whose build keeps the others' bundles, report entries and lock entries from their last build.
     declared_targets: list[Target] = field(default_factory=list)
@@ -339,6 +348,7 @@ def load_manifest(path: Path | str, registry: Registry) -> Manifest:
     plugins = local_plugin_files(check, raw)
     model = _model(check, doc, raw["model"])
     outputs = model.get("outputs")
+    interface, label_files = _interface(check, model, outputs)
     data = _data(check, doc, raw["data"], model)
     gate = _metric_spec(check, raw.get("metric", "top1"), ("metric",), outputs)
     reported = []
@@ -360,7 +370,7 @@ def load_manifest(path: Path | str, registry: Registry) -> Manifest:
                     output=_output(check, doc, raw, model, data), raw=raw, reports=_reports(check, raw),
                     search=_search(check, doc, raw), train=data.get("train"),
                     report_metrics=[spec.key for spec in dict.fromkeys(reported) if spec.key != gate.key],
-                    specs=specs, plugins=plugins, document=doc)
+                    specs=specs, plugins=plugins, document=doc, interface=interface, label_files=label_files)
 
 
 def load_project(path: Path | str) -> tuple[Manifest, Registry]:
@@ -416,7 +426,7 @@ def _model(check: "_Validator", doc: "_Document", value: Any) -> dict:
     model = check.mapping(value, ("model",), MODEL_KEYS)
     check.name(model["name"], ("model", "name"))
     source = check.choice(model["source"], ("model", "source"), list(check.registry.loaders), "model source")
-    for key in ("description", "version"):
+    for key in ("description", "version", "author", "license"):
         if key in model:
             check.string(model[key], ("model", key))
     if source == "python":
@@ -449,6 +459,122 @@ def _model(check: "_Validator", doc: "_Document", value: Any) -> dict:
             raise doc.error(("model", "path"), f"required key is missing: source {source!r} takes path: FILE")
         check.project_path(model["path"], ("model", "path"), must_exist=True)
     return model
+
+
+def _interface(check: "_Validator", model: dict, outputs: list[str] | None) -> tuple[ModelInterface, dict[str, Path]]:
+    """General info, image inputs and label files: what the bundles carry for the platforms' tools.
+    Names and class counts are checked against the exported model (`check_interface`)."""
+    label_files: dict[str, Path] = {}
+    labels: dict[str, tuple[str, ...]] = {}
+    if "labels" in model:
+        value, path = model["labels"], ("model", "labels")
+        entries = {ONLY_OUTPUT: (value, path)} if isinstance(value, str) else None
+        if entries is None:
+            if not isinstance(value, dict) or not value:
+                raise check.doc.error(path, f"expected a labels file, or {{OUTPUT: FILE}} per output, got "
+                                            f"{_typename(value)}")
+            entries = {_output_name(check, name, path + (name,), outputs): (item, path + (name,))
+                       for name, item in value.items()}
+        for output, (item, where) in entries.items():
+            label_files[output] = check.project_path(item, where, must_exist=True)
+            labels[output] = _read_labels(check, label_files[output], item, where)
+    images = {}
+    if "inputs" in model:
+        value = model["inputs"]
+        if not isinstance(value, dict) or not value:
+            raise check.doc.error(("model", "inputs"), f"expected {{INPUT: {{kind: image, ...}}}} per input, got "
+                                                       f"{_typename(value)}")
+        images = {name: _image_input(check, spec, ("model", "inputs", name)) for name, spec in value.items()}
+    interface = ModelInterface(name=model["name"], description=model.get("description", ""),
+                               version=str(model.get("version", "")), author=model.get("author", ""),
+                               license=model.get("license", ""), images=images, labels=labels)
+    return interface, label_files
+
+
+def _read_labels(check: "_Validator", file: Path, shown: str, path: tuple) -> tuple[str, ...]:
+    """One label per line; a final newline is allowed, an empty or duplicate label is not."""
+    try:
+        lines = file.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise check.doc.error(path, f"cannot read labels file {shown!r}: {exc}") from None
+    if not lines:
+        raise check.doc.error(path, f"labels file {shown!r} is empty")
+    for number, label in enumerate(lines, 1):
+        if not label.strip():
+            raise check.doc.error(path, f"labels file {shown!r}: line {number} is empty")
+        if label in lines[:number - 1]:
+            raise check.doc.error(path, f"labels file {shown!r}: line {number} repeats label {label!r}")
+    return tuple(lines)
+
+
+def _image_input(check: "_Validator", value: Any, path: tuple) -> ImageInput:
+    spec = check.mapping(value, path, INPUT_KEYS)
+    check.choice(spec["kind"], path + ("kind",), list(INPUT_KINDS), "input kind")
+    layout = check.choice(spec.get("layout", "NCHW"), path + ("layout",), list(IMAGE_LAYOUTS), "layout")
+
+    def numbers(key: str, low: float | None = None) -> tuple[float, ...]:
+        items = spec[key] if isinstance(spec[key], list) else [spec[key]]
+        if not items or len(items) > 4:
+            raise check.doc.error(path + (key,), f"expected one number or one per channel, got {spec[key]!r}")
+        return tuple(check.number(item, path + (key, i) if isinstance(spec[key], list) else path + (key,), low)
+                     for i, item in enumerate(items))
+
+    mean, std = numbers("mean"), numbers("std")
+    if any(s <= 0 for s in std):
+        raise check.doc.error(path + ("std",), f"every std must be above 0, got {spec['std']!r}")
+    if len(mean) != len(std) and 1 not in (len(mean), len(std)):
+        raise check.doc.error(path + ("std",), f"mean has {len(mean)} values and std {len(std)}: give one, or one "
+                                               "per channel, for each")
+    low, high = (0.0, 255.0)
+    if "range" in spec:
+        bounds = spec["range"]
+        if not isinstance(bounds, list) or len(bounds) != 2:
+            raise check.doc.error(path + ("range",), f"expected [LOW, HIGH], got {bounds!r}")
+        low, high = (check.number(item, path + ("range", i)) for i, item in enumerate(bounds))
+        if low >= high:
+            raise check.doc.error(path + ("range",), f"LOW must be below HIGH, got {bounds!r}")
+    description = check.string(spec["description"], path + ("description",)) if "description" in spec else ""
+    return ImageInput(layout, mean, std, (low, high), description)
+
+
+def check_interface(manifest: "Manifest", inputs: list[dict], outputs: list[dict]) -> None:
+    """The manifest's labels and image inputs against the exported model's inputs and outputs."""
+    interface = manifest.interface
+    if interface is None:
+        return
+    names = [o["name"] for o in outputs]
+    shapes = {o["name"]: o["shape"] for o in outputs}
+    if ONLY_OUTPUT in interface.labels and len(names) > 1:
+        raise manifest.error(("model", "labels"), f"the model has {len(names)} outputs ({', '.join(names)}): give "
+                                                  "labels per output, {OUTPUT: FILE}")
+    for output, labels in interface.labels_by_output(names).items():
+        key = ONLY_OUTPUT if ONLY_OUTPUT in interface.labels else output
+        where = ("model", "labels") if key == ONLY_OUTPUT else ("model", "labels", output)
+        shown = manifest.relative(manifest.label_files[key])
+        classes = shapes[output][-1] if shapes[output] else 1
+        if len(labels) != classes:
+            raise manifest.error(where, f"{shown} has {len(labels)} labels, but output {output!r} has {classes} "
+                                        f"classes (shape {shapes[output]})")
+    for name in interface.labels:
+        if name != ONLY_OUTPUT and name not in names:
+            raise manifest.error(("model", "labels", name), f"unknown output {name!r} (the model's outputs: "
+                                                            f"{', '.join(names)})")
+    by_name = {i["name"]: i for i in inputs}
+    for name, image in interface.images.items():
+        where = ("model", "inputs", name)
+        if name not in by_name:
+            raise manifest.error(where, f"unknown input {name!r} (the model's inputs: {', '.join(by_name)})")
+        shape = by_name[name]["shape"]
+        if len(shape) != 4 or by_name[name]["dtype"] != "float32":
+            raise manifest.error(where, f"an image input is a float32 tensor of 4 dimensions ({image.layout}); "
+                                        f"{name!r} is {by_name[name]['dtype']} {shape}")
+        channels = image.channels(shape)
+        if channels not in (1, 3):
+            raise manifest.error(where + ("layout",), f"an image has 1 (grayscale) or 3 (RGB) channels; {name!r} "
+                                                      f"{shape} has {channels} in {image.layout}")
+        for key in ("mean", "std"):
+            if len(getattr(image, key)) not in (1, channels):
+                raise manifest.error(where + (key,), f"{len(getattr(image, key))} values for {channels} channel(s)")
 
 
 def _rewrites(check: "_Validator", value: Any) -> None:

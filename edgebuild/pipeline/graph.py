@@ -12,7 +12,7 @@ from typing import Callable
 from doit.tools import config_changed
 
 from ..fsutil import record_matches
-from ..manifest import DATA_ROLES, Target
+from ..manifest import DATA_ROLES, INTERFACE_KEYS, Target
 from .evaluation import LATENCY_THREADS
 from .layout import Build
 from .stages import candidates, deliver, model, qat, search
@@ -70,7 +70,7 @@ class Graph:
                       targets=[rel(build.exported_program), rel(build.model_meta)],
                       code=(("loader", manifest.model["source"]),
                             *(("graph rewrite", name) for name in build.registry.rewrites)),
-                      config={"model": manifest.model},
+                      config={"model": {k: v for k, v in manifest.model.items() if k not in INTERFACE_KEYS}},
                       uptodate=[(record_matches, (build.model_meta, build.exported_program))]),
             self.task("reference", model.reference_outputs,
                       file_dep=[rel(build.exported_program), rel(build.model_meta), self.evaluation],
@@ -87,7 +87,8 @@ class Graph:
         backend = build.variants[key].backend
         toolchain = self.toolchain[backend]
         tasks = [self.task(f"convert:{key}", candidates.convert, key,
-                           file_dep=[rel(build.exported_program)], targets=[rel(build.fp32_record(key))],
+                           file_dep=[rel(build.exported_program), rel(build.model_meta)],
+                           targets=[rel(build.fp32_record(key))],
                            code=(("backend", backend),),
                            config={"toolchain": toolchain, "options": build.variants[key].options},
                            uptodate=[(record_matches, (build.fp32_record(key), build.fp32_bundle(key)))])]
@@ -102,7 +103,7 @@ class Graph:
                 file_dep=[rel(build.fp32_record(key))] + calibration,
                 targets=[rel(build.candidate_record(key, technique.name))],
                 code=(("backend", backend), ("technique", f"{backend}/{technique.name}")),
-                config={"recipe": technique.recipe, "toolchain": toolchain},
+                config={"recipe": technique.recipe, "toolchain": toolchain, "options": build.variants[key].options},
                 # A failed or tampered candidate is never up to date: it is rebuilt, not trusted.
                 uptodate=valid))
             tasks.append(self.task(
@@ -133,7 +134,7 @@ class Graph:
             targets=[rel(build.search_record(target))],
             code=(("backend", target.format), ("strategy", manifest.search["strategy"])) + self.metric_code,
             config={"search": manifest.search, "target": target.raw, "metrics": manifest.metrics,
-                    "toolchain": self.toolchain[target.format]},
+                    "toolchain": self.toolchain[target.format], "options": build.variant(target).options},
             uptodate=[(search.search_is_intact, (build, target))])
 
     def qat(self, target: Target, evaluations: list[str]) -> dict:
@@ -146,7 +147,7 @@ class Graph:
             targets=[rel(build.qat_record(target))],
             code=(("backend", target.format), ("loader", manifest.model["source"])) + self.metric_code,
             config={"qat": target.qat, "target": target.raw, "metrics": manifest.metrics,
-                    "toolchain": self.toolchain[target.format]},
+                    "toolchain": self.toolchain[target.format], "options": build.variant(target).options},
             uptodate=[(qat.qat_is_intact, (build, target))])
 
     def deliver(self, target: Target) -> list[dict]:

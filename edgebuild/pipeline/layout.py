@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
-from ..api import MixedPrecisionBackend, QATBackend, Technique
+from ..api import MixedPrecisionBackend, ModelInterface, QATBackend, Technique
 from ..manifest import ENTRY_PATTERN, TEXT_SUFFIX, Manifest, Target
 from ..plugins import Registry, code_fingerprint
 
@@ -41,9 +41,10 @@ class Build:
     # variants
     def variant(self, target: Target) -> Variant:
         key, options = self.registry.backends[target.format].variant(target)
-        # Backends that embed model metadata (Core ML) read it from here; it is part of the cache key.
-        model = {k: self.manifest.model.get(k) for k in ("name", "description", "version")}
-        return Variant(key=key, backend=target.format, options={**options, "model": model})
+        # What each backend writes into its bundles for the platforms' tools (ModelInterface.from_json
+        # reads it back); part of the cache key, so a label edit rebuilds the bundles that carry it.
+        interface = self.manifest.interface or ModelInterface(self.manifest.model_name)
+        return Variant(key=key, backend=target.format, options={**options, "model": interface.to_json()})
 
     @cached_property
     def variants(self) -> dict[str, Variant]:
@@ -132,6 +133,7 @@ class Build:
             return sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
         entry = (manifest.root / ENTRY_PATTERN.match(manifest.model["entry"])["file"]).resolve()
         skip = {manifest.state_dir, manifest.output, manifest.lock_file, manifest.path, *manifest.plugins,
+                *manifest.label_files.values(),
                 *(p for p in (manifest.evaluation, manifest.calibration, manifest.train) if p)}
         files = []
         for path in sorted(entry.parent.rglob("*")):
@@ -146,7 +148,8 @@ class Build:
     def input_files(self) -> list[Path]:
         """Every file a build reads: the manifest, the model's files, the data."""
         manifest = self.manifest
-        files = {manifest.path, manifest.evaluation, *self.model_sources(), *manifest.plugins}
+        files = {manifest.path, manifest.evaluation, *self.model_sources(), *manifest.plugins,
+                 *manifest.label_files.values()}
         files.update(p for p in (manifest.calibration, manifest.train) if p)
         return sorted(files)
 

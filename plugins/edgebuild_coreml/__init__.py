@@ -47,6 +47,10 @@ def package_coreml(job: PackageInput) -> list[Path]:
         "outputs": [{**t, "swift_name": swift_identifier(t["name"])} for t in description["outputs"]],
         "swift": {"module": module},
     }
+    if "classifier" in description:
+        meta["classifier"] = {**description["classifier"],
+                              "label_swift_name": swift_identifier(description["classifier"]["label_output"]),
+                              "scores_swift_name": swift_identifier(description["classifier"]["scores_output"])}
     environment = code_environment("swift", "ios")
     swift = {"module": module}
     (job.directory / "Package.swift").write_text(

@@ -20,7 +20,8 @@ from typing import Sequence
 import numpy as np
 
 from edgebuild import devices
-from edgebuild.api import BackendBase, CompressInput, NotApplicable, Prediction, Technique, package_version
+from edgebuild.api import (BackendBase, CompressInput, ModelInterface, NotApplicable, Prediction, Technique,
+                           package_version)
 from edgebuild.data import run_torch_module
 from edgebuild.errors import ToolchainError, first_line
 from edgebuild.outputs import positional_outputs
@@ -54,6 +55,60 @@ def _deployment_target(min_ios: int):
     import coremltools as ct
 
     return getattr(ct.target, f"iOS{min_ios}")
+
+
+CLASS_LABEL = "classLabel"   # Core ML's (and Xcode's, Vision's) name for a classifier's predicted label
+
+
+def interface_arguments(interface: ModelInterface, input_names: list[str], example, output_names: list[str] | None):
+    """ct.convert's `inputs` (image inputs with the manifest's scale and bias; None when no input is
+    an image) and `classifier_config` (the first labelled output; None without labels).
+
+    Core ML scales an image by one value for every channel and adds a bias per channel:
+    (pixel - mean) / std becomes scale = 1 / std, bias = -mean / std.
+    """
+    import coremltools as ct
+
+    inputs = None
+    if interface.images:
+        inputs = []
+        for name, tensor in zip(input_names, example):
+            image = interface.images.get(name)
+            if image is None:
+                inputs.append(ct.TensorType(name=name, shape=tuple(tensor.shape)))
+                continue
+            channels = image.channels(tuple(tensor.shape))
+            if len(set(image.std)) > 1:
+                raise ToolchainError(f"model.inputs.{name}.std: a Core ML image input scales every channel by one "
+                                     f"value; std {list(image.std)} differs per channel", stage="convert")
+            if tuple(image.range) != (0.0, 255.0):
+                raise ToolchainError(f"model.inputs.{name}.range: Core ML image inputs are 8-bit pixels, [0, 255]; "
+                                     f"got {list(image.range)}", stage="convert")
+            mean = list(image.mean) * channels if len(image.mean) == 1 else list(image.mean)
+            inputs.append(ct.ImageType(name=name, shape=tuple(tensor.shape), scale=1.0 / image.std[0],
+                                       bias=[-m / image.std[0] for m in mean],
+                                       color_layout=ct.colorlayout.GRAYSCALE if channels == 1 else ct.colorlayout.RGB,
+                                       channel_first=image.layout == "NCHW"))
+    labels = interface.labels_by_output(output_names or ["output_0"])
+    classifier = None
+    if labels:
+        output, classes = next(iter(labels.items()))
+        classifier = ct.ClassifierConfig(list(classes), predicted_feature_name=CLASS_LABEL,
+                                         predicted_probabilities_output=output if output_names else None)
+    return inputs, classifier
+
+
+def _scores_keep_output_name(model, classifier):
+    """A classifier's scores replace the model's output they are computed from; named
+    `<label>_probs` by coremltools, they take that output's name back, which the other backends
+    and the evaluation know it by."""
+    import coremltools as ct
+
+    if classifier is None or classifier.predicted_probabilities_output is None:
+        return model
+    spec = model.get_spec()
+    ct.utils.rename_feature(spec, f"{CLASS_LABEL}_probs", classifier.predicted_probabilities_output)
+    return ct.models.MLModel(spec, weights_dir=model.weights_dir, skip_model_load=True)
 
 
 class CoreMLBackend(BackendBase):
@@ -97,9 +152,16 @@ class CoreMLBackend(BackendBase):
             # A model with named outputs returns {name: tensor}: Core ML's outputs take those names.
             spec = program.call_spec.out_spec
             names = list(spec.context) if spec is not None and spec.type is dict else None
+            args, _ = program.example_inputs
+            inputs, classifier = interface_arguments(ModelInterface.from_json(options.get("model")),
+                                                     list(program.graph_signature.user_inputs), args, names)
             model = ct.convert(program, convert_to="mlprogram", minimum_deployment_target=_deployment_target(options["min_ios"]),
                                compute_precision=getattr(ct.precision, precision), skip_model_load=True,
+                               inputs=inputs, classifier_config=classifier,
                                outputs=[ct.TensorType(name=name) for name in names] if names else None)
+            model = _scores_keep_output_name(model, classifier)
+        except ToolchainError:
+            raise
         except Exception as exc:
             op = unsupported_op(exc)
             reason = f"coremltools cannot convert op {op}" if op else f"coremltools failed: {first_line(exc)}"
@@ -191,18 +253,23 @@ class CoreMLBackend(BackendBase):
         layers = [m for m in prepared.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
         train(prepared, layers, palettizer.step)
         finalized = palettizer.finalize(prepared).eval()
-        inputs = [ct.TensorType(name=name, shape=tuple(tensor.shape))
-                  for name, tensor in zip(_input_names(finalized), example)]
         with torch.no_grad():
             result = finalized(*example)
         names = list(result) if isinstance(result, dict) else None
+        input_names = _input_names(finalized)
+        images, classifier = interface_arguments(ModelInterface.from_json(options.get("model")), input_names,
+                                                 example, names)
+        inputs = images or [ct.TensorType(name=name, shape=tuple(tensor.shape))
+                            for name, tensor in zip(input_names, example)]
         if names:  # torch.jit.trace takes tuples: the names come back through ct.convert's outputs
             positional_outputs(finalized)
         traced = torch.jit.trace(finalized, example)
         try:
             model = ct.convert(traced, inputs=inputs, convert_to="mlprogram", skip_model_load=True,
                                minimum_deployment_target=_deployment_target(options["min_ios"]),
+                               classifier_config=classifier,
                                outputs=[ct.TensorType(name=name) for name in names] if names else None)
+            model = _scores_keep_output_name(model, classifier)
         except Exception as exc:
             raise ToolchainError(f"coremltools failed on the trained model: {first_line(exc)}", stage="qat",
                                  technique=technique.name, op=unsupported_op(exc)) from exc
@@ -241,32 +308,65 @@ class CoreMLBackend(BackendBase):
         model = ct.models.MLModel(str(bundle))
         spec = model.get_spec().description
         in_names = [i.name for i in spec.input]
-        outputs, timings = {o.name: [] for o in spec.output}, []
+        described = self.describe(bundle)
+        images = {f["name"]: f for f in described["inputs"] if f["kind"] == "image"}
+        classifier = described.get("classifier")
+        # A classifier's scores come back as {label: score}; they are the model's output it replaced,
+        # in label order. Its predicted label is derived from them, not another output to evaluate.
+        outputs = {o.name: [] for o in spec.output if o.type.WhichOneof("Type") == "multiArrayType"}
+        if classifier:
+            outputs[classifier["scores_output"]] = []
+        timings = []
         for i in range(len(inputs[0])):
-            feed = {name: array[i:i + 1] for name, array in zip(in_names, inputs)}
+            feed = {name: _image_feed(array[i], images[name]) if name in images else array[i:i + 1]
+                    for name, array in zip(in_names, inputs)}
             begin = time.perf_counter()
             result = model.predict(feed)
             timings.append((time.perf_counter() - begin) * 1000.0)
             for name, rows in outputs.items():  # every output, by Core ML's (the model's) output name
-                rows.append(np.asarray(result[name], dtype=np.float32)[0])
+                value = result[name]
+                if isinstance(value, dict):
+                    rows.append(np.asarray([value[label] for label in classifier["labels"]], dtype=np.float32))
+                else:
+                    rows.append(np.asarray(value, dtype=np.float32)[0])
         steady = timings[min(3, len(timings) - 1):]
         return Prediction(outputs={name: np.stack(rows) for name, rows in outputs.items()},
                           latency_ms=statistics.median(steady), runtime=self.runtime(),
                           details={"simulated": False, "runs": len(steady)})
 
     def describe(self, bundle: Path) -> dict:
+        """Inputs and outputs as the spec declares them (tensors, images with their preprocessing,
+        a classifier's label and scores) and, for a classifier, its class labels."""
         from coremltools.proto import Model_pb2
 
         spec = Model_pb2.Model()
         spec.ParseFromString((bundle / MODEL_FILE).read_bytes())
+        program = _program(bundle) if any(f.type.WhichOneof("Type") == "imageType" for f in spec.description.input) \
+            or spec.description.predictedFeatureName else None
 
-        def features(items):
-            return [{"name": f.name, "shape": [int(d) for d in f.type.multiArrayType.shape],
-                     "dtype": Model_pb2.ArrayFeatureType.ArrayDataType.Name(f.type.multiArrayType.dataType).lower()}
-                    for f in items]
+        def feature(f) -> dict:
+            kind = f.type.WhichOneof("Type")
+            if kind == "imageType":
+                image = f.type.imageType
+                return {"name": f.name, "kind": "image", "shape": [int(image.height), int(image.width)],
+                        "dtype": Model_pb2.ImageFeatureType.ColorSpace.Name(image.colorSpace).lower(),
+                        **_image_preprocessing(program, f.name)}
+            if kind == "dictionaryType":
+                return {"name": f.name, "kind": "dictionary", "shape": [], "dtype": "[String: Double]"}
+            if kind == "stringType":
+                return {"name": f.name, "kind": "string", "shape": [], "dtype": "String"}
+            array = f.type.multiArrayType
+            return {"name": f.name, "kind": "tensor", "shape": [int(d) for d in array.shape],
+                    "dtype": Model_pb2.ArrayFeatureType.ArrayDataType.Name(array.dataType).lower()}
 
-        return {"inputs": features(spec.description.input), "outputs": features(spec.description.output),
-                "specification_version": spec.specificationVersion}
+        result = {"inputs": [feature(f) for f in spec.description.input],
+                  "outputs": [feature(f) for f in spec.description.output],
+                  "specification_version": spec.specificationVersion}
+        if spec.description.predictedFeatureName:
+            result["classifier"] = {"label_output": spec.description.predictedFeatureName,
+                                    "scores_output": spec.description.predictedProbabilitiesName,
+                                    "labels": _class_labels(program)}
+        return result
 
     def weights(self, bundle: Path) -> list[dict]:
         """Stored weight tensors with the bytes each takes in weight.bin and how it is compressed."""
@@ -295,9 +395,45 @@ class CoreMLBackend(BackendBase):
             yield _parameter_key(op.name), int(np.prod(output.shape)), functools.partial(_materialized, op)
 
 
+def _image_feed(sample: np.ndarray, image: dict):
+    """The 8-bit image whose preprocessing (pixel * scale + bias) gives `sample` back, for Core ML
+    prediction on macOS; pixels are rounded, so data that are not whole pixels come back rounded."""
+    from PIL import Image
+
+    bias = np.asarray(image["bias"], dtype=np.float32)
+    channels_first = sample.shape[0] in (1, 3) and sample.shape[-1] not in (1, 3)
+    pixels = sample if not channels_first else np.moveaxis(sample, 0, -1)
+    pixels = np.clip(np.rint((pixels - bias) / image["scale"]), 0, 255).astype(np.uint8)
+    return Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels, "L" if pixels.shape[-1] == 1 else "RGB")
+
+
+def _image_preprocessing(program, name: str) -> dict:
+    """The scale and bias Core ML applies to an image input before the model (ops coremltools
+    inserts as `<input>__scaled__` and `<input>__biased__`)."""
+    found = {"scale": 1.0, "bias": [0.0]}
+    for op in program.functions["main"].operations:
+        if op.name == f"{name}__scaled__":
+            found["scale"] = float(np.asarray(op.inputs["y"].val).reshape(-1)[0])
+        elif op.name == f"{name}__biased__":
+            found["bias"] = [float(v) for v in np.asarray(op.inputs["y"].val).reshape(-1)]
+    return found
+
+
+def _class_labels(program) -> list[str]:
+    """A classifier's class labels, from its `classify` op."""
+    for op in program.functions["main"].operations:
+        if op.op_type == "classify":
+            return [str(label) for label in op.inputs["classes"].val]
+    return []
+
+
+def _stored_value(op):
+    """A weight as Core ML materialises it at load time (a constexpr op decompressed)."""
+    return op.outputs[0].val if op.op_type == "const" else op.materialized_val_inference()
+
+
 def _materialized(op) -> np.ndarray:
-    value = op.outputs[0].val if op.op_type == "const" else op.materialized_val_inference()
-    return np.asarray(value, dtype=np.float32)
+    return np.asarray(_stored_value(op), dtype=np.float32)
 
 
 # ---- compressions, one small function per recipe kind (techniques.yaml's `compress.kind`) -------
@@ -386,14 +522,7 @@ def normalize_package(package: Path, model: dict | None) -> None:
         if key in spec.description.metadata.userDefined:
             del spec.description.metadata.userDefined[key]
     if model is not None:
-        metadata = spec.description.metadata
-        metadata.shortDescription = model.get("description") or model.get("name", "")
-        metadata.versionString = str(model.get("version") or "")
-        metadata.author = "edgebuild"
-        for feature in list(spec.description.input) + list(spec.description.output):
-            array = feature.type.multiArrayType
-            dtype = Model_pb2.ArrayFeatureType.ArrayDataType.Name(array.dataType).lower()
-            feature.shortDescription = f"{dtype} tensor of shape {list(array.shape)}"
+        describe_interface(spec, ModelInterface.from_json(model))
     spec_path.write_bytes(spec.SerializeToString(deterministic=True))
 
     manifest_path = package / "Manifest.json"
@@ -409,6 +538,37 @@ def normalize_package(package: Path, model: dict | None) -> None:
     manifest_path.write_text(json.dumps(manifest, indent=4, sort_keys=True) + "\n", encoding="utf-8")
 
 
+def describe_interface(spec, interface: ModelInterface) -> None:
+    """The model's description, author, licence and version, and a line per input and output, as
+    Xcode shows them; labels of outputs that are not the classifier's go to user-defined metadata."""
+    from coremltools.proto import Model_pb2
+
+    metadata = spec.description.metadata
+    metadata.shortDescription = interface.description or interface.name
+    metadata.versionString = interface.version
+    metadata.author = interface.author or "edgebuild"
+    metadata.license = interface.license
+    outputs = [feature.name for feature in spec.description.output]
+    for name, labels in interface.labels_by_output(outputs).items():
+        metadata.userDefined[f"edgebuild.labels.{name}"] = json.dumps(list(labels))
+    for feature in list(spec.description.input) + list(spec.description.output):
+        kind = feature.type.WhichOneof("Type")
+        if kind == "imageType":
+            image = interface.images.get(feature.name)
+            colour = Model_pb2.ImageFeatureType.ColorSpace.Name(feature.type.imageType.colorSpace).lower()
+            feature.shortDescription = (f"{colour} image, {feature.type.imageType.width}x"
+                                        f"{feature.type.imageType.height}" + (f"; the model sees (pixel - "
+                                        f"{list(image.mean)}) / {list(image.std)}" if image else ""))
+        elif kind == "dictionaryType":
+            feature.shortDescription = "score of each class label"
+        elif kind == "stringType":
+            feature.shortDescription = "the class label with the highest score"
+        else:
+            array = feature.type.multiArrayType
+            dtype = Model_pb2.ArrayFeatureType.ArrayDataType.Name(array.dataType).lower()
+            feature.shortDescription = f"{dtype} tensor of shape {list(array.shape)}"
+
+
 # ---- weights-exact simulation ------------------------------------------------------------------
 
 def _program(bundle: Path):
@@ -421,9 +581,12 @@ def _program(bundle: Path):
 
 
 def _weight_ops(bundle: Path) -> list:
+    from coremltools.converters.mil.mil.var import ListVar
+
     program = _program(bundle)
+    # A classifier's class labels are a list constant: not a weight.
     return [op for function in program.functions.values() for op in function.operations
-            if op.op_type == "const" or op.op_type.startswith("constexpr_")]
+            if (op.op_type == "const" or op.op_type.startswith("constexpr_")) and not isinstance(op.outputs[0], ListVar)]
 
 
 _SUFFIXES = ("_to_fp16", "_to_fp32", "_cast_fp16", "_palettized", "_quantized", "_affine_quantized", "_dequantized")
@@ -489,7 +652,7 @@ def simulated_module(bundle: Path, exported_program: Path):
             key = _parameter_key(op.name)
             if key not in parameters or key in copied:
                 continue
-            value = output.val if op.op_type == "const" else op.materialized_val_inference()
+            value = _stored_value(op)
             _, tensor = parameters[key]
             if not (isinstance(value, np.ndarray) and value.dtype.kind == "f" and value.size > 1):
                 continue

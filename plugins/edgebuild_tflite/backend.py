@@ -12,10 +12,13 @@ from typing import Sequence
 
 import numpy as np
 
-from edgebuild.api import BackendBase, CompressInput, NotApplicable, Prediction, Technique, package_version
+from edgebuild.api import (BackendBase, CompressInput, ModelInterface, NotApplicable, Prediction, Technique,
+                           package_version)
 from edgebuild.data import padded_batches
 from edgebuild.errors import ToolchainError, first_line
 from edgebuild.weights import find_copies
+
+from . import metadata
 
 SIGNATURE = "serving_default"
 _LOWERING = re.compile(r"Lowering not found: (\S+)")
@@ -48,7 +51,7 @@ class TFLiteBackend(BackendBase):
 
     def version(self) -> str:
         return (f"litert-torch {package_version('litert-torch')}, ai-edge-quantizer {package_version('ai-edge-quantizer')}, "
-                f"ai-edge-litert {package_version('ai-edge-litert')}")
+                f"ai-edge-litert {package_version('ai-edge-litert')}, {metadata.version()}")
 
     def runtime(self) -> str:
         return f"ai-edge-litert {package_version('ai-edge-litert')} (XNNPACK, host CPU)"
@@ -62,6 +65,14 @@ class TFLiteBackend(BackendBase):
             op = unsupported_op(exc)
             reason = f"litert-torch cannot convert op {op}" if op else f"litert-torch failed: {first_line(exc)}"
             raise ToolchainError(reason, stage="convert", op=op) from exc
+        # Every candidate starts from this bundle and takes its metadata along (compress), so the
+        # bytes a candidate is measured and evaluated on are the bytes that ship.
+        try:
+            metadata.write_metadata(out, ModelInterface.from_json(options.get("model")), _input_names(exported_program))
+        except metadata.MetadataUnavailable as exc:
+            raise ToolchainError(str(exc), stage="convert") from exc
+        except Exception as exc:
+            raise ToolchainError(f"writing TFLite model metadata failed: {first_line(exc)}", stage="convert") from exc
 
     def compress(self, technique: Technique, source: CompressInput, out: Path) -> None:
         if technique.recipe is None:
@@ -83,6 +94,7 @@ class TFLiteBackend(BackendBase):
                 calibration_result = qt.calibrate({SIGNATURE: samples})
             result = qt.quantize(calibration_result)
             result.export_model(str(out), overwrite=True)
+            metadata.copy_metadata(source.fp32_bundle, out)
         except NotApplicable:
             raise
         except Exception as exc:
@@ -198,8 +210,10 @@ class TFLiteBackend(BackendBase):
                      if details[name]["quantization"][0] else None}
                     for name in _ordered(details)]
 
-        return {"signature": SIGNATURE, "inputs": tensors(runner.get_input_details()),
-                "outputs": tensors(runner.get_output_details())}
+        described = metadata.tensor_interface(bundle)
+        return {"signature": SIGNATURE,
+                "inputs": [{**t, **described.get(t["name"], {})} for t in tensors(runner.get_input_details())],
+                "outputs": [{**t, **described.get(t["name"], {})} for t in tensors(runner.get_output_details())]}
 
 
 WEIGHTED_OPS = {"FULLY_CONNECTED", "CONV_2D", "DEPTHWISE_CONV_2D", "TRANSPOSE_CONV", "BATCH_MATMUL",
@@ -403,12 +417,26 @@ def short_tensor_name(name: str) -> str:
     return "/".join(part.rsplit(".", 1)[-1] for part in parts)
 
 
+def _input_names(exported_program: Path) -> list[str]:
+    """The model's input names in argument order (the TFLite signature names them args_0, ...)."""
+    import torch
+
+    return list(torch.export.load(str(exported_program)).graph_signature.user_inputs)
+
+
 def weight_tensors(bundle: Path) -> list[dict]:
-    """Every constant tensor stored in the bundle, with the bytes it takes and how it is stored."""
+    """Every constant tensor stored in the bundle, with the bytes it takes and how it is stored,
+    and the model metadata and its packed files (labels), which ship in the same file."""
     from ai_edge_quantizer.utils import tfl_flatbuffer_utils as flatbuffer
 
     model = flatbuffer.read_model(str(bundle))
-    tensors = []
+    tensors = [{"name": f"metadata: {name}", "dtype": "associated file", "shape": [], "bytes": size}
+               for name, size in metadata.associated_files(bundle).items()]
+    for entry in model.metadata or []:
+        data = model.buffers[entry.buffer].data
+        if metadata.is_model_metadata(entry) and data is not None and len(data):
+            tensors.append({"name": "metadata: TFLite Model Metadata", "dtype": "metadata", "shape": [],
+                            "bytes": len(data)})
     for subgraph in model.subgraphs:
         names = _display_names(model, subgraph)
         for index, tensor in enumerate(subgraph.tensors):

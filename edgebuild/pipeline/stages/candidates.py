@@ -4,6 +4,7 @@ from ...api import CandidateRecord, CompressInput, NotApplicable, Status
 from ...errors import EdgebuildError, ToolchainError, first_line
 from ...fsutil import (atomic_output, atomic_write_json, bundle_bytes, bundle_download_bytes, bundle_sha256, read_json,
                        record_matches, remove_path, replace_path)
+from ...manifest import check_interface
 from ..evaluation import NotDeterministic, evaluate_bundle, read_data
 from ..layout import Build
 
@@ -11,6 +12,9 @@ CALIBRATION_SAMPLES = 256  # enough for min/max ranges; more only slows the quan
 
 
 def convert(build: Build, variant_key: str) -> None:
+    # Labels and image inputs must fit the exported model before any bundle carries them.
+    meta = read_json(build.model_meta)
+    check_interface(build.manifest, meta["inputs"], meta["outputs"])
     variant = build.variants[variant_key]
     backend = build.registry.backends[variant.backend]
     out = build.fp32_bundle(variant_key)
