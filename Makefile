@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: example test setup system-deps
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet --upgrade pip
 	# torch first, from the machine's local CPU wheel, so nothing resolves a multi-GB CUDA build.

@@ -57,6 +57,7 @@ def _deployment_target(min_ios: int):
     return getattr(ct.target, f"iOS{min_ios}")
 
 
+LABELS_KEY = "edgebuild.labels."   # user-defined metadata: labels of an output that is not the classifier's
 CLASS_LABEL = "classLabel"   # Core ML's (and Xcode's, Vision's) name for a classifier's predicted label
 
 
@@ -98,14 +99,26 @@ def interface_arguments(interface: ModelInterface, input_names: list[str], examp
     return inputs, classifier
 
 
-def _scores_keep_output_name(model, classifier):
-    """A classifier's scores replace the model's output they are computed from; named
-    `<label>_probs` by coremltools, they take that output's name back, which the other backends
-    and the evaluation know it by."""
+def _convert_with_interface(source, classifier, **settings):
+    """ct.convert to an ML Program, as a classifier when `classifier` is given.
+
+    coremltools 9 cannot make a classifier of a conversion whose outputs are declared (a
+    torch.export program always declares them): its exporter indexes the declared output types by
+    the classifier's outputs, one more, and raises IndexError. So a classifier is converted to MIL
+    first, its declared output types are dropped, and the MIL program is made a classifier.
+    """
     import coremltools as ct
 
-    if classifier is None or classifier.predicted_probabilities_output is None:
+    if classifier is None:
+        return ct.convert(source, convert_to="mlprogram", skip_model_load=True, **settings)
+    program = ct.convert(source, convert_to="milinternal", **settings)
+    program.functions["main"].set_output_types(None)
+    kept = {key: settings[key] for key in ("minimum_deployment_target", "compute_precision") if key in settings}
+    model = ct.convert(program, convert_to="mlprogram", skip_model_load=True, classifier_config=classifier, **kept)
+    if classifier.predicted_probabilities_output is None:
         return model
+    # The scores replace the output they are computed from; named `<label>_probs` by coremltools,
+    # they take that output's name back, which the other backends and the evaluation know it by.
     spec = model.get_spec()
     ct.utils.rename_feature(spec, f"{CLASS_LABEL}_probs", classifier.predicted_probabilities_output)
     return ct.models.MLModel(spec, weights_dir=model.weights_dir, skip_model_load=True)
@@ -155,11 +168,9 @@ class CoreMLBackend(BackendBase):
             args, _ = program.example_inputs
             inputs, classifier = interface_arguments(ModelInterface.from_json(options.get("model")),
                                                      list(program.graph_signature.user_inputs), args, names)
-            model = ct.convert(program, convert_to="mlprogram", minimum_deployment_target=_deployment_target(options["min_ios"]),
-                               compute_precision=getattr(ct.precision, precision), skip_model_load=True,
-                               inputs=inputs, classifier_config=classifier,
-                               outputs=[ct.TensorType(name=name) for name in names] if names else None)
-            model = _scores_keep_output_name(model, classifier)
+            model = _convert_with_interface(program, classifier, minimum_deployment_target=_deployment_target(
+                options["min_ios"]), compute_precision=getattr(ct.precision, precision), inputs=inputs,
+                outputs=[ct.TensorType(name=name) for name in names] if names else None)
         except ToolchainError:
             raise
         except Exception as exc:
@@ -265,11 +276,9 @@ class CoreMLBackend(BackendBase):
             positional_outputs(finalized)
         traced = torch.jit.trace(finalized, example)
         try:
-            model = ct.convert(traced, inputs=inputs, convert_to="mlprogram", skip_model_load=True,
-                               minimum_deployment_target=_deployment_target(options["min_ios"]),
-                               classifier_config=classifier,
-                               outputs=[ct.TensorType(name=name) for name in names] if names else None)
-            model = _scores_keep_output_name(model, classifier)
+            model = _convert_with_interface(traced, classifier, inputs=inputs,
+                                            minimum_deployment_target=_deployment_target(options["min_ios"]),
+                                            outputs=[ct.TensorType(name=name) for name in names] if names else None)
         except Exception as exc:
             raise ToolchainError(f"coremltools failed on the trained model: {first_line(exc)}", stage="qat",
                                  technique=technique.name, op=unsupported_op(exc)) from exc
@@ -356,8 +365,10 @@ class CoreMLBackend(BackendBase):
             if kind == "stringType":
                 return {"name": f.name, "kind": "string", "shape": [], "dtype": "String"}
             array = f.type.multiArrayType
+            labels = spec.description.metadata.userDefined.get(LABELS_KEY + f.name)
             return {"name": f.name, "kind": "tensor", "shape": [int(d) for d in array.shape],
-                    "dtype": Model_pb2.ArrayFeatureType.ArrayDataType.Name(array.dataType).lower()}
+                    "dtype": Model_pb2.ArrayFeatureType.ArrayDataType.Name(array.dataType).lower(),
+                    **({"labels": json.loads(labels)} if labels else {})}
 
         result = {"inputs": [feature(f) for f in spec.description.input],
                   "outputs": [feature(f) for f in spec.description.output],
@@ -548,9 +559,10 @@ def describe_interface(spec, interface: ModelInterface) -> None:
     metadata.versionString = interface.version
     metadata.author = interface.author or "edgebuild"
     metadata.license = interface.license
-    outputs = [feature.name for feature in spec.description.output]
+    outputs = [feature.name for feature in spec.description.output
+               if feature.name != spec.description.predictedProbabilitiesName]
     for name, labels in interface.labels_by_output(outputs).items():
-        metadata.userDefined[f"edgebuild.labels.{name}"] = json.dumps(list(labels))
+        metadata.userDefined[f"{LABELS_KEY}{name}"] = json.dumps(list(labels))
     for feature in list(spec.description.input) + list(spec.description.output):
         kind = feature.type.WhichOneof("Type")
         if kind == "imageType":

@@ -195,13 +195,17 @@ def is_model_metadata(entry) -> bool:
 def _image_md(info, metadata_fb, name: str, image: ImageInput, tensor):
     channels = image.channels([int(d) for d in tensor.shape])
     color = metadata_fb.ColorSpaceType.GRAYSCALE if channels == 1 else metadata_fb.ColorSpaceType.RGB
+    pairs = _per_channel(image, channels)
     md = info.InputImageTensorMd(
         name=name, description=image.description or f"{'grayscale' if channels == 1 else 'RGB'} image, "
                                                    f"{image.layout}, pixels in [{image.range[0]:g}, {image.range[1]:g}]",
-        norm_mean=list(image.mean), norm_std=list(image.std), color_space_type=color, tensor_type=tensor.type)
+        # The schema wants as many means as stds: one each, or one per channel for both.
+        norm_mean=[m for m, _ in pairs] if len(image.mean) != len(image.std) else list(image.mean),
+        norm_std=[s for _, s in pairs] if len(image.mean) != len(image.std) else list(image.std),
+        color_space_type=color, tensor_type=tensor.type)
     # The value range the model sees: the manifest's pixel range, normalized (MediaPipe assumes 0..255).
-    md.min_values = [(image.range[0] - m) / s for m, s in _per_channel(image, channels)]
-    md.max_values = [(image.range[1] - m) / s for m, s in _per_channel(image, channels)]
+    md.min_values = [(image.range[0] - m) / s for m, s in pairs]
+    md.max_values = [(image.range[1] - m) / s for m, s in pairs]
     return md
 
 
