@@ -160,8 +160,9 @@ def cmd_build(args, console: Console) -> int:
         code = EXIT_BUDGET
     else:
         code = EXIT_OK
-    for error in result.errors:
-        print(str(error), file=sys.stderr)
+    # Stages that fail on the same input (each conversion checks the labels) say so once.
+    for line in dict.fromkeys(str(error) for error in result.errors):
+        print(line, file=sys.stderr)
     if code == EXIT_BUDGET:
         # The last stderr line is the one-line reason that CI and the Gradle hook show.
         for target in targets:
