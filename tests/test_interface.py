@@ -65,6 +65,30 @@ def test_android_bundle_carries_metadata_the_displayer_reads(built_example):
                                            "description": "Labels for categories that the model can recognize."}]
 
 
+def test_the_report_says_what_the_bundles_carry(built_example):
+    interface = read_report(built_example)["model"]["interface"]
+    assert interface["labels"] == [{"output": "output_0", "classes": 10, "file": "examples/digits/labels.txt"}]
+    assert interface["images"] == [{"input": "x", "layout": "NCHW", "mean": [0.0], "std": [255.0], "range": [0.0, 255.0],
+                                    "description": ""}]
+    assert ("every bundle carries class labels for `output_0` (10, examples/digits/labels.txt); image input `x` "
+            "(NCHW, the model sees (pixel - [0.0]) / [255.0])") in (built_example / "dist" / "report.md").read_text()
+
+
+def test_input_names_come_from_the_archive_in_argument_order(tmp_path):
+    import torch
+
+    from edgebuild_tflite.backend import _input_names
+
+    class TwoInputs(torch.nn.Module):
+        def forward(self, tokens, image):
+            return tokens.float().sum() + image.sum()
+
+    path = tmp_path / "two.pt2"
+    program = torch.export.export(TwoInputs(), (torch.zeros(1, 3, dtype=torch.long), torch.zeros(1, 1, 2, 2)))
+    torch.export.save(program, str(path))
+    assert _input_names(path) == list(program.graph_signature.user_inputs) == ["tokens", "image"]
+
+
 def test_metadata_bytes_are_measured_and_change_no_output(built_example, tmp_path):
     from edgebuild.plugins import default_registry
 

@@ -418,10 +418,22 @@ def short_tensor_name(name: str) -> str:
 
 
 def _input_names(exported_program: Path) -> list[str]:
-    """The model's input names in argument order (the TFLite signature names them args_0, ...)."""
-    import torch
+    """The model's input names in argument order (the TFLite signature names them args_0, ...).
 
-    return list(torch.export.load(str(exported_program)).graph_signature.user_inputs)
+    Read from the archive's serialized graph signature, so an LLM's weights are not loaded again
+    just for its names; through torch.export.load if the archive is laid out otherwise."""
+    import json
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(exported_program) as archive:
+            name = next(n for n in archive.namelist() if n.endswith("/models/model.json"))
+            specs = json.loads(archive.read(name))["graph_module"]["signature"]["input_specs"]
+        return [spec["user_input"]["arg"]["as_tensor"]["name"] for spec in specs if "user_input" in spec]
+    except (OSError, zipfile.BadZipFile, StopIteration, KeyError, TypeError, ValueError):
+        import torch
+
+        return list(torch.export.load(str(exported_program)).graph_signature.user_inputs)
 
 
 def weight_tensors(bundle: Path) -> list[dict]:

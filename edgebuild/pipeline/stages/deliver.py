@@ -6,7 +6,7 @@ import shutil
 from datetime import datetime, timezone
 
 from ... import __version__
-from ...api import PackageInput
+from ...api import ONLY_OUTPUT, PackageInput
 from ...fsutil import atomic_write_json, bundle_files, read_json, remove_dir, replace_dir, sha256_file
 from ...manifest import Target
 from ...policy import choose, is_judged, is_measured, judged, nearest, pareto_front, store_limit, target_checks
@@ -164,7 +164,8 @@ def report_data(build: Build) -> dict:
         "edgebuild_version": __version__,
         "manifest": manifest.path.name,
         "model": {"name": manifest.model_name, "source": manifest.model["source"], "parameters": meta["parameters"],
-                  "inputs": meta["inputs"], "outputs": meta["outputs"], "rewrites": meta.get("rewrites", [])},
+                  "inputs": meta["inputs"], "outputs": meta["outputs"], "rewrites": meta.get("rewrites", []),
+                  "interface": _interface_summary(manifest, meta)},
         "metric": entries[0],
         # The gating metric first, then those the manifest only reports, then the guards'.
         "metrics": entries,
@@ -173,6 +174,21 @@ def report_data(build: Build) -> dict:
         "toolchain": {name: build.registry.backends[name].version() for name in build.backends_in_use(reported)},
         "targets": targets,
     }
+
+
+def _interface_summary(manifest, meta: dict) -> dict:
+    """What every bundle tells the platforms' tools: general info, labels per output (with their
+    file), image inputs and their normalization."""
+    interface = manifest.interface
+    if interface is None:
+        return {}
+    labels = interface.labels_by_output([o["name"] for o in meta["outputs"]])
+    files = {output: manifest.relative(manifest.label_files[ONLY_OUTPUT if ONLY_OUTPUT in interface.labels else output])
+             for output in labels}
+    return {**{key: value for key, value in (("description", interface.description), ("version", interface.version),
+                                             ("author", interface.author), ("license", interface.license)) if value},
+            "labels": [{"output": output, "classes": len(names), "file": files[output]} for output, names in labels.items()],
+            "images": [{"input": name, **image.to_json()} for name, image in sorted(interface.images.items())]}
 
 
 def target_summary(build: Build, target: Target) -> dict | None:
