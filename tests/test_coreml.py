@@ -49,7 +49,8 @@ def test_ios_output_is_a_swift_package_holding_the_chosen_compressed_model(built
     # Metadata from the manifest is written into the Core ML model itself.
     assert spec.description.metadata.shortDescription.startswith("Handwritten digit classifier")
     assert spec.description.metadata.versionString == "1.0"
-    assert spec.description.input[0].shortDescription == "float32 tensor of shape [1, 1, 8, 8]"
+    assert spec.description.input[0].shortDescription == "grayscale image, 8x8; the model sees (pixel - [0.0]) / [255.0]"
+    assert spec.description.output[1].shortDescription == "score of each class label"
     # The weights are compressed as the report says: each weight is a lookup table of 2^bits entries.
     if chosen["technique"] == "mixed-precision":
         wanted = {d["layer"]: d["precision"] for d in target["search"]["chosen"]["decision_log"]}
