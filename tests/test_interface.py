@@ -295,3 +295,42 @@ def test_core_ml_refuses_an_image_range_it_cannot_express(tmp_path):
     assert result.returncode == 3, result.stderr
     assert "model.inputs.x.range: Core ML image inputs are 8-bit pixels, [0, 255]; got [0.0, 1.0]" in result.stderr
     assert not (tmp_path / "dist" / "ios").exists()
+
+
+def test_an_nhwc_image_input_in_both_formats(tmp_path):
+    """A model that takes channel-last images (what MediaPipe Tasks feeds) keeps them channel-last."""
+    import torch
+
+    from edgebuild.api import ImageInput, ModelInterface
+    from edgebuild.plugins import default_registry
+
+    class ChannelLast(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.conv = torch.nn.Conv2d(3, 4, 3)
+            self.head = torch.nn.Linear(4 * 4 * 4, 3)
+
+        def forward(self, image):
+            return self.head(torch.relu(self.conv(image.permute(0, 3, 1, 2))).flatten(1))
+
+    example = (torch.rand(1, 6, 6, 3),)
+    program = tmp_path / "nhwc.pt2"
+    torch.export.save(torch.export.export(ChannelLast().eval(), example), str(program))
+    interface = ModelInterface("nhwc", images={"image": ImageInput("NHWC", (127.5,), (127.5,), (0.0, 255.0))},
+                               labels={"": ("a", "b", "c")})
+    registry = default_registry()
+    tflite = tmp_path / "nhwc.tflite"
+    registry.backends["tflite"].convert(program, tflite, {"model": interface.to_json()})
+    (image,) = tflite_metadata(tflite)["json"]["subgraph_metadata"][0]["input_tensor_metadata"]
+    assert image["content"]["content_properties"]["color_space"] == "RGB" and image["stats"]["min"] == [-1.0] * 3
+    assert registry.backends["tflite"].describe(tflite)["inputs"][0]["shape"] == [1, 6, 6, 3]
+
+    package = tmp_path / "nhwc.mlpackage"
+    coreml = registry.backends["coreml"]
+    coreml.convert(program, package, {"min_ios": 16, "model": interface.to_json()})
+    (described,) = coreml.describe(package)["inputs"]
+    assert (described["kind"], described["shape"], described["dtype"]) == ("image", [6, 6], "rgb")
+    assert described["bias"] == [-1.0, -1.0, -1.0] and described["scale"] == pytest.approx(1 / 127.5)
+    simulated = coreml.predict(package, [example[0].numpy()], exported_program=program)
+    assert simulated.details["unmapped_parameters"] == []
