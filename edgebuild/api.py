@@ -117,6 +117,11 @@ class ImageInput:
     def channels(self, shape: Sequence[int]) -> int:
         return int(shape[1] if self.layout == "NCHW" else shape[-1])
 
+    def per_channel(self, channels: int) -> tuple[list[float], list[float]]:
+        """(mean, std), one value per channel (a single value applies to every channel)."""
+        return ([*self.mean] * channels if len(self.mean) == 1 else list(self.mean),
+                [*self.std] * channels if len(self.std) == 1 else list(self.std))
+
     def to_json(self) -> dict:
         return {"layout": self.layout, "mean": list(self.mean), "std": list(self.std), "range": list(self.range),
                 "description": self.description}

@@ -149,6 +149,10 @@ class Manifest:
             return InputError(message, file=self.path.name, field=field_path(path) or None)
         return self.document.error(path, message)
 
+    def label_file(self, output: str) -> Path:
+        """The labels file of an output: its own, or the one file given for the only output."""
+        return self.label_files[ONLY_OUTPUT if ONLY_OUTPUT in self.label_files else output]
+
     @property
     def model_name(self) -> str:
         return self.model["name"]
@@ -548,9 +552,8 @@ def check_interface(manifest: "Manifest", inputs: list[dict], outputs: list[dict
         raise manifest.error(("model", "labels"), f"the model has {len(names)} outputs ({', '.join(names)}): give "
                                                   "labels per output, {OUTPUT: FILE}")
     for output, labels in interface.labels_by_output(names).items():
-        key = ONLY_OUTPUT if ONLY_OUTPUT in interface.labels else output
-        where = ("model", "labels") if key == ONLY_OUTPUT else ("model", "labels", output)
-        shown = manifest.relative(manifest.label_files[key])
+        where = ("model", "labels") if ONLY_OUTPUT in interface.labels else ("model", "labels", output)
+        shown = manifest.relative(manifest.label_file(output))
         classes = shapes[output][-1] if shapes[output] else 1
         if len(labels) != classes:
             raise manifest.error(where, f"{shown} has {len(labels)} labels, but output {output!r} has {classes} "

@@ -85,7 +85,7 @@ def interface_arguments(interface: ModelInterface, input_names: list[str], examp
             if tuple(image.range) != (0.0, 255.0):
                 raise ToolchainError(f"model.inputs.{name}.range: Core ML image inputs are 8-bit pixels, [0, 255]; "
                                      f"got {list(image.range)}", stage="convert")
-            mean = list(image.mean) * channels if len(image.mean) == 1 else list(image.mean)
+            mean, _ = image.per_channel(channels)
             inputs.append(ct.ImageType(name=name, shape=tuple(tensor.shape), scale=1.0 / image.std[0],
                                        bias=[-m / image.std[0] for m in mean],
                                        color_layout=ct.colorlayout.GRAYSCALE if channels == 1 else ct.colorlayout.RGB,

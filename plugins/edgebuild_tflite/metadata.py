@@ -69,7 +69,7 @@ def label_file_names(labels: dict[str, tuple[str, ...]]) -> dict[str, str]:
 
 def _signature_order(maps, positions) -> list[str]:
     """Signature names in the order of the subgraph's input (or output) tensors."""
-    by_index = {int(m.tensorIndex): (m.name.decode() if isinstance(m.name, bytes) else m.name) for m in maps}
+    by_index = {int(m.tensorIndex): _name(m) for m in maps}
     return [by_index.get(int(index), f"tensor {index}") for index in positions]
 
 
@@ -138,12 +138,9 @@ def copy_metadata(source: Path, bundle: Path) -> None:
     found = metadata.get_metadata_buffer(source_buffer)
     if not found:
         return
-    contents = {}
-    if associated_files(source):
-        with zipfile.ZipFile(io.BytesIO(source_buffer)) as archive:
-            contents = {name: archive.read(name) for name in archive.namelist()}
+    contents = _packed_files(source_buffer)
     model_buffer = bundle.read_bytes()
-    if metadata.get_metadata_buffer(model_buffer) == found and not associated_files(bundle):
+    if metadata.get_metadata_buffer(model_buffer) == found and not _packed_files(model_buffer):
         # ai-edge-quantizer keeps the model's metadata entries: only the packed files are missing.
         # (Re-packing the model would cost bytes: ~700 B on the digits example's int4 bundle.)
         bundle.write_bytes(_with_files(model_buffer, contents))
@@ -195,24 +192,28 @@ def is_model_metadata(entry) -> bool:
 def _image_md(info, metadata_fb, name: str, image: ImageInput, tensor):
     channels = image.channels([int(d) for d in tensor.shape])
     color = metadata_fb.ColorSpaceType.GRAYSCALE if channels == 1 else metadata_fb.ColorSpaceType.RGB
-    pairs = _per_channel(image, channels)
+    mean, std = image.per_channel(channels)
+    same_length = len(image.mean) == len(image.std)
     md = info.InputImageTensorMd(
         name=name, description=image.description or f"{'grayscale' if channels == 1 else 'RGB'} image, "
                                                    f"{image.layout}, pixels in [{image.range[0]:g}, {image.range[1]:g}]",
         # The schema wants as many means as stds: one each, or one per channel for both.
-        norm_mean=[m for m, _ in pairs] if len(image.mean) != len(image.std) else list(image.mean),
-        norm_std=[s for _, s in pairs] if len(image.mean) != len(image.std) else list(image.std),
+        norm_mean=list(image.mean) if same_length else mean,
+        norm_std=list(image.std) if same_length else std,
         color_space_type=color, tensor_type=tensor.type)
     # The value range the model sees: the manifest's pixel range, normalized (MediaPipe assumes 0..255).
-    md.min_values = [(image.range[0] - m) / s for m, s in pairs]
-    md.max_values = [(image.range[1] - m) / s for m, s in pairs]
+    md.min_values = [(image.range[0] - m) / s for m, s in zip(mean, std)]
+    md.max_values = [(image.range[1] - m) / s for m, s in zip(mean, std)]
     return md
 
 
-def _per_channel(image: ImageInput, channels: int) -> list[tuple[float, float]]:
-    mean = image.mean * channels if len(image.mean) == 1 else image.mean
-    std = image.std * channels if len(image.std) == 1 else image.std
-    return list(zip(mean, std))
+def _packed_files(buffer: bytes) -> dict[str, bytes]:
+    """Files packed after a model (labels): name -> content; {} when there are none."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(buffer)) as archive:
+            return {name: archive.read(name) for name in archive.namelist()}
+    except zipfile.BadZipFile:
+        return {}
 
 
 def associated_files(bundle: Path) -> dict[str, int]:
@@ -229,10 +230,10 @@ def tensor_interface(bundle: Path) -> dict[str, dict]:
     normalization, labels and their file), for the packager's generated code; {} without metadata."""
     from ai_edge_quantizer.utils import tfl_flatbuffer_utils as flatbuffer
 
-    if not metadata_present(bundle):
+    model = flatbuffer.read_model(str(bundle))
+    if not any(is_model_metadata(m) for m in model.metadata or []):
         return {}
     found = read_back(bundle)
-    model = flatbuffer.read_model(str(bundle))
     subgraph, signature = model.subgraphs[0], model.signatureDefs[0]
     described = found["metadata"]["subgraph_metadata"][0]
     result = {}
@@ -249,14 +250,6 @@ def tensor_interface(bundle: Path) -> dict[str, dict]:
                     entry["labels"] = found["files"][file["name"]].splitlines()
             result[name] = entry
     return result
-
-
-def metadata_present(bundle: Path) -> bool:
-    """Whether the bundle carries TFLite Model Metadata (read without MediaPipe)."""
-    from ai_edge_quantizer.utils import tfl_flatbuffer_utils as flatbuffer
-
-    model = flatbuffer.read_model(str(bundle))
-    return any(is_model_metadata(m) for m in model.metadata or [])
 
 
 def read_back(bundle: Path) -> dict:

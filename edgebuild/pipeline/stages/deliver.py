@@ -6,7 +6,7 @@ import shutil
 from datetime import datetime, timezone
 
 from ... import __version__
-from ...api import ONLY_OUTPUT, PackageInput
+from ...api import PackageInput
 from ...fsutil import atomic_write_json, bundle_files, read_json, remove_dir, replace_dir, sha256_file
 from ...manifest import Target
 from ...policy import choose, is_judged, is_measured, judged, nearest, pareto_front, store_limit, target_checks
@@ -183,11 +183,10 @@ def _interface_summary(manifest, meta: dict) -> dict:
     if interface is None:
         return {}
     labels = interface.labels_by_output([o["name"] for o in meta["outputs"]])
-    files = {output: manifest.relative(manifest.label_files[ONLY_OUTPUT if ONLY_OUTPUT in interface.labels else output])
-             for output in labels}
     return {**{key: value for key, value in (("description", interface.description), ("version", interface.version),
                                              ("author", interface.author), ("license", interface.license)) if value},
-            "labels": [{"output": output, "classes": len(names), "file": files[output]} for output, names in labels.items()],
+            "labels": [{"output": output, "classes": len(names), "file": manifest.relative(manifest.label_file(output))}
+                       for output, names in labels.items()],
             "images": [{"input": name, **image.to_json()} for name, image in sorted(interface.images.items())]}
 
 
