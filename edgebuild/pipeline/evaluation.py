@@ -19,10 +19,14 @@ from .layout import Build
 LATENCY_THREADS = 1
 LATENCY_RUNS = 20        # timed single-thread invokes of one batch (after the backend's warm-up)
 LATENCY_WARMUP = 3       # invokes a backend leaves out of its median (allocation, weight packing)
-# Batches run a second time to check the runtime's outputs repeat: 16, at most half the set (an
-# LLM's few long windows), at least 4. A kernel reading uninitialised memory changed outputs of
-# the first 4 digits samples in 6 of 40 fresh runs, of the first 16 in none of 40.
+# Batches run again to check the runtime's outputs repeat: 16, at most half the set (an LLM's few
+# long windows), at least 4.
 DETERMINISM_SAMPLES = 16
+# The reruns of the determinism check, each on a heap left full of a different byte. For a digits
+# int8 recipe whose kernel reads uninitialised memory, three runs in one process gave identical
+# outputs in 5 of 20 trials; with these two patterns, each rerun differed in 30 of 30.
+HEAP_PATTERNS = (0x55, 0xAA)
+HEAP_BLOCK_BYTES = 16 << 20
 JOBS_VARIABLE = "EDGEBUILD_JOBS"
 
 
@@ -223,12 +227,25 @@ def _check_deterministic(build: Build, backend, bundle: Path, inputs, outputs: d
     batch = example_batch(build)
     batches = max(1, -(-len(inputs[0]) // batch))
     count = min(len(inputs[0]), min(DETERMINISM_SAMPLES, max(4, batches // 2)) * batch)
-    again = backend.predict(bundle, [array[:count] for array in inputs], threads=LATENCY_THREADS, batch=batch,
-                            exported_program=build.exported_program)
-    for name, array in named_outputs(again.outputs, specs, again.runtime).items():
-        if not np.array_equal(array, outputs[name][:count], equal_nan=True):
-            raise NotDeterministic(f"{again.runtime} gave different outputs for the same input on a second run "
-                                   f"(output {name}, first {count} samples): the bundle is not deterministic")
+    for pattern in HEAP_PATTERNS:
+        _dirty_heap(pattern)
+        again = backend.predict(bundle, [array[:count] for array in inputs], threads=LATENCY_THREADS, batch=batch,
+                                exported_program=build.exported_program)
+        for name, array in named_outputs(again.outputs, specs, again.runtime).items():
+            if not np.array_equal(array, outputs[name][:count], equal_nan=True):
+                raise NotDeterministic(f"{again.runtime} gave different outputs for the same input on a second run "
+                                       f"(output {name}, first {count} samples): the bundle is not deterministic")
+
+
+def _dirty_heap(pattern: int) -> None:
+    """Leave freed heap memory filled with `pattern`, for the next interpreter to allocate. A kernel
+    that reads memory it never wrote then gives different numbers for each pattern; on fresh, zeroed
+    pages it often repeats the same numbers, and a single rerun missed it about one time in four.
+    (glibc serves a block this size with mmap and then raises its mmap threshold when it is freed:
+    the second block comes from the heap and stays there.)"""
+    for _ in range(2):
+        block = np.full(HEAP_BLOCK_BYTES, pattern, np.uint8)
+        del block
 
 
 def evaluate_bundle(build: Build, backend, bundle: Path) -> dict:
