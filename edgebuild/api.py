@@ -279,6 +279,16 @@ class WeightValuesBackend(Backend, Protocol):
         returning its values as float32, dequantized)."""
 
 
+@runtime_checkable
+class SimulatedSensitivityBackend(MixedPrecisionBackend, WeightValuesBackend, Protocol):
+    """A backend some of whose precisions compute in float on the dequantized weights it stores
+    (weight-only): per-layer sensitivity at those is measured in torch, on the exported program
+    with the stored values written back, not by a conversion and a runtime run per probe."""
+
+    def simulated_precisions(self, options: dict | None = None) -> set[str]:
+        """The precisions whose outputs equal the exported program's run on the stored weights."""
+
+
 class BackendBase:
     """Defaults for the optional parts of the Backend protocol."""
 

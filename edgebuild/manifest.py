@@ -51,7 +51,11 @@ ANDROID_DEFAULTS = {"assets_dir": "models", "kotlin_package": "edgebuild.models"
 ASSETS_DIR_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_-]*(/[A-Za-z0-9_][A-Za-z0-9_-]*)*$")
 KOTLIN_PACKAGE_PATTERN = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)*$")
 BUDGET_KEYS = {"size": False, "download": False, "latency_ms": False}
-SEARCH_KEYS = {"strategy": False, "max_evaluations": False, "max_time": False, "precisions": False, "techniques": False}
+SEARCH_KEYS = {"strategy": False, "max_evaluations": False, "max_time": False, "precisions": False, "techniques": False,
+               "sensitivity": False}
+# How per-layer sensitivity is measured: in torch where the backend declares it exact, else in the
+# runtime (auto); or every probe converted and run in the runtime.
+SENSITIVITY_MODES = ("auto", "runtime")
 SEARCH_DEFAULTS = {"strategy": "sensitivity", "max_evaluations": 12, "max_time": 600.0}
 ACCURACY_KEYS = {"max_drop": False, "floor": False, "guards": False}
 METRIC_KEYS = {"name": True, "output": False}
@@ -659,6 +663,9 @@ def _search(check: "_Validator", doc: "_Document", raw: dict) -> dict:
         search["max_evaluations"] = value
     if "max_time" in block:
         search["max_time"] = check.duration(block["max_time"], ("search", "max_time"))
+    if "sensitivity" in block:
+        search["sensitivity"] = check.choice(block["sensitivity"], ("search", "sensitivity"), list(SENSITIVITY_MODES),
+                                             "sensitivity measurement")
     known = {"precisions": {p for b in registry.backends.values() if isinstance(b, MixedPrecisionBackend)
                             for p in b.precisions()},
              "techniques": {name for (_, name) in registry.techniques}}

@@ -151,6 +151,11 @@ class TFLiteBackend(BackendBase):
         """What the search tries unless `search.precisions` says otherwise."""
         return [name for name in PRECISIONS if name not in OPT_IN_PRECISIONS]
 
+    def simulated_precisions(self, options: dict | None = None) -> set[str]:
+        """Weight-only precisions: the runtime dequantizes the stored weight and computes in float."""
+        return {name for name, (_, rule) in PRECISIONS.items()
+                if rule["op_config"]["compute_precision"] == "FLOAT" and rule["op_config"]["explicit_dequantize"]}
+
     # ---- quantization-aware training ----------------------------------------------------------
 
     def qat_plan(self, technique: Technique) -> dict | None:

@@ -10,7 +10,7 @@ import math
 import shutil
 import time
 
-from ...api import CompressInput, MixedPrecisionBackend, NotApplicable, SearchContext
+from ...api import CompressInput, MixedPrecisionBackend, NotApplicable, SearchContext, SimulatedSensitivityBackend
 from ...fsutil import (atomic_output, atomic_write_json, bundle_bytes, bundle_sha256, read_json, remove_path,
                        replace_path)
 from ...manifest import Target
@@ -18,10 +18,12 @@ from ...policy import judged
 from ..evaluation import (evaluate_bundle, example_batch, jobs, limits, named_outputs, output_specs, predict_samples,
                           read_data)
 from ..layout import Build
+from ..simulation import ProgramSimulator, match_weight
 
 MIXED = "mixed-precision"
 SENSITIVITY_SAMPLES = 64
-SENSITIVITY_FORMAT = 4       # bump when the table's meaning changes, so old caches are not reused
+SIMULATED = "torch simulation (stored weights, float32)"
+SENSITIVITY_FORMAT = 5       # bump when the table's meaning changes, so old caches are not reused
 
 
 def _digest(*parts) -> str:
@@ -35,6 +37,7 @@ def sensitivity_key(build: Build, target: Target, layers: list[dict], precisions
     backend = build.backend(target)
     return _digest(read_json(build.fp32_record(variant.key))["sha256"], bundle_sha256(build.data(role)),
                    list(precisions), layers, backend.version(), SENSITIVITY_SAMPLES, SENSITIVITY_FORMAT,
+                   _simulated_precisions(build, backend, variant.options, precisions),
                    output_specs(build),
                    build.code(("backend", backend.name), ("metric", "sqnr")))
 
@@ -45,7 +48,8 @@ def _probe(backend: MixedPrecisionBackend, technique, source: CompressInput, bun
 
 
 def sensitivity_table(build: Build, target: Target, layers: list[dict], precisions: dict[str, float]) -> dict:
-    """Output SQNR vs fp32 with one layer lowered to one precision, on a calibration subset. Cached."""
+    """Output SQNR vs fp32 with one layer lowered to one precision, on a calibration subset; how
+    each entry was measured; what each layer costs at each precision. Cached."""
     variant = build.variant(target)
     backend = build.backend(target)
     sqnr = build.registry.metrics["sqnr"]  # the proxy is the sqnr metric every build registers
@@ -57,8 +61,20 @@ def sensitivity_table(build: Build, target: Target, layers: list[dict], precisio
     samples = read_data(build, role, need_labels=False)
     inputs = tuple(array[:SENSITIVITY_SAMPLES] for array in samples.inputs)
     fp32 = build.fp32_bundle(variant.key)
-
     specs = output_specs(build)
+    work = build.state / variant.key / "sensitivity"
+    work.mkdir(parents=True, exist_ok=True)
+    source = CompressInput(fp32_bundle=fp32, exported_program=build.exported_program, calibration=None,
+                           work_dir=work, options=variant.options)
+    table = {layer["name"]: {precision: None for precision in precisions} for layer in layers}
+    stored_bytes = {layer["name"]: {precision: None for precision in precisions} for layer in layers}
+    measured_by = {layer["name"]: {} for layer in layers}
+    refused = {}
+    fp32_size = bundle_bytes(fp32)
+    simulated = _simulated_precisions(build, backend, variant.options, precisions)
+    if simulated:
+        _simulate(build, backend, layers, precisions, simulated, inputs, source, work, table, stored_bytes,
+                  measured_by)
 
     def run(bundle) -> dict:
         prediction = predict_samples(backend, bundle, inputs, batch=example_batch(build),
@@ -68,35 +84,137 @@ def sensitivity_table(build: Build, target: Target, layers: list[dict], precisio
     def db(outputs: dict) -> float:  # the worst output's SQNR: no layer may wreck any output
         return min(sqnr.compute(outputs[name], reference[name], None) for name in reference)
 
-    reference = run(fp32)
-    work = build.state / variant.key / "sensitivity"
-    work.mkdir(parents=True, exist_ok=True)
-    source = CompressInput(fp32_bundle=fp32, exported_program=build.exported_program, calibration=None,
-                           work_dir=work, options=variant.options)
-    table, stored_bytes, refused = {}, {}, {}
-    fp32_size = bundle_bytes(fp32)
+    reference = None
     for layer in layers:
         name = layer["name"]
-        table[name], stored_bytes[name] = {}, {}
         for precision in precisions:
-            table[name][precision] = stored_bytes[name][precision] = None
+            if precision in measured_by[name]:
+                continue
+            if reference is None:
+                reference = run(fp32)
             bundle = work / f"probe{backend.extension}"
             try:
                 _probe(backend, backend.mixed_technique({name: precision}, layers, "sensitivity"), source, bundle)
             except NotApplicable as exc:  # e.g. blocks that do not divide this layer
                 refused.setdefault(name, {})[precision] = str(exc)
                 continue
-            stored = _stored_dtype(backend.weights(bundle), layer)
-            if stored in ("float32", "float16") and precisions[precision] < (32 if stored == "float32" else 16):
+            if _stored_wider(backend.weights(bundle), layer, precisions[precision]):
                 continue  # the backend stores this op's weight wider than asked: no such precision here
             # What this layer really costs at this precision, scales and zero points included.
             stored_bytes[name][precision] = (bundle_bytes(bundle) - fp32_size
                                              + layer["params"] * backend.reference_bytes_per_weight)
             table[name][precision] = round(db(run(bundle)), 3)
+            measured_by[name][precision] = backend.runtime()
     remove_path(work)
-    result = {"db": table, "bytes": stored_bytes, "refused": refused}
+    result = {"db": table, "bytes": stored_bytes, "refused": refused, "measured_by": measured_by}
     atomic_write_json(cache, {"key": key, "table": result})
     return result
+
+
+def _simulated_precisions(build: Build, backend, options: dict, precisions: dict) -> list[str]:
+    """The precisions asked for that the backend computes in float on its stored weights, unless
+    the manifest asks for every probe in the runtime (`search.sensitivity: runtime`)."""
+    if build.manifest.search.get("sensitivity") == "runtime" or not isinstance(backend, SimulatedSensitivityBackend):
+        return []
+    return [precision for precision in precisions if precision in backend.simulated_precisions(options)]
+
+
+def _stored_wider(tensors: list[dict], layer: dict, bits: float) -> bool:
+    """The bundle keeps this layer's weight in a float wider than the precision asked for."""
+    stored = _stored_dtype(tensors, layer)
+    return stored in ("float32", "float16") and bits < (32 if stored == "float32" else 16)
+
+
+def _values_by_layer(values, layers: list[dict]) -> dict:
+    """Layer name -> a function loading its stored values, for layers whose name and size pick
+    exactly one stored buffer (a layer stored twice is left to the runtime: its copies are
+    quantized apart)."""
+    found = {}
+    for name, size, load in values:
+        found.setdefault((name, size), []).append(load)
+    loads = {}
+    for layer in layers:
+        if layer.get("copies"):
+            continue
+        entries = found.get((layer["name"], layer["params"]), [])
+        if len(entries) == 1:
+            loads[layer["name"]] = entries[0]
+    return loads
+
+
+def _layer_costs(backend, tensors: list[dict], layers: list[dict], offered: list[str], bundle_size: int,
+                 fp32_size: int) -> dict:
+    """What each layer of a uniform bundle costs at its precision: its weight tensor's bytes plus an
+    equal share of what else the bundle grew by. That growth is per quantized tensor more than per
+    weight (a dequantize op, the tensor's entry and name, its scales): on the digits CNN an equal
+    share is at most 430 B off a conversion per probe and picks the same assignment; a share by
+    parameters made a 144-weight layer look 475 B cheaper than it is and picked a larger one."""
+    stored = {layer["name"]: sum(t["bytes"] for t in tensors
+                                 if t["name"] == layer["name"] and math.prod(t["shape"]) == layer["params"])
+              for layer in layers}
+    rest = bundle_size - fp32_size - sum(stored[layer["name"]] - layer["params"] * backend.reference_bytes_per_weight
+                                         for layer in layers)
+    return {name: stored[name] + rest / max(1, len(offered)) for name in offered}
+
+
+def _simulate(build: Build, backend, layers: list[dict], precisions: dict[str, float], simulated: list[str],
+              inputs: tuple, source: CompressInput, work, table: dict, stored_bytes: dict, measured_by: dict) -> None:
+    """Fill the table for every layer whose fp32 weight is a program parameter (up to layout and
+    a folded per-channel scale) at every simulated precision: one uniform bundle per precision
+    gives each layer's exact stored values and its bytes; torch runs the probes, all cores."""
+    import torch
+
+    simulator = ProgramSimulator(build.exported_program, inputs, example_batch(build))
+    parameters = simulator.parameter_values()
+    maps = {}
+    for name, load in _values_by_layer(backend.weight_values(source.fp32_bundle), layers).items():
+        found = match_weight(load(), parameters)
+        if found is not None:
+            maps[name] = found
+    del parameters
+    if not maps:
+        return
+    mapped = [layer for layer in layers if layer["name"] in maps]
+    fp32_size = bundle_bytes(source.fp32_bundle)
+    probes, entries = [], []
+    for precision in simulated:
+        bundle = work / f"uniform-{precision}{backend.extension}"
+        try:
+            _probe(backend, backend.mixed_technique({layer["name"]: precision for layer in mapped}, layers,
+                                                    "sensitivity"), source, bundle)
+        except NotApplicable:
+            continue  # a layer it does not fit: every layer is probed at this precision in the runtime
+        tensors = backend.weights(bundle)
+        offered = [layer["name"] for layer in mapped if not _stored_wider(tensors, layer, precisions[precision])]
+        costs = _layer_costs(backend, tensors, mapped, offered, bundle_bytes(bundle), fp32_size)
+        stored = _values_by_layer(backend.weight_values(bundle), mapped)
+        for layer in mapped:
+            name = layer["name"]
+            if name not in costs:  # the backend stores this op's weight wider than asked
+                measured_by[name][precision] = "not offered: stored wider than asked"
+                continue
+            if name not in stored:
+                continue
+            probes.append((maps[name].parameter, maps[name].to_parameter(stored[name]())))
+            entries.append((name, precision))
+            stored_bytes[name][precision] = round(costs[name])
+        remove_path(bundle)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(jobs())
+    try:
+        signal, noise = simulator.noise(probes)
+    finally:
+        torch.set_num_threads(threads)
+    for (name, precision), energies in zip(entries, noise):
+        table[name][precision] = round(min(_db(s, n) for s, n in zip(signal, energies)), 3)
+        measured_by[name][precision] = SIMULATED
+
+
+def _db(signal: float, noise: float) -> float:
+    """The sqnr metric's ratio from its two sums (200 dB for identical outputs, as it caps)."""
+    if noise == 0.0:
+        return 200.0
+    return float(min(200.0, 10.0 * math.log10(max(signal, 1e-30) / noise)))
 
 
 def _grid(build: Build, target: Target) -> tuple[list[dict], dict[str, float], dict[str, float]]:
@@ -251,6 +369,7 @@ def run_search(build: Build, target: Target) -> None:
     chosen = build.registry.strategies[settings["strategy"]].search(context)
     record.update({
         "layers": [{**layer, "sensitivity_db": measured["db"][layer["name"]],
+                    "measured_by": measured["measured_by"][layer["name"]],
                     "stored_bytes": measured["bytes"][layer["name"]]} for layer in layers],
         "evaluations": len(context.evaluated),
         "seconds": round(time.monotonic() - context.started, 2),
