@@ -2,7 +2,7 @@
 
 The model is a CRAFT-style text detector built here: a VGG16-BN encoder, dilated fc6/fc7
 convolutions and a U-Net decoder with skip connections, two score maps as two outputs (region,
-affinity). About 20.8M parameters, random but fixed weights (seed 0), input 1x3x320x640, 8
+affinity). 23.1M parameters, random but fixed weights (seed 0), input 1x3x320x640, 8
 evaluation images (smoothed noise, fixed seed). The Android target's budget lies between uniform
 int4 and int8 with an SQNR floor that uniform int4 misses, so the build needs mixed precision.
 
@@ -108,7 +108,7 @@ def images(count: int, height: int, width: int, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     out = np.zeros((count, 3, height, width), np.float32)
     for scale in (8, 32, 128):
-        coarse = rng.random((count, 3, max(1, height // scale), max(1, width // scale)), dtype=np.float32)
+        coarse = rng.random((count, 3, -(-height // scale), -(-width // scale)), dtype=np.float32)
         out += np.repeat(np.repeat(coarse, scale, axis=2), scale, axis=3)[:, :, :height, :width] / 3
     return out
 
@@ -143,13 +143,13 @@ def main() -> None:
     np.savez(project / "data" / "calib.npz", x=images(args.images, args.height, args.width, seed=1))
     evaluation = images(args.images, args.height, args.width, seed=2)
     np.savez(project / "data" / "eval.npz", x=evaluation)
-    # Budget between uniform int4 (~10.4 MB) and int8 (~20.8 MB); the floor uniform int4 misses.
+    # Budget between uniform int4 (11.7 MB) and int8 (23.3 MB); uniform int4 misses the floor (37.7 dB).
     (project / "edgebuild.yaml").write_text(yaml.safe_dump({
         "version": 1, "model": {"name": "craft", "source": "python", "entry": "model.py:build"},
         "data": {"calibration": "data/calib.npz", "evaluation": "data/eval.npz"},
         "metric": "sqnr", "reports": ["json"],
         "targets": [{"name": "android", "format": "tflite", "devices": ["pixel-8"],
-                     "budget": {"size": "15MB"}, "accuracy": {"floor": 30.0}}],
+                     "budget": {"size": "15MB"}, "accuracy": {"floor": 42.0}}],
     }, sort_keys=False))
 
     before = resource.getrusage(resource.RUSAGE_CHILDREN)

@@ -173,6 +173,8 @@ def test_min_ios_cannot_exclude_a_listed_device(tmp_path, capsys):
     ("search: {precisions: [int3]}", "edgebuild.yaml:19:23: search.precisions[0]: unknown precision 'int3'; did you "
                                      "mean 'int8'? (available: fp16, int4, int4-block32, int8, pal2, pal3, pal4, pal6, pal8)"),
     ("search: {techniques: [int9-magic]}", "edgebuild.yaml:19:23: search.techniques[0]: unknown technique 'int9-magic'"),
+    ("search: {sensitivity: torch}", "edgebuild.yaml:19:23: search.sensitivity: unknown sensitivity measurement "
+                                     "'torch' (available: auto, runtime)"),
 ])
 def test_search_block_is_validated(tmp_path, capsys, block, expected):
     code, err = validate(tmp_path, GOOD + block + "\n", capsys)
@@ -183,10 +185,10 @@ def test_search_settings_parse(tmp_path):
     from edgebuild.manifest import load_manifest
     from edgebuild.plugins import default_registry
 
-    text = GOOD + "search: {strategy: exhaustive, max_time: 5m, precisions: [fp16, int4]}\n"
+    text = GOOD + "search: {strategy: exhaustive, max_time: 5m, precisions: [fp16, int4], sensitivity: runtime}\n"
     manifest = load_manifest(make_project(tmp_path, text), default_registry())
     assert manifest.search == {"strategy": "exhaustive", "max_evaluations": 12, "max_time": 300.0,
-                               "precisions": ["fp16", "int4"]}
+                               "precisions": ["fp16", "int4"], "sensitivity": "runtime"}
 
 
 @pytest.mark.parametrize("extra, expected", [

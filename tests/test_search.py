@@ -156,3 +156,30 @@ def test_budget_change_reuses_sensitivity_and_evaluations(searched, tmp_path):
     assert "search:android" in executed and not any(s.startswith(("compress", "evaluate", "convert")) for s in executed)
     assert table.stat().st_mtime_ns == before
     assert len(list((root / ".edgebuild" / "tflite" / "search").glob("*.json"))) == cached
+
+
+def test_simulated_sensitivity_agrees_with_the_runtime_probe_by_probe(built_copy):
+    """The digits CNN (a depthwise and a regular convolution, stored channels-last, and two fully
+    connected layers): each entry measured in torch is the runtime's within 0.05 dB."""
+    simulated = read_report(built_copy)["targets"][0]["search"]
+    manifest = yaml.safe_load((built_copy / "edgebuild.yaml").read_text())
+    manifest["search"] = {"sensitivity": "runtime"}
+    (built_copy / "edgebuild.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
+    result = run_edgebuild("build", cwd=built_copy)
+    assert result.returncode == 0, result.stderr
+    runtime = read_report(built_copy)["targets"][0]["search"]
+
+    compared = []
+    for in_torch, in_runtime in zip(simulated["layers"], runtime["layers"], strict=True):
+        assert in_torch["name"] == in_runtime["name"]
+        for precision, measured in in_runtime["sensitivity_db"].items():
+            how = in_torch["measured_by"].get(precision, "")
+            if measured is None:  # not offered: the backend keeps this weight wider
+                assert in_torch["sensitivity_db"][precision] is None and how.startswith("not offered")
+                continue
+            assert how.startswith("torch simulation"), (in_torch["name"], precision, how)
+            assert in_runtime["measured_by"][precision].startswith("ai-edge-litert")
+            assert abs(in_torch["sensitivity_db"][precision] - measured) <= 0.05, (in_torch["name"], precision)
+            compared.append((in_torch["name"], precision))
+    assert len(compared) >= 10  # 4 layers x 3 precisions, less what the backend keeps wider
+    assert simulated["chosen"]["assignment"] == runtime["chosen"]["assignment"]

@@ -10,6 +10,8 @@ import math
 import shutil
 import time
 
+import numpy as np
+
 from ...api import CompressInput, MixedPrecisionBackend, NotApplicable, SearchContext, SimulatedSensitivityBackend
 from ...fsutil import (atomic_output, atomic_write_json, bundle_bytes, bundle_sha256, read_json, remove_path,
                        replace_path)
@@ -23,6 +25,9 @@ from ..simulation import ProgramSimulator, match_weight
 MIXED = "mixed-precision"
 SENSITIVITY_SAMPLES = 64
 SIMULATED = "torch simulation (stored weights, float32)"
+# A compressed weight is matched to the layer whose fp32 values it is nearest to, within this
+# relative distance (int4 per channel on uniform random weights: about 0.07).
+STORED_MATCH_ERROR = 0.5
 SENSITIVITY_FORMAT = 5       # bump when the table's meaning changes, so old caches are not reused
 
 
@@ -142,19 +147,46 @@ def _values_by_layer(values, layers: list[dict]) -> dict:
     return loads
 
 
-def _layer_costs(backend, tensors: list[dict], layers: list[dict], offered: list[str], bundle_size: int,
+def _stored_by_layer(values, layers: list[dict], fp32_loads: dict) -> dict[str, tuple[str, object]]:
+    """Layer name -> (stored tensor name, load) in a compressed bundle. Matched by value, not name:
+    a converter may name a quantized tensor after another op (a folded BatchNorm's), so each
+    stored weight goes to the layer of its size and shape whose fp32 values it is nearest to."""
+    by_size = {}
+    for layer in layers:
+        if layer["name"] in fp32_loads:
+            by_size.setdefault(layer["params"], []).append(layer["name"])
+    found = {}
+    for stored_name, size, load in values:
+        candidates = [name for name in by_size.get(size, []) if name not in found]
+        if not candidates:
+            continue
+        stored = load()
+        best, error = None, STORED_MATCH_ERROR
+        for name in candidates:
+            reference = fp32_loads[name]()
+            if reference.shape == stored.shape:
+                distance = float(np.linalg.norm(stored - reference) / max(float(np.linalg.norm(reference)), 1e-30))
+                if distance < error:
+                    best, error = name, distance
+        if best is not None:
+            found[best] = (stored_name, load)
+    return found
+
+
+def _layer_costs(backend, tensors: list[dict], stored: dict[str, dict], offered: list[str], bundle_size: int,
                  fp32_size: int) -> dict:
     """What each layer of a uniform bundle costs at its precision: its weight tensor's bytes plus an
     equal share of what else the bundle grew by. That growth is per quantized tensor more than per
     weight (a dequantize op, the tensor's entry and name, its scales): on the digits CNN an equal
     share is at most 430 B off a conversion per probe and picks the same assignment; a share by
-    parameters made a 144-weight layer look 475 B cheaper than it is and picked a larger one."""
-    stored = {layer["name"]: sum(t["bytes"] for t in tensors
-                                 if t["name"] == layer["name"] and math.prod(t["shape"]) == layer["params"])
-              for layer in layers}
-    rest = bundle_size - fp32_size - sum(stored[layer["name"]] - layer["params"] * backend.reference_bytes_per_weight
-                                         for layer in layers)
-    return {name: stored[name] + rest / max(1, len(offered)) for name in offered}
+    parameters made a 144-weight layer look 475 B cheaper than it is and picked a larger one.
+    `stored` maps each layer to itself under the name its weight has in this bundle."""
+    weight = {name: sum(t["bytes"] for t in tensors
+                        if t["name"] == layer["name"] and math.prod(t["shape"]) == layer["params"])
+              for name, layer in stored.items()}
+    rest = bundle_size - fp32_size - sum(weight[name] - layer["params"] * backend.reference_bytes_per_weight
+                                         for name, layer in stored.items())
+    return {name: weight[name] + rest / max(1, len(offered)) for name in offered}
 
 
 def _simulate(build: Build, backend, layers: list[dict], precisions: dict[str, float], simulated: list[str],
@@ -166,8 +198,9 @@ def _simulate(build: Build, backend, layers: list[dict], precisions: dict[str, f
 
     simulator = ProgramSimulator(build.exported_program, inputs, example_batch(build))
     parameters = simulator.parameter_values()
+    fp32_loads = _values_by_layer(backend.weight_values(source.fp32_bundle), layers)
     maps = {}
-    for name, load in _values_by_layer(backend.weight_values(source.fp32_bundle), layers).items():
+    for name, load in fp32_loads.items():
         found = match_weight(load(), parameters)
         if found is not None:
             maps[name] = found
@@ -185,17 +218,17 @@ def _simulate(build: Build, backend, layers: list[dict], precisions: dict[str, f
         except NotApplicable:
             continue  # a layer it does not fit: every layer is probed at this precision in the runtime
         tensors = backend.weights(bundle)
-        offered = [layer["name"] for layer in mapped if not _stored_wider(tensors, layer, precisions[precision])]
-        costs = _layer_costs(backend, tensors, mapped, offered, bundle_bytes(bundle), fp32_size)
-        stored = _values_by_layer(backend.weight_values(bundle), mapped)
-        for layer in mapped:
-            name = layer["name"]
-            if name not in costs:  # the backend stores this op's weight wider than asked
+        found = _stored_by_layer(backend.weight_values(bundle), mapped, fp32_loads)
+        renamed = {layer["name"]: {**layer, "name": found[layer["name"]][0]} for layer in mapped
+                   if layer["name"] in found}
+        offered = [name for name, layer in renamed.items()
+                   if not _stored_wider(tensors, layer, precisions[precision])]
+        costs = _layer_costs(backend, tensors, renamed, offered, bundle_bytes(bundle), fp32_size)
+        for name in renamed:
+            if name not in costs:
                 measured_by[name][precision] = "not offered: stored wider than asked"
                 continue
-            if name not in stored:
-                continue
-            probes.append((maps[name].parameter, maps[name].to_parameter(stored[name]())))
+            probes.append((maps[name].parameter, maps[name].to_parameter(found[name][1]())))
             entries.append((name, precision))
             stored_bytes[name][precision] = round(costs[name])
         remove_path(bundle)
