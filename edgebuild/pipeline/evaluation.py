@@ -1,7 +1,10 @@
 """What several stages share: reading data as the model takes it, running a bundle in its runtime,
 measuring the manifest's metrics, and a target's limits. Stages import this; it imports no stage."""
 import dataclasses
+import hashlib
+import json
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -10,21 +13,24 @@ import numpy as np
 from ..api import Prediction, ShardedPredictBackend, Technique, WeightValuesBackend
 from ..data import Dataset, load_dataset
 from ..errors import InputError, ToolchainError
-from ..fsutil import bundle_bytes, bundle_download_bytes, read_json
+from ..fsutil import bundle_bytes, bundle_download_bytes, bundle_sha256, read_json
 from ..manifest import Target
 from ..policy import Limits, target_limits
 from ..weights import find_copies
 from .layout import Build
 
 LATENCY_THREADS = 1
-LATENCY_RUNS = 20        # timed single-thread invokes of one batch (after the backend's warm-up)
+LATENCY_RUNS = 20        # timed single-thread invokes of one batch (after the backend's warm-up)...
+LATENCY_MIN_RUNS = 3     # ...or as many as fit in LATENCY_SECONDS, at least these: a 20M-parameter
+LATENCY_SECONDS = 2.0    # detector's int4 invoke takes 2 s, and 20 of them cost more than its accuracy run
 LATENCY_WARMUP = 3       # invokes a backend leaves out of its median (allocation, weight packing)
-# Batches run again to check the runtime's outputs repeat: 16, at most half the set (an LLM's few
-# long windows), at least 4.
+# Batches run again to check the runtime's outputs repeat: 16, at most an eighth of the set (an
+# LLM's few long windows, a detector's few large images), at least 1.
 DETERMINISM_SAMPLES = 16
 # The reruns of the determinism check, each on a heap left full of a different byte. For a digits
 # int8 recipe whose kernel reads uninitialised memory, three runs in one process gave identical
-# outputs in 5 of 20 trials; with these two patterns, each rerun differed in 30 of 30.
+# outputs in 5 of 20 trials; with these two patterns, each rerun differed in 30 of 30 (64 samples)
+# and in 12 of 12 (1 sample).
 HEAP_PATTERNS = (0x55, 0xAA)
 HEAP_BLOCK_BYTES = 16 << 20
 JOBS_VARIABLE = "EDGEBUILD_JOBS"
@@ -86,10 +92,18 @@ def available_memory() -> int | None:
         return None
 
 
-def time_latency(backend, bundle: Path, inputs, *, batch: int, exported_program: Path | None) -> Prediction:
-    """Latency as it means something: one batch, invoked LATENCY_WARMUP + LATENCY_RUNS times on one
+def latency_runs(batch_ms: float | None) -> int:
+    """Timed invokes for a model whose batch takes about `batch_ms` (from its accuracy run)."""
+    if not batch_ms:
+        return LATENCY_RUNS
+    return max(LATENCY_MIN_RUNS, min(LATENCY_RUNS, int(LATENCY_SECONDS * 1000 // batch_ms)))
+
+
+def time_latency(backend, bundle: Path, inputs, *, batch: int, exported_program: Path | None,
+                 runs: int = LATENCY_RUNS) -> Prediction:
+    """Latency as it means something: one batch, invoked LATENCY_WARMUP + `runs` times on one
     thread, nothing else running in this process."""
-    repeated = [np.concatenate([array[:batch]] * (LATENCY_WARMUP + LATENCY_RUNS)) for array in inputs]
+    repeated = [np.concatenate([array[:batch]] * (LATENCY_WARMUP + runs)) for array in inputs]
     return backend.predict(bundle, repeated, threads=LATENCY_THREADS, batch=batch, exported_program=exported_program)
 
 
@@ -226,7 +240,7 @@ def _check_deterministic(build: Build, backend, bundle: Path, inputs, outputs: d
     logits of 1e35 that change from run to run.)"""
     batch = example_batch(build)
     batches = max(1, -(-len(inputs[0]) // batch))
-    count = min(len(inputs[0]), min(DETERMINISM_SAMPLES, max(4, batches // 2)) * batch)
+    count = min(len(inputs[0]), min(DETERMINISM_SAMPLES, max(1, batches // 8)) * batch)
     for pattern in HEAP_PATTERNS:
         _dirty_heap(pattern)
         again = backend.predict(bundle, [array[:count] for array in inputs], threads=LATENCY_THREADS, batch=batch,
@@ -248,6 +262,24 @@ def _dirty_heap(pattern: int) -> None:
         del block
 
 
+def variant_evaluation_inputs(build: Build, variant_key: str) -> tuple:
+    """What a full evaluation of one of a variant's bundles depends on besides the bundle's bytes:
+    the fp32 bundle (the model), the evaluation data, the metrics, the toolchain and the code of
+    edgebuild, the backend and the metrics."""
+    backend = build.registry.backends[build.variants[variant_key].backend]
+    return (read_json(build.fp32_record(variant_key))["sha256"], bundle_sha256(build.data("evaluation")),
+            build.manifest.metrics, backend.version(),
+            build.code(("backend", backend.name), *(("metric", spec.name) for spec in build.manifest.specs.values())))
+
+
+def evaluated_before(build: Build, variant_key: str, sha256: str) -> Path:
+    """Where the evaluation of these bytes is kept: two techniques that give the same bundle (int4
+    blockwise recipes on a model whose every weight is a convolution's) are evaluated once."""
+    digest = hashlib.sha256(json.dumps([*variant_evaluation_inputs(build, variant_key), sha256],
+                                       sort_keys=True, default=str).encode()).hexdigest()
+    return build.state / variant_key / "evaluated" / f"{digest[:32]}.json"
+
+
 def evaluate_bundle(build: Build, backend, bundle: Path) -> dict:
     """Run a bundle in its runtime on the evaluation set: every output's metrics, bytes, download
     bytes, latency; a runtime that is not deterministic by construction runs the first samples
@@ -256,10 +288,15 @@ def evaluate_bundle(build: Build, backend, bundle: Path) -> dict:
     copies = find_copies(backend.weight_values(bundle)) if isinstance(backend, WeightValuesBackend) else None
     data = evaluation_data(build)
     batch = example_batch(build)
+    begin = time.perf_counter()
     prediction = predict_samples(backend, bundle, data.inputs, batch=batch, exported_program=build.exported_program,
                                  workers=jobs())
     if isinstance(backend, ShardedPredictBackend):
-        timed = time_latency(backend, bundle, data.inputs, batch=batch, exported_program=build.exported_program)
+        # Each shard ran its batches one after another: a batch took about its shard's time.
+        shards = (prediction.details or {}).get("shards", 1)
+        batch_ms = (time.perf_counter() - begin) * 1000 * shards / max(1, -(-len(data.inputs[0]) // batch))
+        timed = time_latency(backend, bundle, data.inputs, batch=batch, exported_program=build.exported_program,
+                             runs=latency_runs(batch_ms))
         prediction = dataclasses.replace(prediction, latency_ms=timed.latency_ms, latency_note=timed.latency_note,
                                          details=timed.details)
     specs = output_specs(build)

@@ -5,7 +5,7 @@ from ...errors import EdgebuildError, ToolchainError, first_line
 from ...fsutil import (atomic_output, atomic_write_json, bundle_bytes, bundle_download_bytes, bundle_sha256, read_json,
                        record_matches, remove_path, replace_path)
 from ...manifest import check_interface
-from ..evaluation import NotDeterministic, evaluate_bundle, read_data
+from ..evaluation import NotDeterministic, evaluate_bundle, evaluated_before, read_data
 from ..layout import Build
 
 CALIBRATION_SAMPLES = 256  # enough for min/max ranges; more only slows the quantizer
@@ -111,8 +111,9 @@ def evaluate(build: Build, variant_key: str, technique_name: str) -> None:
                                                          f"{limit:,} B, the largest size budget of its targets; "
                                                          f"--evaluate-all evaluates it)"})
         return
+    before = evaluated_before(build, variant_key, record.sha256)
     try:
-        measured = evaluate_bundle(build, backend, bundle)
+        measured = read_json(before) if before.is_file() else evaluate_bundle(build, backend, bundle)
     except EdgebuildError:
         raise
     except Exception as exc:  # the runtime failed on this candidate, or its outputs do not repeat
@@ -120,4 +121,7 @@ def evaluate(build: Build, variant_key: str, technique_name: str) -> None:
         error = ToolchainError(message, stage="evaluate", technique=technique_name)
         atomic_write_json(destination, {**result, "status": "error", "error": error.to_record()})
         return
+    if not before.is_file():
+        before.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(before, measured)
     atomic_write_json(destination, {**result, "status": "ok", "sha256": record.sha256, **measured})

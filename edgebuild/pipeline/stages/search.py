@@ -18,7 +18,7 @@ from ...fsutil import (atomic_output, atomic_write_json, bundle_bytes, bundle_sh
 from ...manifest import Target
 from ...policy import judged
 from ..evaluation import (evaluate_bundle, example_batch, jobs, limits, named_outputs, output_specs, predict_samples,
-                          read_data)
+                          read_data, variant_evaluation_inputs)
 from ..layout import Build
 from ..simulation import ProgramSimulator, match_weight
 
@@ -295,13 +295,9 @@ def _one_weight_notes(layers: list[dict]) -> list[str]:
 
 
 def evaluation_inputs(build: Build, target: Target) -> tuple:
-    """What every full evaluation of a target's search depends on besides its recipe: the fp32
-    bundle, the evaluation data, the metrics, the toolchain and the code of edgebuild, the backend
-    and the metrics. Hashed once per search, not once per evaluation."""
-    backend = build.backend(target)
-    return (read_json(build.fp32_record(build.variant(target).key))["sha256"], bundle_sha256(build.data("evaluation")),
-            build.manifest.metrics, backend.version(),
-            build.code(("backend", backend.name), *(("metric", spec.name) for spec in build.manifest.specs.values())))
+    """What every full evaluation of a target's search depends on besides its recipe (its
+    variant's `variant_evaluation_inputs`). Hashed once per search, not once per evaluation."""
+    return variant_evaluation_inputs(build, build.variant(target).key)
 
 
 def evaluation_key(inputs: tuple, recipe) -> str:
