@@ -133,3 +133,35 @@ def test_shards_are_bounded_by_the_memory_their_runtimes_need():
     assert shards_within(3 * 2**30, 512 * 2**20) == 1       # never fewer than one
     assert shards_within(16 * 2**30, 60_000) > 10_000       # small models: --jobs decides
     assert available_memory() > 2**30                      # read from /proc/meminfo here
+
+
+def test_latency_takes_as_many_invokes_as_fit_in_its_time():
+    from edgebuild.pipeline.evaluation import LATENCY_MIN_RUNS, LATENCY_RUNS, latency_runs
+
+    assert latency_runs(None) == latency_runs(0.05) == LATENCY_RUNS  # the digits CNN: 20
+    assert latency_runs(150.0) == 13
+    assert latency_runs(2500.0) == LATENCY_MIN_RUNS  # a 20M-parameter detector's int4 invoke
+
+
+def test_a_candidate_with_another_candidates_bytes_is_evaluated_once(built_copy, tmp_path):
+    """A third-party technique whose recipe is int8-weight-only's gives the same bytes: its record
+    is that evaluation's, latency timings included (a second run would time differently)."""
+    from tests.test_plugins import install_fake_distribution
+
+    from edgebuild.plugins import default_registry
+
+    recipe = default_registry().techniques[("tflite", "int8-weight-only")].recipe
+    site = tmp_path / "site"
+    site.mkdir()
+    install_fake_distribution(site, "edgebuild_again", (
+        "from edgebuild.api import Technique\nfrom edgebuild.hookspecs import hookimpl\n\n"
+        "@hookimpl\ndef register_techniques(register):\n"
+        f"    register(Technique('int8-weight-only-again', 'tflite', 'third-party', recipe={recipe!r}))\n"))
+    done = run_edgebuild("build", "--json", cwd=built_copy, env={"PYTHONPATH": str(site)})
+    assert done.returncode == 0, done.stderr
+    assert "evaluate:tflite:int8-weight-only-again" in json.loads(done.stdout)["executed"]
+    candidates = {c["technique"]: c for c in read_report(built_copy)["targets"][0]["candidates"]}
+    first, again = candidates["int8-weight-only"], candidates["int8-weight-only-again"]
+    assert again["sha256"] == first["sha256"]
+    for key in ("metric", "metrics", "bytes", "latency_ms", "latency", "evaluated_by"):
+        assert again[key] == first[key], key

@@ -28,6 +28,7 @@ SIMULATED = "torch simulation (stored weights, float32)"
 # A compressed weight is matched to the layer whose fp32 values it is nearest to, within this
 # relative distance (int4 per channel on uniform random weights: about 0.07).
 STORED_MATCH_ERROR = 0.5
+PROBE_BYTES = 1 << 30    # the probes' weights held for one pass over the samples
 SENSITIVITY_FORMAT = 5       # bump when the table's meaning changes, so old caches are not reused
 
 
@@ -209,7 +210,23 @@ def _simulate(build: Build, backend, layers: list[dict], precisions: dict[str, f
         return
     mapped = [layer for layer in layers if layer["name"] in maps]
     fp32_size = bundle_bytes(source.fp32_bundle)
-    probes, entries = [], []
+    probes, probed = [], []
+
+    def run_probes():  # one fp32 pass per batch serves every probe held
+        if not probes:
+            return
+        threads = torch.get_num_threads()
+        torch.set_num_threads(jobs())
+        try:
+            signal, noise = simulator.noise(probes)
+        finally:
+            torch.set_num_threads(threads)
+        for (name, precision), energies in zip(probed, noise):
+            table[name][precision] = round(min(_db(s, n) for s, n in zip(signal, energies)), 3)
+            measured_by[name][precision] = SIMULATED
+        probes.clear()
+        probed.clear()
+
     for precision in simulated:
         bundle = work / f"uniform-{precision}{backend.extension}"
         try:
@@ -224,23 +241,20 @@ def _simulate(build: Build, backend, layers: list[dict], precisions: dict[str, f
         offered = [name for name, layer in renamed.items()
                    if not _stored_wider(tensors, layer, precisions[precision])]
         costs = _layer_costs(backend, tensors, renamed, offered, bundle_bytes(bundle), fp32_size)
+        # Each precision's probes hold one model's worth of float32 weights: an LLM's are run
+        # before the next precision's are read.
+        if probes and sum(value.nbytes for _, value in probes) + 4 * sum(layer["params"] for layer in mapped) > PROBE_BYTES:
+            run_probes()
         for name in renamed:
             if name not in costs:
                 measured_by[name][precision] = "not offered: stored wider than asked"
                 continue
             probes.append((maps[name].parameter, maps[name].to_parameter(found[name][1]())))
-            entries.append((name, precision))
+            probed.append((name, precision))
             stored_bytes[name][precision] = round(costs[name])
+        del found
         remove_path(bundle)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(jobs())
-    try:
-        signal, noise = simulator.noise(probes)
-    finally:
-        torch.set_num_threads(threads)
-    for (name, precision), energies in zip(entries, noise):
-        table[name][precision] = round(min(_db(s, n) for s, n in zip(signal, energies)), 3)
-        measured_by[name][precision] = SIMULATED
+    run_probes()
 
 
 def _db(signal: float, noise: float) -> float:
