@@ -262,6 +262,11 @@ def _dirty_heap(pattern: int) -> None:
         del block
 
 
+def digest(*parts) -> str:
+    """A cache key: the sha256 of the parts as canonical JSON."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def variant_evaluation_inputs(build: Build, variant_key: str) -> tuple:
     """What a full evaluation of one of a variant's bundles depends on besides the bundle's bytes:
     the fp32 bundle (the model), the evaluation data, the metrics, the toolchain and the code of
@@ -275,9 +280,8 @@ def variant_evaluation_inputs(build: Build, variant_key: str) -> tuple:
 def evaluated_before(build: Build, variant_key: str, sha256: str) -> Path:
     """Where the evaluation of these bytes is kept: two techniques that give the same bundle (int4
     blockwise recipes on a model whose every weight is a convolution's) are evaluated once."""
-    digest = hashlib.sha256(json.dumps([*variant_evaluation_inputs(build, variant_key), sha256],
-                                       sort_keys=True, default=str).encode()).hexdigest()
-    return build.state / variant_key / "evaluated" / f"{digest[:32]}.json"
+    key = digest(*variant_evaluation_inputs(build, variant_key), sha256)[:32]
+    return build.state / variant_key / "evaluated" / f"{key}.json"
 
 
 def evaluate_bundle(build: Build, backend, bundle: Path) -> dict:

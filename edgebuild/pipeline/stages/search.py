@@ -4,8 +4,6 @@ per-layer assignment that meets a target's budgets and floor, using few full eva
 Full evaluations build the real bundle and run it in the backend's runtime; they are cached by
 content hash (and the code that produced them), so rerunning a search, or another target's, reuses them.
 """
-import hashlib
-import json
 import math
 import shutil
 import time
@@ -17,8 +15,8 @@ from ...fsutil import (atomic_output, atomic_write_json, bundle_bytes, bundle_sh
                        replace_path)
 from ...manifest import Target
 from ...policy import judged
-from ..evaluation import (evaluate_bundle, example_batch, jobs, limits, named_outputs, output_specs, predict_samples,
-                          read_data, variant_evaluation_inputs)
+from ..evaluation import (digest, evaluate_bundle, example_batch, jobs, limits, named_outputs, output_specs,
+                          predict_samples, read_data, variant_evaluation_inputs)
 from ..layout import Build
 from ..simulation import ProgramSimulator, match_weight
 
@@ -32,16 +30,12 @@ PROBE_BYTES = 1 << 30    # the probes' weights held for one pass over the sample
 SENSITIVITY_FORMAT = 5       # bump when the table's meaning changes, so old caches are not reused
 
 
-def _digest(*parts) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
-
-
 def sensitivity_key(build: Build, target: Target, layers: list[dict], precisions: dict, role: str) -> str:
     """What the sensitivity table depends on: the fp32 bundle, the data, the grid, the toolchain
     and the code of edgebuild, the backend and the sqnr metric."""
     variant = build.variant(target)
     backend = build.backend(target)
-    return _digest(read_json(build.fp32_record(variant.key))["sha256"], bundle_sha256(build.data(role)),
+    return digest(read_json(build.fp32_record(variant.key))["sha256"], bundle_sha256(build.data(role)),
                    list(precisions), layers, backend.version(), SENSITIVITY_SAMPLES, SENSITIVITY_FORMAT,
                    _simulated_precisions(build, backend, variant.options, precisions),
                    output_specs(build),
@@ -243,7 +237,8 @@ def _simulate(build: Build, backend, layers: list[dict], precisions: dict[str, f
         costs = _layer_costs(backend, tensors, renamed, offered, bundle_bytes(bundle), fp32_size)
         # Each precision's probes hold one model's worth of float32 weights: an LLM's are run
         # before the next precision's are read.
-        if probes and sum(value.nbytes for _, value in probes) + 4 * sum(layer["params"] for layer in mapped) > PROBE_BYTES:
+        held = sum(value.nbytes for _, value in probes)
+        if probes and held + 4 * sum(layer["params"] for layer in mapped) > PROBE_BYTES:
             run_probes()
         for name in renamed:
             if name not in costs:
@@ -316,7 +311,7 @@ def evaluation_inputs(build: Build, target: Target) -> tuple:
 
 def evaluation_key(inputs: tuple, recipe) -> str:
     """One mixed assignment's evaluation: its recipe with `evaluation_inputs`."""
-    return _digest(*inputs, recipe)[:32]
+    return digest(*inputs, recipe)[:32]
 
 
 def _evaluator(build: Build, target: Target, layers: list[dict]):
