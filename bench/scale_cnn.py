@@ -175,11 +175,13 @@ def main() -> None:
     measured = {}
     for layer in search.get("layers", []):
         for precision, how in layer.get("measured_by", {}).items():
+            how = how.split(" (")[0]  # a first-order estimate names its weight error gap
             measured[how] = measured.get(how, 0) + 1
     print(f"sensitivity probes by how measured: {measured or 'none'}")
     runs = sum(1 for c in target["candidates"] if "evaluated_by" in c) + search.get("evaluations", 0)
     print(f"full runtime evaluations: {runs} (candidates and search), "
-          f"runtime sensitivity probes: {sum(v for k, v in measured.items() if 'simulat' not in k)}")
+          f"runtime sensitivity probes: "
+          f"{sum(v for k, v in measured.items() if not k.startswith(('torch', 'first-order', 'not offered')))}")
     print(f"chosen: {chosen.get('technique')} {chosen.get('bytes')} B, sqnr {chosen.get('metric')} dB "
           f"(target status {target['status']})")
     print(f"one single-thread fp32 evaluation of the {args.images} images: {unit:.2f} s")

@@ -53,9 +53,10 @@ KOTLIN_PACKAGE_PATTERN = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)*$")
 BUDGET_KEYS = {"size": False, "download": False, "latency_ms": False}
 SEARCH_KEYS = {"strategy": False, "max_evaluations": False, "max_time": False, "precisions": False, "techniques": False,
                "sensitivity": False}
-# How per-layer sensitivity is measured: in torch where the backend declares it exact, else in the
-# runtime (auto); or every probe converted and run in the runtime.
-SENSITIVITY_MODES = ("auto", "runtime")
+# How per-layer sensitivity is measured: in torch where the backend declares it exact, precisions
+# far closer to fp32 than a probed one estimated from it, else in the runtime (auto); every exact
+# precision probed in torch (torch); or every probe converted and run in the runtime (runtime).
+SENSITIVITY_MODES = ("auto", "torch", "runtime")
 SEARCH_DEFAULTS = {"strategy": "sensitivity", "max_evaluations": 12, "max_time": 600.0}
 ACCURACY_KEYS = {"max_drop": False, "floor": False, "guards": False}
 METRIC_KEYS = {"name": True, "output": False}

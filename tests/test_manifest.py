@@ -173,8 +173,8 @@ def test_min_ios_cannot_exclude_a_listed_device(tmp_path, capsys):
     ("search: {precisions: [int3]}", "edgebuild.yaml:19:23: search.precisions[0]: unknown precision 'int3'; did you "
                                      "mean 'int8'? (available: fp16, int4, int4-block32, int8, pal2, pal3, pal4, pal6, pal8)"),
     ("search: {techniques: [int9-magic]}", "edgebuild.yaml:19:23: search.techniques[0]: unknown technique 'int9-magic'"),
-    ("search: {sensitivity: torch}", "edgebuild.yaml:19:23: search.sensitivity: unknown sensitivity measurement "
-                                     "'torch' (available: auto, runtime)"),
+    ("search: {sensitivity: simulated}", "edgebuild.yaml:19:23: search.sensitivity: unknown sensitivity "
+                                         "measurement 'simulated' (available: auto, runtime, torch)"),
 ])
 def test_search_block_is_validated(tmp_path, capsys, block, expected):
     code, err = validate(tmp_path, GOOD + block + "\n", capsys)

@@ -160,7 +160,9 @@ def test_budget_change_reuses_sensitivity_and_evaluations(searched, tmp_path):
 
 def test_simulated_sensitivity_agrees_with_the_runtime_probe_by_probe(built_copy):
     """The digits CNN (a depthwise and a regular convolution, stored channels-last, and two fully
-    connected layers): each entry measured in torch is the runtime's within 0.05 dB."""
+    connected layers): each entry measured in torch is the runtime's within 0.05 dB; each entry
+    estimated to first order is within 6 dB of the runtime's and at least 15 dB under the noise of
+    the probe it was estimated from, so it cannot decide a move to that probe's precision."""
     simulated = read_report(built_copy)["targets"][0]["search"]
     manifest = yaml.safe_load((built_copy / "edgebuild.yaml").read_text())
     manifest["search"] = {"sensitivity": "runtime"}
@@ -169,7 +171,7 @@ def test_simulated_sensitivity_agrees_with_the_runtime_probe_by_probe(built_copy
     assert result.returncode == 0, result.stderr
     runtime = read_report(built_copy)["targets"][0]["search"]
 
-    compared = []
+    compared, estimated = [], []
     for in_torch, in_runtime in zip(simulated["layers"], runtime["layers"], strict=True):
         assert in_torch["name"] == in_runtime["name"]
         for precision, measured in in_runtime["sensitivity_db"].items():
@@ -177,9 +179,16 @@ def test_simulated_sensitivity_agrees_with_the_runtime_probe_by_probe(built_copy
             if measured is None:  # not offered: the backend keeps this weight wider
                 assert in_torch["sensitivity_db"][precision] is None and how.startswith("not offered")
                 continue
-            assert how.startswith("torch simulation"), (in_torch["name"], precision, how)
             assert in_runtime["measured_by"][precision].startswith("ai-edge-litert")
+            if how.startswith("first-order estimate from the "):
+                basis = how.removeprefix("first-order estimate from the ").split()[0]
+                assert in_torch["measured_by"][basis].startswith("torch simulation")
+                assert abs(in_torch["sensitivity_db"][precision] - measured) <= 6.0, (in_torch["name"], precision)
+                assert measured >= in_runtime["sensitivity_db"][basis] + 15.0, (in_torch["name"], precision)
+                estimated.append((in_torch["name"], precision))
+                continue
+            assert how.startswith("torch simulation"), (in_torch["name"], precision, how)
             assert abs(in_torch["sensitivity_db"][precision] - measured) <= 0.05, (in_torch["name"], precision)
             compared.append((in_torch["name"], precision))
-    assert len(compared) >= 10  # 4 layers x 3 precisions, less what the backend keeps wider
+    assert len(compared) >= 4 and len(estimated) >= 6  # each layer probed once, its wider precisions estimated
     assert simulated["chosen"]["assignment"] == runtime["chosen"]["assignment"]

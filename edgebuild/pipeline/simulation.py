@@ -96,6 +96,10 @@ class ProgramSimulator:
         return {name: tensor.detach().float().numpy() for name, tensor in self.parameters.items()
                 if name in self.nodes}
 
+    def parameter_value(self, name: str) -> np.ndarray:
+        """One parameter's fp32 value, as float64 (for error sums)."""
+        return self.parameters[name].detach().double().numpy()
+
     def _downstream(self, parameter: str) -> set:
         """Every node whose value depends on the parameter."""
         found, stack = set(), [self.nodes[parameter]]
