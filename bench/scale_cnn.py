@@ -12,6 +12,7 @@ time as a multiple of one single-thread fp32 evaluation of the 8 images in ai-ed
 measured in the same run (issue #16's goal: <= 35x).
 
 Run: .venv/bin/python bench/scale_cnn.py [--height 320 --width 640 --images 8] [--keep DIR]
+                                         [--sensitivity auto|torch|runtime]
      (about 10-30 minutes on 2 cores at the default size; smaller sizes for a quick look)
 """
 import argparse
@@ -133,6 +134,8 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=640)
     parser.add_argument("--images", type=int, default=8)
     parser.add_argument("--keep", type=Path, help="build in this folder and keep it")
+    parser.add_argument("--sensitivity", choices=("auto", "torch", "runtime"), default="auto",
+                        help="search.sensitivity: how the per-layer probes are measured (before/after rows)")
     args = parser.parse_args()
 
     project = args.keep or Path(tempfile.mkdtemp(prefix="scale_cnn_"))
@@ -147,7 +150,7 @@ def main() -> None:
     (project / "edgebuild.yaml").write_text(yaml.safe_dump({
         "version": 1, "model": {"name": "craft", "source": "python", "entry": "model.py:build"},
         "data": {"calibration": "data/calib.npz", "evaluation": "data/eval.npz"},
-        "metric": "sqnr", "reports": ["json"],
+        "metric": "sqnr", "reports": ["json"], "search": {"sensitivity": args.sensitivity},
         "targets": [{"name": "android", "format": "tflite", "devices": ["pixel-8"],
                      "budget": {"size": "15MB"}, "accuracy": {"floor": 42.0}}],
     }, sort_keys=False))
@@ -168,7 +171,8 @@ def main() -> None:
     search = json.loads((project / ".edgebuild" / "targets" / "android" / "search.json").read_text())
     target = report["targets"][0]
     chosen = target.get("chosen") or {}
-    print(f"model: CRAFT-style U-Net, input 1x3x{args.height}x{args.width}, {args.images} images")
+    print(f"model: CRAFT-style U-Net, input 1x3x{args.height}x{args.width}, {args.images} images, "
+          f"search.sensitivity: {args.sensitivity}")
     print(f"cold build: wall {wall:.1f} s, user+system {cpu:.1f} s ({cpu / wall:.2f} cores busy on average)")
     for name, seconds in sorted(stages, key=lambda s: -s[1]):
         print(f"  {name:<40} {seconds:8.1f} s")
