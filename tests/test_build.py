@@ -192,17 +192,32 @@ def test_nan_calibration_data_exits_2(built_copy):
     assert "examples/digits/calib.npz: array 'x' holds 1 NaN or infinite values" in result.stderr
 
 
+def most_stages_at_once(stderr: str) -> int:
+    """The most stages running at one time, from the progress lines a build printed."""
+    running, most = set(), 0
+    for line in stderr.splitlines():
+        if line.startswith("▶ "):
+            running.add(line[2:].strip())
+            most = max(most, len(running))
+        elif line.strip().startswith(("done ", "failed ")):
+            running.discard(line.split()[1])
+    return most
+
+
 def test_two_clean_builds_are_byte_identical(built_example, tmp_path):
+    """The session's example build ran its stages in parallel where it could (by default, as many
+    as cores and memory allow); this one runs one stage at a time, on one core."""
     make_project(tmp_path)
-    result = run_edgebuild("build", cwd=tmp_path)
+    result = run_edgebuild("build", "--jobs", "1", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
+    assert most_stages_at_once(result.stderr) == 1
     # Every file of every target folder; the reports at the top of dist/ are compared below.
     files = sorted(p.relative_to(built_example) for p in (built_example / "dist").rglob("*")
                    if p.is_file() and p.parent != built_example / "dist")
     assert len(files) > 5 and any(".mlpackage" in str(p) for p in files)
     for name in files:  # every bundle file, Core ML packages included
         assert sha256(tmp_path / name) == sha256(built_example / name), name
-    record_figure(f"reproducibility: two clean builds, {len(files)} bundle files (all targets), "
+    record_figure(f"reproducibility: two clean builds (parallel stages, --jobs 1), {len(files)} bundle files (all targets), "
                   f"{sum(sha256(tmp_path / n) == sha256(built_example / n) for n in files)} identical sha256")
 
     def without_timings(report):
@@ -215,3 +230,21 @@ def test_two_clean_builds_are_byte_identical(built_example, tmp_path):
             target.get("search", {}).pop("seconds", None)
         return report
     assert without_timings(read_report(tmp_path)) == without_timings(read_report(built_example))
+
+
+def test_independent_stages_run_at_once_within_the_memory(built_copy):
+    """After every candidate record is deleted, the rebuild reruns compress and evaluate stages:
+    two at a time with two cores, one at a time when the memory given holds one stage; the same
+    bundles either way."""
+    before = {p: sha256(p) for p in sorted((built_copy / "dist").rglob("*")) if p.is_file()
+              and p.parent != built_copy / "dist"}
+    runs = {}
+    for name, env in (("two cores", {}), ("memory for one stage", {"EDGEBUILD_MEMORY": str(2 << 30)})):
+        for record in (built_copy / ".edgebuild").glob("*/candidates/*.json"):
+            record.unlink()
+        result = run_edgebuild("build", "--jobs", "2", cwd=built_copy, env=env)
+        assert result.returncode == 0, result.stderr
+        assert sum(line.startswith("▶ compress:") for line in result.stderr.splitlines()) >= 10, result.stderr
+        runs[name] = most_stages_at_once(result.stderr)
+        assert {p: sha256(p) for p in before} == before, name
+    assert runs == {"two cores": 2, "memory for one stage": 1}

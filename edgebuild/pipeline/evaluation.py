@@ -18,6 +18,7 @@ from ..manifest import Target
 from ..policy import Limits, target_limits
 from ..weights import find_copies
 from .layout import Build
+from .machine import cores
 
 LATENCY_THREADS = 1
 LATENCY_RUNS = 20        # timed single-thread invokes of one batch (after the backend's warm-up)...
@@ -293,8 +294,9 @@ def evaluate_bundle(build: Build, backend, bundle: Path) -> dict:
     data = evaluation_data(build)
     batch = example_batch(build)
     begin = time.perf_counter()
-    prediction = predict_samples(backend, bundle, data.inputs, batch=batch, exported_program=build.exported_program,
-                                 workers=jobs())
+    with cores(jobs()) as workers:  # every core no other running stage holds
+        prediction = predict_samples(backend, bundle, data.inputs, batch=batch,
+                                     exported_program=build.exported_program, workers=workers)
     if isinstance(backend, ShardedPredictBackend):
         # Each shard ran its batches one after another: a batch took about its shard's time.
         shards = (prediction.details or {}).get("shards", 1)

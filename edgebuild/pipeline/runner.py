@@ -1,8 +1,10 @@
 """Runs the task graph with doit: progress on stderr, toolchain noise into per-task logs, one lock."""
 import contextlib
+import ctypes
 import fcntl
 import os
 import shutil
+import signal
 import sys
 import time
 import traceback
@@ -18,13 +20,33 @@ from rich.console import Console
 
 from .. import progress
 from ..errors import EdgebuildError, InputError, ToolchainError, first_line
-from ..fsutil import remove_path
-from . import isolated
+from ..fsutil import atomic_write_json, read_json, remove_path
+from . import isolated, machine
+from .evaluation import jobs
 from .graph import build_tasks
 from .layout import Build
 from .stages.deliver import target_summary
 
 HEAVY_STAGES = ("export", "reference", "convert", "compress", "evaluate", "search", "qat")
+PR_SET_PDEATHSIG = 1
+_forking = {"parallel": False, "parent": None}  # set while doit's workers are being forked
+
+
+def _before_fork() -> None:
+    _forking["parent"] = os.getpid()
+
+
+def _worker_dies_with_its_parent() -> None:
+    """A doit worker forked by a parallel build is killed with the build (SIGKILL, CI timeout):
+    it must not outlive it holding the project lock it inherited, or write after it."""
+    if not _forking["parallel"]:
+        return
+    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != _forking["parent"]:  # the parent died before the line above
+        os._exit(1)
+
+
+os.register_at_fork(before=_before_fork, after_in_child=_worker_dies_with_its_parent)
 
 
 class DurableSqliteDB(SqliteDB):
@@ -117,7 +139,7 @@ def project_lock(build: Build, wait: bool, console: Console):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _make_reporter(result: RunResult, console: Console):
+def _make_reporter(result: RunResult, console: Console, build: Build):
     class Reporter:
         """doit reporter that prints a line per stage to stderr and remembers what ran."""
 
@@ -135,12 +157,13 @@ def _make_reporter(result: RunResult, console: Console):
         def execute_task(self, task):
             if task.actions:
                 self.started[task.name] = time.perf_counter()
-                console.print(f"[cyan]▶[/cyan] {_stage_name(task.name)}", highlight=False)
+                if not _forking["parallel"]:  # a worker says it when the stage really starts
+                    console.print(f"[cyan]▶[/cyan] {_stage_name(task.name)}", highlight=False)
 
         def add_success(self, task):
             if task.name in self.started:
                 result.executed.append(_stage_name(task.name))
-                elapsed = time.perf_counter() - self.started[task.name]
+                elapsed = task.values.get("seconds", time.perf_counter() - self.started[task.name])
                 console.print(f"  [green]done[/green] {_stage_name(task.name)} ({elapsed:.1f}s)", highlight=False)
 
         def add_failure(self, task, fail):
@@ -148,6 +171,10 @@ def _make_reporter(result: RunResult, console: Console):
                 result.blocked.append(_stage_name(task.name))
                 return
             result.failed.append(_stage_name(task.name))
+            record = _error_file(build, task.name)
+            if record.is_file():  # the stage ran in a worker process: its error came back in a file
+                result.errors.append(isolated.error_from(read_json(record)))
+                record.unlink()
             console.print(f"  [red]failed[/red] {_stage_name(task.name)}", highlight=False)
 
         def skip_uptodate(self, task):
@@ -176,38 +203,57 @@ def _stage_name(task_name: str) -> str:
     return task_name.removeprefix("edgebuild:")
 
 
-def _stage_wrapper(build: Build, result: RunResult):
+def _error_file(build: Build, task_name: str) -> Path:
+    return build.staging / "errors" / f"{task_name}.json"
+
+
+def _stage_wrapper(build: Build, result: RunResult, model_bytes: int):
     """`wrap(task_name, stage)` for the task graph: the stage's toolchain output goes to its log, a
-    large model's heavy stage runs in a process of its own, and errors are collected, never raised."""
-    model_bytes = sum(path.stat().st_size for path in build.model_sources() if path.is_file())
+    large model's heavy stage runs in a process of its own, a heavy stage of a parallel build waits
+    for its core and memory, and errors are collected, never raised."""
     isolate = isolated.wanted(model_bytes)
+    memory = machine.stage_memory(model_bytes)
+    runner = os.getpid()
+
+    def collect(task_name: str, exc: EdgebuildError) -> None:
+        if os.getpid() == runner:
+            result.errors.append(exc)
+        else:  # a doit worker: the runner reads it back when it reports the failure
+            atomic_write_json(_error_file(build, task_name), isolated.error_record(exc))
 
     def wrap(task_name: str, stage: Callable) -> Callable:
         log = build.log(task_name)
         heavy = task_name.startswith(HEAVY_STAGES)
 
         def action(*args):
+            ledger = machine.Ledger.current()
             try:
+                booked = ledger.admitted(task_name, memory) if heavy and ledger else contextlib.nullcontext()
                 # Heavy stages talk to C++ toolchains that write straight to fd 2; keep stdout clean.
                 context = native_output_to(log) if heavy else contextlib.nullcontext()
-                with context:
-                    if heavy and isolate:  # a large model: the stage's memory goes when it ends
-                        isolated.run(build.manifest.path, task_name, build.state)
-                    else:
-                        stage(*args)
-                return True
+                with booked:
+                    if os.getpid() != runner:  # a worker: the runner would hear of it late
+                        os.write(2, f"▶ {_stage_name(task_name)}\n".encode())
+                    begin = time.perf_counter()  # once its core and memory are free
+                    with context:
+                        if heavy and isolate:  # a large model: the stage's memory goes when it ends
+                            isolated.run(build.manifest.path, task_name, build.state)
+                        else:
+                            stage(*args)
+                # doit keeps what an action returns as the task's values and sends it back from a worker.
+                return {"seconds": time.perf_counter() - begin}
             except EdgebuildError as exc:
                 if isinstance(exc, ToolchainError) and exc.log is None:
                     _append_traceback(log)
                     exc = ToolchainError(exc.reason, stage=exc.stage, target=exc.target, technique=exc.technique,
                                          op=exc.op, log=build.manifest.relative(log))
-                result.errors.append(exc)
+                collect(task_name, exc)
                 return False
             except Exception as exc:  # a bug or an unforeseen toolchain failure: name the stage, keep the trace
                 _append_traceback(log)
                 reason = str(exc) if isinstance(exc, isolated.StageCrashed) else first_line(exc)
-                result.errors.append(ToolchainError(f"unexpected error: {reason}", stage=task_name.split(":")[0],
-                                                    log=build.manifest.relative(log)))
+                collect(task_name, ToolchainError(f"unexpected error: {reason}", stage=task_name.split(":")[0],
+                                                  log=build.manifest.relative(log)))
                 return False
 
         return action
@@ -216,10 +262,12 @@ def _stage_wrapper(build: Build, result: RunResult):
 
 
 def run_pipeline(build: Build, *, console: Console, wait: bool = True, only: list[str] | None = None) -> RunResult:
-    """Run every stage that is not up to date; `only` names tasks (e.g. 'convert:tflite') to run
-    just those and whatever they need (bench/llm_scale.py measures stages one per process)."""
+    """Run every stage that is not up to date, independent ones at once as far as the cores and
+    memory allow; `only` names tasks (e.g. 'convert:tflite') to run just those and whatever they
+    need (bench/llm_scale.py measures stages one per process)."""
     result = RunResult()
-    tasks = build_tasks(build, _stage_wrapper(build, result))
+    model_bytes = sum(path.stat().st_size for path in build.model_sources() if path.is_file())
+    tasks = build_tasks(build, _stage_wrapper(build, result, model_bytes))
 
     def task_edgebuild():
         yield from tasks
@@ -230,20 +278,37 @@ def run_pipeline(build: Build, *, console: Console, wait: bool = True, only: lis
         "DOIT_CONFIG": {
             "dep_file": str(build.state / "doit.sqlite"),
             "backend": "edgebuild-sqlite",
-            "reporter": _make_reporter(result, console),
+            "reporter": _make_reporter(result, console, build),
             "continue": True,  # a failing stage of one backend must not stop the others
             "verbosity": 0,
         },
     }
+    cores = jobs()
+    workers = machine.parallel_stages(cores, model_bytes)
     with project_lock(build, wait, console):
         _clear_leftovers(build)
         cwd = os.getcwd()
+        saved = os.environ.get(machine.LEDGER_VARIABLE)
         try:
             os.chdir(build.manifest.root)
             backends = {"BACKEND": {"edgebuild-sqlite": f"{__name__}:DurableSqliteDB"}}
             selection = [f"edgebuild:{name}" for name in only or []]
-            code = DoitMain(ModuleTaskLoader(namespace), extra_config=backends).run(["run", *selection])
+            parallel = []
+            if workers > 1:
+                # doit's process runner forks one worker per slot; the runner keeps the state (sqlite,
+                # committed per stage) and the reporting, the ledger shares cores and memory.
+                ledger = build.state / "ledger.json"
+                machine.Ledger.create(ledger, cores, machine.memory_for_stages() or 2**62)
+                os.environ[machine.LEDGER_VARIABLE] = str(ledger)
+                parallel = ["-n", str(workers), "-P", "process"]
+                _forking["parallel"] = True
+            code = DoitMain(ModuleTaskLoader(namespace), extra_config=backends).run(["run", *parallel, *selection])
         finally:
+            _forking["parallel"] = False
+            if saved is None:
+                os.environ.pop(machine.LEDGER_VARIABLE, None)
+            else:
+                os.environ[machine.LEDGER_VARIABLE] = saved
             os.chdir(cwd)
     if code == 3:  # doit could not even start (an invalid task graph): that is our bug, say so
         raise ToolchainError("doit refused the task graph (see messages above)", stage="task graph")

@@ -9,7 +9,9 @@ values back through that map and reruns only the nodes that depend on the parame
 else comes from the fp32 pass, recorded once per batch of samples.
 """
 import itertools
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 
@@ -111,10 +113,11 @@ class ProgramSimulator:
                     stack.append(user)
         return found
 
-    def noise(self, probes: list[tuple[str, np.ndarray]]) -> tuple[list[float], list[list[float]]]:
+    def noise(self, probes: list[tuple[str, np.ndarray]], workers: int = 1) -> tuple[list[float], list[list[float]]]:
         """(signal energy per output, each probe's noise energy per output) over every sample: the
         sums the sqnr metric divides. A probe is (parameter, value); outputs are in the model's
-        flattening order. Only those sums are kept: an LLM's logits per probe would not fit."""
+        flattening order. Only those sums are kept: an LLM's logits per probe would not fit.
+        `workers` probes run at once, each on one thread, so the sums do not depend on it."""
         import torch
         from torch.fx import Interpreter
 
@@ -148,32 +151,36 @@ class ProgramSimulator:
         def arrays(result, rows):
             return [t.detach().double().numpy()[:rows] for t in leaves(result)]
 
-        record = True
-        with torch.no_grad():
-            for chunk, rows in padded_batches(self.inputs, self.batch):
-                tensors = [torch.from_numpy(part) for part in chunk]
-                recorder = Record() if record else None
-                reference = arrays(recorder.run(*tensors) if recorder else module(*tensors), rows)
-                if recorder is not None and sum(v.numel() * v.element_size() for v in recorder.values.values()
-                                                if isinstance(v, torch.Tensor)) > RECORD_BYTES_LIMIT:
-                    record, recorder = False, None
-                energy = [float(np.sum(r ** 2)) for r in reference]
-                signal = energy if signal is None else [a + b for a, b in zip(signal, energy)]
-                for index, ((parameter, _), dirty, value) in enumerate(zip(probes, downstream, values)):
-                    if recorder is not None:
-                        out = Replay(recorder.values, dirty, self.nodes[parameter], value).run(*tensors)
-                    else:
-                        out = self._with_parameter(parameter, value, tensors)
-                    energy = [float(np.sum((o - r) ** 2)) for o, r in zip(arrays(out, rows), reference)]
-                    noise[index] = energy if noise[index] is None else [a + b for a, b in zip(noise[index], energy)]
-                del recorder
-        return signal, noise
+        def probe_energy(index, recorder, tensors, reference, rows):
+            with torch.no_grad():  # grad mode is per thread
+                parameter = probes[index][0]
+                if recorder is not None:
+                    out = Replay(recorder.values, downstream[index], self.nodes[parameter], values[index]).run(*tensors)
+                else:
+                    out = torch.func.functional_call(module, {parameter: values[index]}, tuple(tensors))
+                return [float(np.sum((o - r) ** 2)) for o, r in zip(arrays(out, rows), reference)]
 
-    def _with_parameter(self, parameter: str, value, tensors):
-        tensor = self.parameters[parameter]
-        saved = tensor.detach().clone()
-        tensor.data.copy_(value)
+        record = True
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # one thread per probe: the same sums on any number of cores
         try:
-            return self.module(*tensors)
+            with torch.no_grad(), ThreadPoolExecutor(max(1, workers)) as pool:
+                for chunk, rows in padded_batches(self.inputs, self.batch):
+                    tensors = [torch.from_numpy(part) for part in chunk]
+                    recorder = Record() if record else None
+                    reference = arrays(recorder.run(*tensors) if recorder else module(*tensors), rows)
+                    if recorder is not None and sum(v.numel() * v.element_size() for v in recorder.values.values()
+                                                    if isinstance(v, torch.Tensor)) > RECORD_BYTES_LIMIT:
+                        record, recorder = False, None
+                    energy = [float(np.sum(r ** 2)) for r in reference]
+                    signal = energy if signal is None else [a + b for a, b in zip(signal, energy)]
+                    # Largest downstream first, so the last probes to finish are short ones.
+                    order = sorted(range(len(probes)), key=lambda i: -len(downstream[i]))
+                    energies = pool.map(partial(probe_energy, recorder=recorder, tensors=tensors, reference=reference,
+                                                rows=rows), order)
+                    for index, energy in zip(order, energies):
+                        noise[index] = energy if noise[index] is None else [a + b for a, b in zip(noise[index], energy)]
+                    del recorder
         finally:
-            tensor.data.copy_(saved)
+            torch.set_num_threads(threads)
+        return signal, noise

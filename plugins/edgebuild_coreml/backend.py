@@ -194,6 +194,7 @@ class CoreMLBackend(BackendBase):
         import coremltools as ct
 
         lean_conversion_memory()
+        _fresh_op_names()
         base = ct.models.MLModel(str(source.fp32_bundle), skip_model_load=True)
         try:
             # Compress the model's weights (its parameters), never other constants such as an
@@ -449,6 +450,16 @@ def _materialized(op) -> np.ndarray:
 
 # ---- compressions, one small function per recipe kind (techniques.yaml's `compress.kind`) -------
 
+def _fresh_op_names() -> None:
+    """Number the ops coremltools adds from zero, as ct.convert does: its counters are per
+    process, so the names a compression or a load gives (and the report shows) would otherwise
+    depend on what else the process did before (another stage, in a build that runs stages at once)."""
+    from coremltools.converters.mil.mil import Builder, Block
+
+    Builder.name_count.clear()
+    Block.counter = 0
+
+
 def _palettize(base, settings: dict, layers: list[dict], source: CompressInput):
     import coremltools.optimize.coreml as optimize
 
@@ -589,6 +600,7 @@ def _program(bundle: Path):
 
     model = ct.models.MLModel(str(bundle), skip_model_load=True)
     spec = model.get_spec()
+    _fresh_op_names()  # loading names the inline constants it creates (a palette's table) by counter
     return load(spec, specification_version=spec.specificationVersion, file_weights_dir=model.weights_dir)
 
 

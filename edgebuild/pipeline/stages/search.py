@@ -18,6 +18,7 @@ from ...policy import judged
 from ..evaluation import (digest, evaluate_bundle, example_batch, jobs, limits, named_outputs, output_specs,
                           predict_samples, read_data, variant_evaluation_inputs)
 from ..layout import Build
+from ..machine import cores
 from ..simulation import ProgramSimulator, match_weight
 
 MIXED = "mixed-precision"
@@ -85,8 +86,9 @@ def sensitivity_table(build: Build, target: Target, layers: list[dict], precisio
                   measured_by, first_order=build.manifest.search.get("sensitivity", "auto") == "auto")
 
     def run(bundle) -> dict:
-        prediction = predict_samples(backend, bundle, inputs, batch=example_batch(build),
-                                     exported_program=build.exported_program, workers=jobs())
+        with cores(jobs()) as workers:
+            prediction = predict_samples(backend, bundle, inputs, batch=example_batch(build),
+                                         exported_program=build.exported_program, workers=workers)
         return named_outputs(prediction.outputs, specs, prediction.runtime)
 
     def db(outputs: dict) -> float:  # the worst output's SQNR: no layer may wreck any output
@@ -200,8 +202,6 @@ def _simulate(build: Build, backend, layers: list[dict], precisions: dict[str, f
     gives each layer's exact stored values and its bytes; torch runs the probes, all cores.
     With `first_order`, the fewest-bits precision is probed and a precision whose weight error is
     FIRST_ORDER_GAP of that one's or less is estimated from it."""
-    import torch
-
     simulator = ProgramSimulator(build.exported_program, inputs, example_batch(build))
     parameters = simulator.parameter_values()
     fp32_loads = _values_by_layer(backend.weight_values(source.fp32_bundle), layers)
@@ -222,12 +222,8 @@ def _simulate(build: Build, backend, layers: list[dict], precisions: dict[str, f
     def run_probes():  # one fp32 pass per batch serves every probe held
         if not probes:
             return
-        threads = torch.get_num_threads()
-        torch.set_num_threads(jobs())
-        try:
-            signal, noise = simulator.noise(probes)
-        finally:
-            torch.set_num_threads(threads)
+        with cores(jobs()) as workers:
+            signal, noise = simulator.noise(probes, workers)
         for (name, precision), energies in zip(probed, noise):
             table[name][precision] = round(min(_db(s, n) for s, n in zip(signal, energies)), 3)
             measured_by[name][precision] = SIMULATED
