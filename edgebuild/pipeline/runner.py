@@ -171,7 +171,7 @@ def _make_reporter(result: RunResult, console: Console, build: Build):
                 result.blocked.append(_stage_name(task.name))
                 return
             result.failed.append(_stage_name(task.name))
-            record = _error_file(build, task.name)
+            record = _error_file(build, _stage_name(task.name))
             if record.is_file():  # the stage ran in a worker process: its error came back in a file
                 result.errors.append(isolated.error_from(read_json(record)))
                 record.unlink()
