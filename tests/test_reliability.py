@@ -123,27 +123,31 @@ def test_symlinks_cannot_smuggle_paths_out_of_the_project(tmp_path):
 def build_killed_in(root: Path, stage: str, rng: random.Random) -> str | None:
     """Start a build and SIGKILL its process group as soon as a stage whose name starts with `stage`
     begins. Returns the stage that was running when the kill landed, read from the progress lines
-    the build printed before it died (None: the build ended, or was between stages)."""
+    the build printed before it died: the aimed-at one if it had not finished, else another that
+    was running (stages run at once), else None (the build ended, or was between stages)."""
     process = subprocess.Popen([sys.executable, "-m", "edgebuild", "build"], cwd=root, stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, text=True, start_new_session=True)
-    running, killed = None, False
+    running, aimed = set(), None
 
-    def follow(line: str) -> str | None:
+    def follow(line: str) -> None:
         if line.startswith("▶ "):
-            return line[2:].strip()
-        return None if line.strip().startswith(("done ", "failed ")) else running
+            running.add(line[2:].strip())
+        elif line.strip().startswith(("done ", "failed ")):
+            running.discard(line.split()[1])
 
     for line in process.stderr:
-        running = follow(line)
-        if line.startswith("▶ ") and running.startswith(stage):
+        follow(line)
+        if line.startswith("▶ ") and line[2:].strip().startswith(stage):
+            aimed = line[2:].strip()
             time.sleep(rng.uniform(0, 0.005))
             os.killpg(process.pid, signal.SIGKILL)
-            killed = True
             break
     for line in process.stderr.read().splitlines():  # printed before the kill landed
-        running = follow(line)
+        follow(line)
     process.wait()
-    return running if killed else None
+    if aimed is None or not running:
+        return None
+    return aimed if aimed in running else sorted(running)[0]
 
 
 # (what changes before the build, the stage the kill is aimed at): each stage runs after its change.
@@ -238,6 +242,33 @@ def test_corrupted_cache_entry_is_detected_and_rebuilt(built_copy):
 
 # ---- concurrency ---------------------------------------------------------------------------------------
 
+def test_workers_die_with_a_killed_build_and_leave_the_project_free(built_copy):
+    """Only the build's own process is killed (a CI runner's timeout may do just that): its stage
+    workers go with it instead of running on holding the project lock, and the next build,
+    asked not to wait, starts at once and gives the same bundles."""
+    reference = bundle_files(built_copy)
+    for record in (built_copy / ".edgebuild" / "tflite" / "candidates").glob("*.json"):
+        record.unlink()
+    process = subprocess.Popen([sys.executable, "-m", "edgebuild", "build", "--jobs", "2"], cwd=built_copy,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    for line in process.stderr:
+        if line.startswith("▶ compress:"):
+            break
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            os.killpg(process.pid, 0)  # anything left of the build's process group?
+        except ProcessLookupError:
+            break
+        assert time.monotonic() < deadline, "a stage worker outlived the killed build"
+        time.sleep(0.1)
+    result = run_edgebuild("build", "--no-wait", cwd=built_copy)
+    assert result.returncode == 0, result.stderr
+    assert bundle_files(built_copy) == reference
+
+
 def test_two_builds_at_once_both_end_valid_and_no_wait_names_the_holder(built_copy):
     shutil.rmtree(built_copy / ".edgebuild")
     first = subprocess.Popen([sys.executable, "-m", "edgebuild", "build"], cwd=built_copy,
@@ -287,7 +318,8 @@ def test_quantizer_failure_exits_3_and_the_other_candidates_still_run(built_copy
     # No tflite candidate is cached (the conversion is): every other candidate has to run in this build.
     for folder in ("candidates", "evaluations"):
         shutil.rmtree(built_copy / ".edgebuild" / "tflite" / folder)
-    result = run_edgebuild("build", "--json", cwd=built_copy, env={"PYTHONPATH": str(site)})
+    # One stage at a time, so the order below shows the others ran after the failure.
+    result = run_edgebuild("build", "--json", "--jobs", "1", cwd=built_copy, env={"PYTHONPATH": str(site)})
     assert result.returncode == 3
     summary = json.loads(result.stdout)
     line = next(l for l in result.stderr.splitlines() if l.startswith("error") and "technique fp16" in l)
