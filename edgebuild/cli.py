@@ -32,8 +32,9 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--no-wait", action="store_true", help="fail instead of waiting when another build holds the project")
     build.add_argument("--evaluate-all", action="store_true",
                        help="evaluate candidates over every size budget too (by default they are reported, not run)")
-    build.add_argument("--jobs", metavar="N", help="shards of the evaluation data run at once (default: "
-                                                   "EDGEBUILD_JOBS, else every core); results do not depend on it")
+    build.add_argument("--jobs", metavar="N", help="cores to use: stages run at once and shards of the evaluation "
+                                                   "data (default: EDGEBUILD_JOBS, else every core); results do "
+                                                   "not depend on it")
 
     validate = commands.add_parser("validate", help="check the manifest and exit")
     validate.add_argument("-f", "--file", default=DEFAULT_MANIFEST, help="manifest (default: edgebuild.yaml)")
