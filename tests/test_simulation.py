@@ -83,6 +83,8 @@ def test_a_probe_replayed_from_the_recorded_pass_gives_the_whole_runs_numbers(pr
               for name in ("first.weight", "second.weight", "head.weight")]
 
     signal, noise = simulator.noise(probes)
+    # Probes side by side (each on one thread) give the same sums to the last bit as one at a time.
+    assert simulator.noise(probes, workers=3) == (signal, noise)
     monkeypatch.setattr(simulation, "RECORD_BYTES_LIMIT", -1)  # nothing recorded: every probe runs it all
     signal_whole, noise_whole = ProgramSimulator(program, (inputs,), batch=1).noise(probes)
 
