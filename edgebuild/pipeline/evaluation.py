@@ -18,7 +18,7 @@ from ..manifest import Target
 from ..policy import Limits, target_limits
 from ..weights import find_copies
 from .layout import Build
-from .machine import cores
+from .machine import available_memory, cores
 
 LATENCY_THREADS = 1
 LATENCY_RUNS = 20        # timed single-thread invokes of one batch (after the backend's warm-up)...
@@ -82,15 +82,6 @@ def _shards_memory_allows(bundle: Path) -> int:
 
 def shards_within(available: int, bundle_size: int) -> int:
     return max(1, available // 2 // max(1, SHARD_BYTES_PER_BUNDLE_BYTE * bundle_size))
-
-
-def available_memory() -> int | None:
-    """MemAvailable from /proc/meminfo, in bytes; None where there is no such file."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as meminfo:
-            return next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration, ValueError):
-        return None
 
 
 def latency_runs(batch_ms: float | None) -> int:

@@ -32,16 +32,19 @@ def stage_memory(model_bytes: int) -> int:
     return STAGE_BASE_BYTES + STAGE_MODEL_COPIES * model_bytes
 
 
-def memory_for_stages() -> int | None:
-    """EDGEBUILD_MEMORY if set, else what the kernel says is available now (Linux); None if unknown."""
-    value = os.environ.get(MEMORY_VARIABLE, "").strip()
-    if value.isdigit():
-        return int(value)
+def available_memory() -> int | None:
+    """MemAvailable from /proc/meminfo, in bytes; None where there is no such file."""
     try:
         with open("/proc/meminfo", encoding="ascii") as meminfo:
             return next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:"))
     except (OSError, StopIteration, ValueError):
         return None
+
+
+def memory_for_stages() -> int | None:
+    """EDGEBUILD_MEMORY if set, else what the kernel says is available now (Linux); None if unknown."""
+    value = os.environ.get(MEMORY_VARIABLE, "").strip()
+    return int(value) if value.isdigit() else available_memory()
 
 
 def parallel_stages(cores: int, model_bytes: int) -> int:

@@ -448,8 +448,6 @@ def _materialized(op) -> np.ndarray:
     return np.asarray(_stored_value(op), dtype=np.float32)
 
 
-# ---- compressions, one small function per recipe kind (techniques.yaml's `compress.kind`) -------
-
 def _fresh_op_names() -> None:
     """Number the ops coremltools adds from zero, as ct.convert does: its counters are per
     process, so the names a compression or a load gives (and the report shows) would otherwise
@@ -459,6 +457,8 @@ def _fresh_op_names() -> None:
     Builder.name_count.clear()
     Block.counter = 0
 
+
+# ---- compressions, one small function per recipe kind (techniques.yaml's `compress.kind`) -------
 
 def _palettize(base, settings: dict, layers: list[dict], source: CompressInput):
     import coremltools.optimize.coreml as optimize
