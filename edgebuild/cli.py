@@ -124,9 +124,22 @@ def _set_jobs(value: str | None) -> None:
     source, value = ("--jobs", value) if value is not None else (JOBS_VARIABLE, os.environ.get(JOBS_VARIABLE))
     if value is None:
         return
+    os.environ[JOBS_VARIABLE] = str(_whole_number(value, source))
+
+
+def _check_memory() -> None:
+    """EDGEBUILD_MEMORY, the bytes the stages that run at once may reserve: checked like --jobs."""
+    from .pipeline.machine import MEMORY_VARIABLE
+
+    value = os.environ.get(MEMORY_VARIABLE)
+    if value is not None:
+        _whole_number(value, MEMORY_VARIABLE)
+
+
+def _whole_number(value: str, source: str) -> int:
     if not value.strip().isdigit() or int(value) < 1:
         raise InputError(f"expected a whole number of at least 1, got {value!r}", file=source)
-    os.environ[JOBS_VARIABLE] = str(int(value))
+    return int(value)
 
 
 def cmd_build(args, console: Console) -> int:
@@ -134,6 +147,7 @@ def cmd_build(args, console: Console) -> int:
     from .pipeline.runner import read_targets, run_pipeline
 
     _set_jobs(args.jobs)
+    _check_memory()
     if args.evaluate_all:  # through the environment, so isolated stage processes see it too
         from .pipeline.layout import EVALUATE_ALL_VARIABLE
 

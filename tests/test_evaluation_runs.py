@@ -57,6 +57,7 @@ def test_the_report_is_the_same_with_any_jobs_and_latency_is_timed_apart(built_e
 @pytest.mark.parametrize("args, env, message", [
     (["--jobs", "0"], {}, "--jobs: expected a whole number of at least 1, got '0'"),
     ([], {"EDGEBUILD_JOBS": "many"}, "EDGEBUILD_JOBS: expected a whole number of at least 1, got 'many'"),
+    ([], {"EDGEBUILD_MEMORY": "4G"}, "EDGEBUILD_MEMORY: expected a whole number of at least 1, got '4G'"),
 ])
 def test_a_bad_jobs_value_is_one_line_and_exit_2(tmp_path, args, env, message):
     from conftest import make_project
