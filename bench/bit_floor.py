@@ -9,7 +9,10 @@ mixed precision. For every bundle it prints bytes / floor, where floor = Σ para
   the runtime stores them at 8 at best ("where the runtime stores that layer at those bits");
 - the mixed-precision row counts each searched layer at the bits it was given, other parameters
   (biases, slopes) at 32.
-`excess` is bytes − floor. The goal, judged on the int8 and int4 rows:
+`excess` is bytes − floor, split into `qparams` (the per-channel float32 scales and int64 zero
+points the TFLite format requires of a per-channel quantized tensor: 12 bytes a channel) and `rest`
+(everything else: biases and constants no recipe quantizes, per-op and per-tensor tables, metadata).
+The goal, judged on the int8 and int4 rows:
 bytes ≤ 1.10 × floor + 16 KiB. Rows for fp32, blockwise int4 (4 bits plus a float16 scale per 32
 weights) and the mixed assignment are printed, not judged. The MTCNN-style net is also built with
 `model.rewrites: {prelu-as-select: false}`, the "before" of issue #17.
@@ -109,7 +112,26 @@ def build(name: str, entry: str, rewrites_off: bool, workdir: Path) -> dict:
         sys.exit(f"{name}: build failed ({done.returncode}):\n{done.stderr[-3000:]}")
     report = json.loads((project / "dist" / "report.json").read_text())
     return {"report": report["targets"][0], "counted": counted, "depthwise": depthwise,
-            "rewrites": [r["name"] for r in report["model"].get("rewrites", []) if r["changed"]]}
+            "rewrites": [r["name"] for r in report["model"].get("rewrites", []) if r["changed"]],
+            "candidates": project / ".edgebuild" / "tflite" / "candidates"}
+
+
+def quantization_parameter_bytes(bundle: Path) -> int:
+    """Bytes of per-tensor and per-channel quantization parameters: a float32 scale and an int64
+    zero point per channel, which the TFLite schema and runtime require (one zero point for many
+    scales is refused), plus float32 min/max where present."""
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    model = flatbuffer_utils.read_model_from_bytearray(bytearray(bundle.read_bytes()))
+    total = 0
+    for subgraph in model.subgraphs:
+        for tensor in subgraph.tensors:
+            q = tensor.quantization
+            if q is None:
+                continue
+            total += sum(4 * len(v) for v in (q.scale, q.min, q.max) if v is not None)
+            total += 8 * len(q.zeroPoint) if q.zeroPoint is not None else 0
+    return total
 
 
 def floor_bytes(technique: str, counted: int, depthwise: int) -> float:
@@ -132,7 +154,8 @@ def mixed_floor(target: dict, counted: int) -> float | None:
 
 def main() -> None:
     names = sys.argv[1:] or list(MODELS)
-    print(f"{'model':<18}{'technique':<20}{'bytes':>10}{'floor':>10}{'ratio':>7}{'excess':>10}  copies / notes")
+    print(f"{'model':<18}{'technique':<20}{'bytes':>10}{'floor':>10}{'ratio':>7}{'excess':>10}{'qparams':>9}{'rest':>10}"
+          "  copies / notes")
     with tempfile.TemporaryDirectory() as temporary:
         for name in names:
             entry, rewrites_off = MODELS[name]
@@ -150,7 +173,10 @@ def main() -> None:
                     continue
                 size = candidate["bytes"]
                 copies = "; ".join(f"{c['copy_of']}={c['relation']}({c['tensor']})" for c in candidate.get("copies", []))
-                line = f"{name:<18}{technique:<20}{size:>10,}{round(floor):>10,}{size / floor:>7.2f}{round(size - floor):>10,}  {copies}"
+                file = result["candidates"] / f"{technique}.tflite"
+                qparams = quantization_parameter_bytes(file) if file.is_file() else None
+                split = (f"{qparams:>9,}{round(size - floor - qparams):>10,}" if qparams is not None else f"{'—':>9}{'—':>10}")
+                line = f"{name:<18}{technique:<20}{size:>10,}{round(floor):>10,}{size / floor:>7.2f}{round(size - floor):>10,}{split}  {copies}"
                 if technique in JUDGED and not name.endswith("no-rewrite"):
                     goal(f"{line} (goal <= 1.10 x floor + 16 KiB)", size <= 1.10 * floor + SLACK)
                 else:

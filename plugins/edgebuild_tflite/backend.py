@@ -19,6 +19,7 @@ from edgebuild.errors import ToolchainError, first_line
 from edgebuild.weights import find_copies
 
 from . import metadata
+from .compaction import compact_file, is_names_table, restore_names
 
 SIGNATURE = "serving_default"
 _LOWERING = re.compile(r"Lowering not found: (\S+)")
@@ -77,6 +78,7 @@ class TFLiteBackend(BackendBase):
     def compress(self, technique: Technique, source: CompressInput, out: Path) -> None:
         if technique.recipe is None:
             out.write_bytes(source.fp32_bundle.read_bytes())
+            compact_file(out)
             return
         from ai_edge_quantizer import quantizer
 
@@ -95,6 +97,7 @@ class TFLiteBackend(BackendBase):
             result = qt.quantize(calibration_result)
             result.export_model(str(out), overwrite=True)
             metadata.copy_metadata(source.fp32_bundle, out)
+            compact_file(out)
         except NotApplicable:
             raise
         except Exception as exc:
@@ -260,7 +263,7 @@ def _weighted_layers(bundle: str, mtime_ns: int, size: int) -> tuple[dict, ...]:
     # against the same fp32 bundle, and reading an LLM's flatbuffer into Python objects is costly.
     from ai_edge_quantizer.utils import tfl_flatbuffer_utils as flatbuffer
 
-    model = flatbuffer.read_model(bundle)
+    model = restore_names(flatbuffer.read_model(bundle))
     subgraph = model.subgraphs[0]
     names = _display_names(model, subgraph)
     layers, loaders = [], []
@@ -446,13 +449,16 @@ def weight_tensors(bundle: Path) -> list[dict]:
     and the model metadata and its packed files (labels), which ship in the same file."""
     from ai_edge_quantizer.utils import tfl_flatbuffer_utils as flatbuffer
 
-    model = flatbuffer.read_model(str(bundle))
+    model = restore_names(flatbuffer.read_model(str(bundle)))
     tensors = [{"name": f"metadata: {name}", "dtype": "associated file", "shape": [], "bytes": size}
                for name, size in metadata.associated_files(bundle).items()]
     for entry in model.metadata or []:
         data = model.buffers[entry.buffer].data
         if metadata.is_model_metadata(entry) and data is not None and len(data):
             tensors.append({"name": "metadata: TFLite Model Metadata", "dtype": "metadata", "shape": [],
+                            "bytes": len(data)})
+        elif is_names_table(entry) and data is not None:
+            tensors.append({"name": "metadata: tensor names (compressed)", "dtype": "metadata", "shape": [],
                             "bytes": len(data)})
     for subgraph in model.subgraphs:
         names = _display_names(model, subgraph)
@@ -478,7 +484,7 @@ def stored_values(bundle: Path):
     their per-channel or blockwise scales (the latter live in a tensor of their own)."""
     from ai_edge_quantizer.utils import tfl_flatbuffer_utils as flatbuffer
 
-    model = flatbuffer.read_model(str(bundle))
+    model = restore_names(flatbuffer.read_model(str(bundle)))
     seen = set()
     for subgraph in model.subgraphs:
         names = _display_names(model, subgraph)

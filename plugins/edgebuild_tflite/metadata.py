@@ -138,12 +138,12 @@ def copy_metadata(source: Path, bundle: Path) -> None:
     found = metadata.get_metadata_buffer(source_buffer)
     if not found:
         return
-    contents = _packed_files(source_buffer)
+    contents = packed_files(source_buffer)
     model_buffer = bundle.read_bytes()
-    if metadata.get_metadata_buffer(model_buffer) == found and not _packed_files(model_buffer):
+    if metadata.get_metadata_buffer(model_buffer) == found and not packed_files(model_buffer):
         # ai-edge-quantizer keeps the model's metadata entries: only the packed files are missing.
         # (Re-packing the model would cost bytes: ~700 B on the digits example's int4 bundle.)
-        bundle.write_bytes(_with_files(model_buffer, contents))
+        bundle.write_bytes(with_files(model_buffer, contents))
         return
     bundle.write_bytes(_populated(model_buffer, found, contents))
 
@@ -165,10 +165,10 @@ def _populated(model_buffer: bytes, metadata_buffer: bytes, files: dict[str, byt
     entry = flatbuffer_utils.schema_fb.MetadataT()
     entry.name, entry.buffer = METADATA_FIELD, len(model.buffers) - 1
     model.metadata.append(entry)
-    return _with_files(bytes(flatbuffer_utils.convert_object_to_bytearray(model)), files)
+    return with_files(bytes(flatbuffer_utils.convert_object_to_bytearray(model)), files)
 
 
-def _with_files(model_buffer: bytes, files: dict[str, bytes]) -> bytes:
+def with_files(model_buffer: bytes, files: dict[str, bytes]) -> bytes:
     """The model with `files` packed after it as a zip, the way TFLite metadata packs them."""
     if not files:
         return model_buffer
@@ -207,7 +207,7 @@ def _image_md(info, metadata_fb, name: str, image: ImageInput, tensor):
     return md
 
 
-def _packed_files(buffer: bytes) -> dict[str, bytes]:
+def packed_files(buffer: bytes) -> dict[str, bytes]:
     """Files packed after a model (labels): name -> content; {} when there are none."""
     try:
         with zipfile.ZipFile(io.BytesIO(buffer)) as archive:

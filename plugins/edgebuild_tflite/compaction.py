@@ -1,0 +1,98 @@
+"""What the converter writes and no runtime reads, out of the shipped bytes.
+
+litert-torch names every tensor after the module stack of the op that made it
+('zoo.MobileNetV2ish/torch.nn.modules.container.Sequential_blocks/zoo.InvRes_3/...;17', up to
+~600 bytes). Nothing on a device reads them: interpreters and the TFLite support library address
+tensors by index and by signature name. In a small model they are real weight: 46 KB of a
+MobileNetV2-style net's 645 KB int8 bundle, 18 KB of an unrolled LSTM's 154 KB.
+
+`compact` drops every name but those of the signature's inputs and outputs (which
+`Interpreter.get_input_details` shows) and keeps the rest as one zlib-compressed JSON table in the
+model's metadata (`edgebuild.tensor_names`; ~1 KB for either model above), so reports still say
+which layer a weight belongs to. `restore_names` puts the names back on a model read with the
+flatbuffer object API, for everything in edgebuild that reads names.
+
+It also drops empty quantization tables, which litert-torch writes for every float tensor: the
+runtime reads an absent table as "not quantized", exactly as an empty one (2.8 KB of the LSTM's).
+
+The file's computation is untouched: same ops, tensors, shapes, buffers and quantization
+parameters (tests/test_tensor_names.py runs both and compares every tensor).
+"""
+import json
+import zlib
+
+NAMES_FIELD = "edgebuild.tensor_names"
+# Files this large keep their buffers outside the flatbuffer (offset/size); rebuilding such a file
+# through the object API is not done here: their names are a negligible share of their bytes.
+_INLINE_LIMIT = 2**31 - 2**24
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else (value or "")
+
+
+def compact(model_buffer: bytes) -> bytes | None:
+    """The flatbuffer part of a .tflite with its tensor names moved to the table; None when there
+    is nothing to gain (already compact, or buffers kept outside the flatbuffer)."""
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    if len(model_buffer) >= _INLINE_LIMIT:
+        return None
+    model = flatbuffer_utils.read_model_from_bytearray(bytearray(model_buffer))
+    if any(_text(entry.name) == NAMES_FIELD for entry in model.metadata or []):
+        return None
+    if any((buffer.offset or 0) > 1 for buffer in model.buffers):
+        return None
+    table = []
+    for subgraph in model.subgraphs:
+        table.append([_text(tensor.name) for tensor in subgraph.tensors])
+        kept = set(subgraph.inputs or []) | set(subgraph.outputs or [])
+        for index, tensor in enumerate(subgraph.tensors):
+            if index not in kept:
+                tensor.name = None
+            if _empty(tensor.quantization):
+                tensor.quantization = None
+    packed = zlib.compress(json.dumps(table, separators=(",", ":")).encode(), 9)
+    model.buffers.append(flatbuffer_utils.BufferT())
+    model.buffers[-1].data = bytearray(packed)
+    entry = flatbuffer_utils.schema_fb.MetadataT()
+    entry.name, entry.buffer = NAMES_FIELD, len(model.buffers) - 1
+    model.metadata = [*(model.metadata or []), entry]
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
+
+
+def _empty(quantization) -> bool:
+    return quantization is not None and quantization.details is None and all(
+        getattr(quantization, field) is None or not len(getattr(quantization, field))
+        for field in ("scale", "zeroPoint", "min", "max"))
+
+
+def table(model) -> list[list[str]] | None:
+    """The names `compact` set aside, per subgraph; None for a model that keeps its own."""
+    for entry in model.metadata or []:
+        if _text(entry.name) == NAMES_FIELD:
+            return json.loads(zlib.decompress(bytes(model.buffers[entry.buffer].data)))
+    return None
+
+
+def restore_names(model):
+    """`model` (a ModelT) with the names `compact` set aside back on its tensors; returns it."""
+    names = table(model)
+    for subgraph, subgraph_names in zip(model.subgraphs, names or []):
+        for tensor, name in zip(subgraph.tensors, subgraph_names):
+            tensor.name = name.encode()  # as the object API reads names: bytes
+    return model
+
+
+def is_names_table(entry) -> bool:
+    return _text(entry.name) == NAMES_FIELD
+
+
+def compact_file(bundle) -> None:
+    """`compact` a .tflite in place, keeping the files packed after the flatbuffer (labels)."""
+    from .metadata import packed_files, with_files
+
+    data = bundle.read_bytes()
+    compacted = compact(data)
+    if compacted is not None:
+        bundle.write_bytes(with_files(compacted, packed_files(data)))
