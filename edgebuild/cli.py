@@ -35,6 +35,10 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--jobs", metavar="N", help="cores to use: stages run at once and shards of the evaluation "
                                                    "data (default: EDGEBUILD_JOBS, else every core); results do "
                                                    "not depend on it")
+    build.add_argument("--cache", metavar="DIR|URL",
+                       help="a cache of stage outputs shared with other clones and machines: a folder or an "
+                            "fsspec URL such as s3://bucket/edgebuild (default: EDGEBUILD_CACHE, else the "
+                            "manifest's `cache:`)")
 
     validate = commands.add_parser("validate", help="check the manifest and exit")
     validate.add_argument("-f", "--file", default=DEFAULT_MANIFEST, help="manifest (default: edgebuild.yaml)")
@@ -148,6 +152,12 @@ def cmd_build(args, console: Console) -> int:
 
     _set_jobs(args.jobs)
     _check_memory()
+    if args.cache is not None:  # through the environment, so worker and isolated stage processes see it
+        from .pipeline.cache import CACHE_VARIABLE
+
+        if not args.cache.strip():
+            raise InputError("expected a folder or a URL, got ''", file="--cache")
+        os.environ[CACHE_VARIABLE] = str(Path(args.cache).resolve()) if "://" not in args.cache else args.cache
     if args.evaluate_all:  # through the environment, so isolated stage processes see it too
         from .pipeline.layout import EVALUATE_ALL_VARIABLE
 
@@ -156,6 +166,8 @@ def cmd_build(args, console: Console) -> int:
     if args.report:
         manifest.reports = _report_formats(args.report, registry)
     build = Build(manifest, registry)
+    if build.shared_cache is not None:  # an unusable cache fails here, once, not in every stage
+        build.shared_cache.check()
     result = run_pipeline(build, console=console, wait=not args.no_wait)
     _print_stages(result, console)
     targets = read_targets(build)
@@ -190,6 +202,7 @@ def cmd_build(args, console: Console) -> int:
             "exit_code": code,
             "report": manifest.relative(report) if report.is_file() else None,
             "executed": result.executed,
+            "cached": result.cached,
             "failed": result.failed,
             "not_run": result.blocked,
             "up_to_date": len(result.up_to_date),
@@ -208,7 +221,7 @@ def _say(console: Console, text: str, style: str | None = None) -> None:
 
 def _print_stages(result, console: Console) -> None:
     """What ran: stages executed, up to date, failed, not run."""
-    if not (result.executed or result.failed):
+    if not (result.executed or result.failed or result.cached):
         console.print(f"nothing changed: all {len(result.up_to_date)} stages up to date; "
                       "no conversion or evaluation rerun", highlight=False)
         return
@@ -216,7 +229,8 @@ def _print_stages(result, console: Console) -> None:
     failed = f", {len(result.failed)} failed ({', '.join(result.failed)})" if result.failed else ""
     if result.blocked:
         failed += f", {len(result.blocked)} not run because of that"
-    console.print(f"ran {len(result.executed)} stage(s), {len(result.up_to_date)} up to date{failed}"
+    cached = f", {len(result.cached)} from the shared cache" if result.cached else ""
+    console.print(f"ran {len(result.executed)} stage(s){cached}, {len(result.up_to_date)} up to date{failed}"
                   f"{'' if heavy else ' (no conversion or evaluation rerun)'}", highlight=False)
 
 

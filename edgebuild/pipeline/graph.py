@@ -13,6 +13,7 @@ from doit.tools import config_changed
 
 from ..fsutil import record_matches
 from ..manifest import DATA_ROLES, INTERFACE_KEYS, Target
+from .cache import Shared, sharing
 from .evaluation import LATENCY_THREADS
 from .layout import Build
 from .stages import candidates, deliver, model, qat, search
@@ -29,11 +30,14 @@ class Graph:
         # doit runs in the manifest's folder; relative paths keep the cache valid when the project moves.
         return os.path.relpath(path, self.build.manifest.root)
 
-    def task(self, name: str, stage: Callable, *args, code: tuple = (), config: dict | None = None, **fields) -> dict:
+    def task(self, name: str, stage: Callable, *args, code: tuple = (), config: dict | None = None,
+             shared: Shared | None = None, **fields) -> dict:
         # One config_changed per task (doit keeps a single slot for it): the settings that shape the
         # task's output, plus the code that produces it (edgebuild and the plugins named in `code`).
         key = {"code": self.build.code(*code), **(config or {})}
         fields["uptodate"] = [config_changed(key)] + fields.get("uptodate", [])
+        if shared is not None:  # the same settings and inputs key its outputs in the shared cache
+            stage = sharing(name, stage, key, fields.get("file_dep", []), shared)
         return {"name": name, "actions": [(self.wrap(name, stage), (self.build, *args))], "clean": True,
                 "verbosity": 0, **fields}
 
@@ -61,7 +65,8 @@ class Graph:
                            # The model folder holds the tokenizer; unchanged tokens stop any rebuild here.
                            file_dep=[rel(build.data_source(role))] + self.sources(),
                            targets=[rel(build.data(role))],
-                           config={"sequence_length": manifest.model.get("sequence_length")})
+                           config={"sequence_length": manifest.model.get("sequence_length")},
+                           shared=Shared((build.data(role),)))
                  for role in DATA_ROLES if build.is_text(role)]
         return tasks + [
             # Graph rewrites are checked on the evaluation data, so it is an input of the export.
@@ -71,13 +76,15 @@ class Graph:
                       code=(("loader", manifest.model["source"]),
                             *(("graph rewrite", name) for name in build.registry.rewrites)),
                       config={"model": {k: v for k, v in manifest.model.items() if k not in INTERFACE_KEYS}},
-                      uptodate=[(record_matches, (build.model_meta, build.exported_program))]),
+                      uptodate=[(record_matches, (build.model_meta, build.exported_program))],
+                      shared=Shared((build.exported_program, build.model_meta))),
             self.task("reference", model.reference_outputs,
                       file_dep=[rel(build.exported_program), rel(build.model_meta), self.evaluation],
-                      targets=[rel(build.reference)]),
+                      targets=[rel(build.reference)], shared=Shared((build.reference,))),
             self.task("baseline", model.baseline_metric,
                       file_dep=[rel(build.reference), self.evaluation], targets=[rel(build.baseline)],
-                      code=self.metric_code, config={"metrics": manifest.metrics}),
+                      code=self.metric_code, config={"metrics": manifest.metrics},
+                      shared=Shared((build.baseline,))),
         ]
 
     # ---- convert / compress / evaluate ---------------------------------------------------------
@@ -91,7 +98,8 @@ class Graph:
                            targets=[rel(build.fp32_record(key))],
                            code=(("backend", backend),),
                            config={"toolchain": toolchain, "options": build.variants[key].options},
-                           uptodate=[(record_matches, (build.fp32_record(key), build.fp32_bundle(key)))])]
+                           uptodate=[(record_matches, (build.fp32_record(key), build.fp32_bundle(key)))],
+                           shared=Shared((build.fp32_record(key), build.fp32_bundle(key))))]
         for technique, skip in build.runnable_techniques(key):
             if skip:
                 continue  # select() reports it as skipped, with the reason
@@ -105,7 +113,9 @@ class Graph:
                 code=(("backend", backend), ("technique", f"{backend}/{technique.name}")),
                 config={"recipe": technique.recipe, "toolchain": toolchain, "options": build.variants[key].options},
                 # A failed or tampered candidate is never up to date: it is rebuilt, not trusted.
-                uptodate=valid))
+                uptodate=valid,
+                shared=Shared((build.candidate_record(key, technique.name), build.candidate_bundle(key, technique.name)),
+                              keep=candidates.candidate_is_shareable)))
             tasks.append(self.task(
                 f"evaluate:{name}", candidates.evaluate, key, technique.name,
                 file_dep=[rel(build.candidate_record(key, technique.name)), rel(build.reference), self.evaluation],
@@ -114,7 +124,9 @@ class Graph:
                 config={"metrics": self.build.manifest.metrics, "threads": LATENCY_THREADS},
                 # Budgets are not in the key (a budget edit reruns no evaluation); a candidate left out
                 # as over budget is evaluated once a budget grows past it.
-                uptodate=valid + [(candidates.evaluation_is_current, (build, key, technique.name))]))
+                uptodate=valid + [(candidates.evaluation_is_current, (build, key, technique.name))],
+                shared=Shared((build.evaluation(key, technique.name),), keep=candidates.evaluation_is_shareable,
+                              usable=candidates.evaluation_is_current)))
         return tasks
 
     # ---- search / qat / select / package, per target ---------------------------------------------
@@ -135,7 +147,9 @@ class Graph:
             code=(("backend", target.format), ("strategy", manifest.search["strategy"])) + self.metric_code,
             config={"search": manifest.search, "target": target.raw, "metrics": manifest.metrics,
                     "toolchain": self.toolchain[target.format], "options": build.variant(target).options},
-            uptodate=[(search.search_is_intact, (build, target))])
+            uptodate=[(search.search_is_intact, (build, target))],
+            shared=Shared((build.search_record(target), build.search_bundle(target),
+                           build.sensitivity_cache(build.variant(target).key))))
 
     def qat(self, target: Target, evaluations: list[str]) -> dict:
         build, manifest, rel = self.build, self.build.manifest, self.rel
@@ -148,7 +162,8 @@ class Graph:
             code=(("backend", target.format), ("loader", manifest.model["source"])) + self.metric_code,
             config={"qat": target.qat, "target": target.raw, "metrics": manifest.metrics,
                     "toolchain": self.toolchain[target.format], "options": build.variant(target).options},
-            uptodate=[(qat.qat_is_intact, (build, target))])
+            uptodate=[(qat.qat_is_intact, (build, target))],
+            shared=Shared((build.qat_record(target), build.qat_bundle(target))))
 
     def deliver(self, target: Target) -> list[dict]:
         build, manifest, rel = self.build, self.build.manifest, self.rel

@@ -57,8 +57,9 @@ def error_from(record: dict) -> Exception:
     return EdgebuildError(record["message"])
 
 
-def run(manifest: Path, task_name: str, state: Path) -> None:
-    """Run one task in a child process; raise what the stage raised there."""
+def run(manifest: Path, task_name: str, state: Path):
+    """Run one task in a child process; return what the stage returned there (a JSON value), raise
+    what it raised."""
     result = state / "staging" / f"isolated-{task_name.replace(':', '-')}-{os.getpid()}.json"
     result.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -71,6 +72,7 @@ def run(manifest: Path, task_name: str, state: Path) -> None:
         result.unlink(missing_ok=True)
     if not record["ok"]:
         raise error_from(record["error"])
+    return record.get("returned")
 
 
 def main(manifest: str, task_name: str, result: str) -> int:
@@ -82,8 +84,7 @@ def main(manifest: str, task_name: str, result: str) -> int:
         build = Build(*load_project(manifest))
         task = next(t for t in build_tasks(build, lambda name, stage: stage) if t["name"] == task_name)
         action, args = task["actions"][0]
-        action(*args)
-        outcome = {"ok": True}
+        outcome = {"ok": True, "returned": action(*args)}
     except EdgebuildError as exc:
         outcome = {"ok": False, "error": error_record(exc)}
     except Exception as exc:  # the runner logs it as an unexpected error; the traceback goes to the log here

@@ -8,6 +8,7 @@ from pathlib import Path
 from ..api import MixedPrecisionBackend, ModelInterface, QATBackend, Technique
 from ..manifest import ENTRY_PATTERN, TEXT_SUFFIX, Manifest, Target
 from ..plugins import Registry, code_fingerprint
+from .cache import CACHE_VARIABLE, SharedCache, open_cache
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,12 @@ class Build:
     @property
     def state(self) -> Path:
         return self.manifest.state_dir
+
+    @cached_property
+    def shared_cache(self) -> SharedCache | None:
+        """The cache shared with other clones and machines: --cache / EDGEBUILD_CACHE, else the
+        manifest's `cache:`; None without one."""
+        return open_cache(os.environ.get(CACHE_VARIABLE) or self.manifest.cache, self.manifest.root)
 
     # variants
     def variant(self, target: Target) -> Variant:

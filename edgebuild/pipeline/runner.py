@@ -19,6 +19,7 @@ from doit.exceptions import UnmetDependency
 from rich.console import Console
 
 from .. import progress
+from .cache import FROM_CACHE
 from ..errors import EdgebuildError, InputError, ToolchainError, first_line
 from ..fsutil import atomic_write_json, read_json, remove_path
 from . import isolated, machine
@@ -77,6 +78,7 @@ class DurableSqliteDB(SqliteDB):
 @dataclass
 class RunResult:
     executed: list[str] = field(default_factory=list)
+    cached: list[str] = field(default_factory=list)  # outputs fetched from the shared cache, not run
     up_to_date: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
     blocked: list[str] = field(default_factory=list)
@@ -162,8 +164,13 @@ def _make_reporter(result: RunResult, console: Console, build: Build):
 
         def add_success(self, task):
             if task.name in self.started:
-                result.executed.append(_stage_name(task.name))
                 elapsed = task.values.get("seconds", time.perf_counter() - self.started[task.name])
+                if task.values.get("cached"):
+                    result.cached.append(_stage_name(task.name))
+                    console.print(f"  [green]from the cache[/green] {_stage_name(task.name)} ({elapsed:.1f}s)",
+                                  highlight=False)
+                    return
+                result.executed.append(_stage_name(task.name))
                 console.print(f"  [green]done[/green] {_stage_name(task.name)} ({elapsed:.1f}s)", highlight=False)
 
         def add_failure(self, task, fail):
@@ -237,11 +244,11 @@ def _stage_wrapper(build: Build, result: RunResult, model_bytes: int):
                     begin = time.perf_counter()  # once its core and memory are free
                     with context:
                         if heavy and isolate:  # a large model: the stage's memory goes when it ends
-                            isolated.run(build.manifest.path, task_name, build.state)
+                            returned = isolated.run(build.manifest.path, task_name, build.state)
                         else:
-                            stage(*args)
+                            returned = stage(*args)
                 # doit keeps what an action returns as the task's values and sends it back from a worker.
-                return {"seconds": time.perf_counter() - begin}
+                return {"seconds": time.perf_counter() - begin, "cached": returned == FROM_CACHE}
             except EdgebuildError as exc:
                 if isinstance(exc, ToolchainError) and exc.log is None:
                     _append_traceback(log)

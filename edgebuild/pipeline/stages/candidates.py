@@ -75,6 +75,26 @@ def candidate_is_valid(build: Build, variant_key: str, technique_name: str) -> b
                           build.candidate_bundle(variant_key, technique_name))
 
 
+def candidate_is_shareable(build: Build, variant_key: str, technique_name: str) -> bool:
+    """A built or not-applicable candidate goes to the shared cache; a failed one is retried instead."""
+    try:
+        status = CandidateRecord.from_json(read_json(build.candidate_record(variant_key, technique_name))).status
+    except (OSError, ValueError, KeyError):
+        return False
+    return status in (Status.OK, Status.SKIPPED)
+
+
+def evaluation_is_shareable(build: Build, variant_key: str, technique_name: str) -> bool:
+    """An evaluation (or a skipped one) goes to the shared cache; one that failed is retried instead.
+    One left out as over budget is shared too, and used only where it is still over every budget
+    (`evaluation_is_current`): budgets are not in the key."""
+    try:
+        record = read_json(build.evaluation(variant_key, technique_name))
+    except (OSError, ValueError):
+        return False
+    return record.get("status") in ("ok", "skipped")
+
+
 def evaluation_is_current(build: Build, variant_key: str, technique_name: str) -> bool:
     """An evaluation left out for being over budget is stale once a budget grows past the candidate
     (or `--evaluate-all` asks for it); a full evaluation stays valid whatever the budgets."""

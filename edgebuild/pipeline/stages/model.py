@@ -1,12 +1,13 @@
 """Load: export the model, tokenize text data, the fp32 reference outputs and baseline metrics."""
 import os
+from pathlib import Path
 
 import numpy as np
 
 from ... import hf
 from ...data import load_dataset, run_torch_module
 from ...errors import EdgebuildError, InputError, ToolchainError, first_line
-from ...fsutil import atomic_output, atomic_write_json, sha256_file
+from ...fsutil import atomic_output, atomic_write_json, remove_path, sha256_file
 from ...outputs import leaves, name_outputs, natural_names, needs_names
 from ..evaluation import (chance_warnings, evaluation_data, example_batch, measure, metrics, output_specs,
                           read_data, read_outputs)
@@ -15,6 +16,26 @@ from ..layout import Build
 
 def _torch_dtype_name(dtype) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+def _save_program(program, out: Path) -> None:
+    """torch.export.save, with bytes that depend on neither the project's path nor the process.
+
+    The archive's folder is named after the file written (so it is saved under its final name, in
+    a folder of its own), and each node's stack trace names the model's source file by its
+    absolute path: debug text no backend needs, dropped so that a clone elsewhere (another CI
+    runner, a shared cache) exports the same bytes."""
+    import torch
+
+    for node in program.graph.nodes:
+        node.meta.pop("stack_trace", None)
+    staging = out.parent / f".{out.stem}.tmp-{os.getpid()}"
+    staging.mkdir(parents=True, exist_ok=True)
+    try:
+        torch.export.save(program, str(staging / out.name))
+        os.replace(staging / out.name, out)
+    finally:
+        remove_path(staging)
 
 
 def export_model(build: Build) -> None:
@@ -51,9 +72,7 @@ def export_model(build: Build) -> None:
         _check_against(build, program, reference[0], example, inputs)
     rewrites = _rewrite(build, program, example, inputs)
 
-    temporary = atomic_output(build.exported_program)
-    torch.export.save(program, str(temporary))
-    os.replace(temporary, build.exported_program)
+    _save_program(program, build.exported_program)
     atomic_write_json(build.model_meta, {"name": manifest.model_name, "inputs": inputs, "outputs": outputs,
                                          "parameters": parameters, "torch": torch.__version__, "rewrites": rewrites,
                                          "sha256": sha256_file(build.exported_program)})
