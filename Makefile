@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml Makefile
 	$(VENV)/bin/python -m pip install --quiet --upgrade pip
 	# torch first, from the machine's local CPU wheel, so nothing resolves a multi-GB CUDA build.
 	$(VENV)/bin/python -m pip install --quiet torch==2.13.0
-	$(VENV)/bin/python -m pip install --quiet -e '.[test]'
+	$(VENV)/bin/python -m pip install --quiet -e '.[test,ray]'
 	# TFLite model metadata: MediaPipe's metadata writers. Its wheel pins numpy<2 and protobuf<5 for parts
 	# edgebuild never imports, so it goes in without its dependencies (see plugins/edgebuild_tflite/metadata.py).
 	$(VENV)/bin/python -m pip install --quiet --no-deps mediapipe==0.10.21

@@ -39,6 +39,12 @@ def _parser() -> argparse.ArgumentParser:
                        help="a cache of stage outputs shared with other clones and machines: a folder or an "
                             "fsspec URL such as s3://bucket/edgebuild (default: EDGEBUILD_CACHE, else the "
                             "manifest's `cache:`)")
+    build.add_argument("--executor", choices=["local", "ray"], default=None,
+                       help="where heavy stages run: this machine (default: EDGEBUILD_EXECUTOR, else local) "
+                            "or Ray tasks on a cluster (pip install 'edgebuild[ray]')")
+    build.add_argument("--ray-address", metavar="ADDR", default=None,
+                       help="the Ray cluster to use (default: EDGEBUILD_RAY_ADDRESS, else a local one started "
+                            "for the build)")
 
     validate = commands.add_parser("validate", help="check the manifest and exit")
     validate.add_argument("-f", "--file", default=DEFAULT_MANIFEST, help="manifest (default: edgebuild.yaml)")
@@ -152,6 +158,13 @@ def cmd_build(args, console: Console) -> int:
 
     _set_jobs(args.jobs)
     _check_memory()
+    from .pipeline.layout import EXECUTOR_VARIABLE, RAY_ADDRESS_VARIABLE, executor_name
+
+    if args.executor is not None:
+        os.environ[EXECUTOR_VARIABLE] = args.executor
+    if args.ray_address is not None:
+        os.environ[RAY_ADDRESS_VARIABLE] = args.ray_address
+    executor_name()  # a bad EDGEBUILD_EXECUTOR is exit 2 here
     if args.cache is not None:  # through the environment, so worker and isolated stage processes see it
         from .pipeline.cache import CACHE_VARIABLE
 

@@ -377,7 +377,8 @@ def load_manifest(path: Path | str, registry: Registry) -> Manifest:
     specs = {key: specs[key] for key in dict.fromkeys([gate.key, *specs])}
     cache = raw.get("cache")
     if cache is not None and (not isinstance(cache, str) or not cache.strip()):
-        raise doc.error(("cache",), f"expected a folder or a URL (s3://..., gs://...), got {_typename(cache)}")
+        got = "an empty string" if isinstance(cache, str) else _typename(cache)
+        raise doc.error(("cache",), f"expected a folder or a URL (s3://..., gs://...), got {got}")
     return Manifest(path=path.resolve(), root=root, model=dict(model), calibration=data.get("calibration"),
                     evaluation=data["evaluation"], metric=gate.key, targets=targets,
                     output=_output(check, doc, raw, model, data), raw=raw, reports=_reports(check, raw),

@@ -5,7 +5,7 @@ changes only that target's search, qat, select and package config, so only they 
 rerun; conversions and evaluations are keyed by model, data, toolchain and code.
 """
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Callable
 
@@ -15,7 +15,7 @@ from ..fsutil import record_matches
 from ..manifest import DATA_ROLES, INTERFACE_KEYS, Target
 from .cache import Shared, sharing
 from .evaluation import LATENCY_THREADS
-from .layout import Build
+from .layout import Build, executor_name
 from .stages import candidates, deliver, model, qat, search
 
 
@@ -25,6 +25,8 @@ class Graph:
 
     build: Build
     wrap: Callable
+    # task name -> (file_dep, targets, shared outputs): what a remote executor ships and brings back
+    io: dict = field(default_factory=dict)
 
     def rel(self, path) -> str:
         # doit runs in the manifest's folder; relative paths keep the cache valid when the project moves.
@@ -38,6 +40,7 @@ class Graph:
         fields["uptodate"] = [config_changed(key)] + fields.get("uptodate", [])
         if shared is not None:  # the same settings and inputs key its outputs in the shared cache
             stage = sharing(name, stage, key, fields.get("file_dep", []), shared)
+        self.io[name] = (fields.get("file_dep", []), fields.get("targets", []), shared.outputs if shared else ())
         return {"name": name, "actions": [(self.wrap(name, stage), (self.build, *args))], "clean": True,
                 "verbosity": 0, **fields}
 
@@ -200,7 +203,7 @@ class Graph:
             self.task("report", deliver.write_reports, manifest.reports,
                       file_dep=selections + packaged + [rel(build.model_meta)], targets=[rel(build.report_record)],
                       code=tuple(("reporter", name) for name in manifest.reports),
-                      config={"reporters": manifest.reports, **names},
+                      config={"reporters": manifest.reports, "executor": executor_name(), **names},
                       uptodate=[(deliver.reports_are_intact, (build,))]),
             self.task("lock", deliver.write_lock,
                       file_dep=sorted({rel(p) for p in build.input_files()}) + packaged,
@@ -214,6 +217,26 @@ class Graph:
         for target in self.build.manifest.targets:
             tasks += self.deliver(target)
         return tasks + self.report()
+
+
+def stage_files(graph: Graph, task_name: str) -> tuple[list, list]:
+    """(files a stage reads, files it writes) for running it elsewhere. It reads the project's
+    inputs, its file_dep and, for each file_dep another stage wrote, everything that stage writes
+    and reads in turn (a candidate's record brings its bundle, and the fp32 conversion and the
+    exported program it was made from). It writes its shared outputs."""
+    build, root = graph.build, graph.build.manifest.root
+    writer = {target: name for name, (_, targets, _) in graph.io.items() for target in targets}
+    reads, seen, pending = set(build.input_files()), set(), [task_name]
+    while pending:
+        name = pending.pop()
+        for relative in graph.io[name][0]:
+            reads.add(root / relative)
+            upstream = writer.get(relative)
+            if upstream is not None and upstream not in seen:
+                seen.add(upstream)
+                reads.update(graph.io[upstream][2])
+                pending.append(upstream)
+    return sorted(p for p in reads if p.exists()), list(graph.io[task_name][2])
 
 
 def build_tasks(build: Build, wrap: Callable) -> list[dict]:

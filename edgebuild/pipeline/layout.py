@@ -6,6 +6,7 @@ from functools import cached_property
 from pathlib import Path
 
 from ..api import MixedPrecisionBackend, ModelInterface, QATBackend, Technique
+from ..errors import InputError
 from ..manifest import ENTRY_PATTERN, TEXT_SUFFIX, Manifest, Target
 from ..plugins import Registry, code_fingerprint
 from .cache import CACHE_VARIABLE, SharedCache, open_cache
@@ -26,6 +27,17 @@ def _in_state(*parts: str) -> property:
 
 
 EVALUATE_ALL_VARIABLE = "EDGEBUILD_EVALUATE_ALL"  # set by `build --evaluate-all`
+EXECUTOR_VARIABLE = "EDGEBUILD_EXECUTOR"          # set by `build --executor`
+RAY_ADDRESS_VARIABLE = "EDGEBUILD_RAY_ADDRESS"    # set by `build --ray-address`
+EXECUTORS = ("local", "ray")
+
+
+def executor_name() -> str:
+    """Where heavy stages run (pipeline/executor.py): --executor through the environment, else local."""
+    name = os.environ.get(EXECUTOR_VARIABLE) or "local"
+    if name not in EXECUTORS:
+        raise InputError(f"unknown executor {name!r} (executors: {', '.join(EXECUTORS)})", file=EXECUTOR_VARIABLE)
+    return name
 
 
 @dataclass

@@ -24,8 +24,9 @@ from ..errors import EdgebuildError, InputError, ToolchainError, first_line
 from ..fsutil import atomic_write_json, read_json, remove_path
 from . import isolated, machine
 from .evaluation import jobs
-from .graph import build_tasks
-from .layout import Build
+from .executor import RayExecutor
+from .graph import Graph, stage_files
+from .layout import RAY_ADDRESS_VARIABLE, Build, executor_name
 from .stages.deliver import target_summary
 
 HEAVY_STAGES = ("export", "reference", "convert", "compress", "evaluate", "search", "qat")
@@ -214,10 +215,11 @@ def _error_file(build: Build, task_name: str) -> Path:
     return build.staging / "errors" / f"{task_name}.json"
 
 
-def _stage_wrapper(build: Build, result: RunResult, model_bytes: int):
+def _stage_wrapper(build: Build, result: RunResult, model_bytes: int, executor: RayExecutor | None, graphs: list):
     """`wrap(task_name, stage)` for the task graph: the stage's toolchain output goes to its log, a
     large model's heavy stage runs in a process of its own, a heavy stage of a parallel build waits
-    for its core and memory, and errors are collected, never raised."""
+    for its core and memory, with a remote executor a heavy stage runs there, and errors are
+    collected, never raised."""
     isolate = isolated.wanted(model_bytes)
     memory = machine.stage_memory(model_bytes)
     runner = os.getpid()
@@ -234,16 +236,20 @@ def _stage_wrapper(build: Build, result: RunResult, model_bytes: int):
 
         def action(*args):
             ledger = machine.Ledger.current()
+            remote = heavy and executor is not None
             try:
                 booked = ledger.admitted(task_name, memory) if heavy and ledger else contextlib.nullcontext()
                 # Heavy stages talk to C++ toolchains that write straight to fd 2; keep stdout clean.
-                context = native_output_to(log) if heavy else contextlib.nullcontext()
+                context = native_output_to(log) if heavy and not remote else contextlib.nullcontext()
                 with booked:
                     if os.getpid() != runner:  # a worker: the runner would hear of it late
                         os.write(2, f"▶ {_stage_name(task_name)}\n".encode())
                     begin = time.perf_counter()  # once its core and memory are free
                     with context:
-                        if heavy and isolate:  # a large model: the stage's memory goes when it ends
+                        if remote:  # the worker gets what the stage reads and sends back what it wrote
+                            reads, writes = stage_files(graphs[0], task_name)
+                            returned = executor.run(build, task_name, reads, writes, log)
+                        elif heavy and isolate:  # a large model: the stage's memory goes when it ends
                             returned = isolated.run(build.manifest.path, task_name, build.state)
                         else:
                             returned = stage(*args)
@@ -274,7 +280,13 @@ def run_pipeline(build: Build, *, console: Console, wait: bool = True, only: lis
     need (bench/llm_scale.py measures stages one per process)."""
     result = RunResult()
     model_bytes = sum(path.stat().st_size for path in build.model_sources() if path.is_file())
-    tasks = build_tasks(build, _stage_wrapper(build, result, model_bytes))
+    executor = None
+    if executor_name() == "ray":
+        executor = RayExecutor(os.environ.get(RAY_ADDRESS_VARIABLE), machine.stage_memory(model_bytes))
+    graphs = []
+    graph = Graph(build, _stage_wrapper(build, result, model_bytes, executor, graphs))
+    graphs.append(graph)
+    tasks = graph.tasks()
 
     def task_edgebuild():
         yield from tasks
@@ -292,6 +304,11 @@ def run_pipeline(build: Build, *, console: Console, wait: bool = True, only: lis
     }
     cores = jobs()
     workers = machine.parallel_stages(cores, model_bytes)
+    # doit points sys.stdout/stderr at its capture buffers while an action runs; with threads (the
+    # Ray executor) that is while the reporter prints, and the swaps of two threads can interleave.
+    streams = sys.stdout, sys.stderr
+    if executor is not None:
+        console.file = streams[1]
     with project_lock(build, wait, console):
         _clear_leftovers(build)
         cwd = os.getcwd()
@@ -301,7 +318,10 @@ def run_pipeline(build: Build, *, console: Console, wait: bool = True, only: lis
             backends = {"BACKEND": {"edgebuild-sqlite": f"{__name__}:DurableSqliteDB"}}
             selection = [f"edgebuild:{name}" for name in only or []]
             parallel = []
-            if workers > 1:
+            if executor is not None:
+                # Stages run on the cluster: the driver only waits for them, in one thread each.
+                parallel = ["-n", str(max(2, executor.cpus())), "-P", "thread"]
+            elif workers > 1:
                 # doit's process runner forks one worker per slot; the runner keeps the state (sqlite,
                 # committed per stage) and the reporting, the ledger shares cores and memory.
                 ledger = build.state / "ledger.json"
@@ -311,6 +331,7 @@ def run_pipeline(build: Build, *, console: Console, wait: bool = True, only: lis
                 _forking["parallel"] = True
             code = DoitMain(ModuleTaskLoader(namespace), extra_config=backends).run(["run", *parallel, *selection])
         finally:
+            sys.stdout, sys.stderr = streams
             _forking["parallel"] = False
             if saved is None:
                 os.environ.pop(machine.LEDGER_VARIABLE, None)

@@ -12,7 +12,7 @@ from ...manifest import Target
 from ...policy import choose, is_judged, is_measured, judged, nearest, pareto_front, store_limit, target_checks
 from ...units import format_size
 from ..evaluation import limits, metrics, post_training_entries
-from ..layout import Build
+from ..layout import Build, executor_name
 
 
 def _candidates(build: Build, target: Target, search: dict | None,
@@ -172,6 +172,7 @@ def report_data(build: Build) -> dict:
         "warnings": read_json(build.baseline).get("warnings", [])
                     + [f"{t['name']}: {entry['text']}" for t in targets for entry in t["stored_twice"]],
         "toolchain": {name: build.registry.backends[name].version() for name in build.backends_in_use(reported)},
+        "executor": executor_name(),
         "targets": targets,
     }
 
