@@ -99,7 +99,7 @@ def test_metadata_bytes_are_measured_and_change_no_output(built_example, tmp_pat
     # The size budget is judged on the file that ships, metadata and labels included.
     assert android["chosen"]["bytes"] == bundle.stat().st_size
     rows = {row["name"]: row for row in chosen["layers"] if row["name"].startswith("metadata: ")}
-    assert set(rows) == {"metadata: TFLite Model Metadata", "metadata: labels.txt"}
+    assert set(rows) == {"metadata: TFLite Model Metadata", "metadata: labels.txt", "metadata: tensor names (compressed)"}
     assert rows["metadata: labels.txt"]["bytes"] == len(("\n".join(LABELS) + "\n").encode())
     assert 200 < rows["metadata: TFLite Model Metadata"]["bytes"] < 2000
     assert "metadata: TFLite Model Metadata" in (built_example / "dist" / "report.html").read_text()

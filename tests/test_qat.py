@@ -45,7 +45,8 @@ def test_qat_auto_passes_where_post_training_quantization_misses_the_floor(train
     assert chosen["bytes"] == ptq["bytes"]  # same grid, same bytes: only the weights moved
     qat = target["qat"]
     assert qat["trained_for"] == "int4-weight-only"
-    assert qat["plan"] == {"kind": "weight grid", "bits": 4, "qmin": -8, "qmax": 7}
+    # int4 per-channel; depthwise convolutions (none in this model) on an int8 grid, as the recipe stores them
+    assert qat["plan"] == {"kind": "weight grid", "bits": 4, "qmin": -8, "qmax": 7, "depthwise_bits": 8}
     recovered = (chosen["metric"] - ptq["metric"]) / (target["baseline"]["metric"] - ptq["metric"])
     record_figure(f"QAT (outliers model, int4 weights, {ptq['bytes']} B): agreement {ptq['metric']:.4f} after PTQ, "
                   f"{chosen['metric']:.4f} after QAT; {recovered:.0%} of the PTQ drop recovered")

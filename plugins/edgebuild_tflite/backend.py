@@ -164,16 +164,25 @@ class TFLiteBackend(BackendBase):
     def qat_plan(self, technique: Technique) -> dict | None:
         """The weight grid of a symmetric per-channel min/max recipe (weight-only or dynamic); None
         for recipes QAT cannot simulate (static activation ranges, blockwise, float)."""
+        def grid_bits(rule: dict) -> int | None:
+            config = rule.get("op_config", {})
+            weights = config.get("weight_tensor_config", {})
+            if (rule.get("algorithm_key") != "min_max_uniform_quantize" or weights.get("granularity") != "CHANNELWISE"
+                    or not weights.get("symmetric") or weights.get("dtype") != "INT"
+                    or "activation_tensor_config" in config):
+                return None
+            return int(weights["num_bits"])
+
         rules = technique.recipe if isinstance(technique.recipe, list) else []
-        if len(rules) != 1 or rules[0].get("algorithm_key") != "min_max_uniform_quantize":
+        if not rules or rules[0].get("operation") != "*" or grid_bits(rules[0]) is None:
             return None
-        config = rules[0].get("op_config", {})
-        weights = config.get("weight_tensor_config", {})
-        if (weights.get("granularity") != "CHANNELWISE" or not weights.get("symmetric")
-                or weights.get("dtype") != "INT" or "activation_tensor_config" in config):
-            return None
-        bits = int(weights["num_bits"])
-        return {"kind": "weight grid", "bits": bits, "qmin": -(2 ** (bits - 1)), "qmax": 2 ** (bits - 1) - 1}
+        bits = grid_bits(rules[0])
+        plan = {"kind": "weight grid", "bits": bits, "qmin": -(2 ** (bits - 1)), "qmax": 2 ** (bits - 1) - 1}
+        for rule in rules[1:]:  # only a depthwise override (int4 recipes store those at int8)
+            if rule.get("operation") != "DEPTHWISE_CONV_2D" or grid_bits(rule) is None:
+                return None
+            plan["depthwise_bits"] = grid_bits(rule)
+        return plan
 
     def train_quantized(self, technique: Technique, plan: dict, module, example: tuple, train, out: Path,
                         work: Path, options: dict) -> None:
@@ -185,11 +194,17 @@ class TFLiteBackend(BackendBase):
         import torch
         from torch.nn.utils import parametrize
 
-        # Depthwise convolutions keep float weights in ai-edge-quantizer's weight-only recipes.
         layers = [m for m in module.modules()
                   if isinstance(m, torch.nn.Linear) or (isinstance(m, torch.nn.Conv2d) and m.groups == 1)]
         for layer in layers:
             parametrize.register_parametrization(layer, "weight", _FakeQuant(plan["qmin"], plan["qmax"]))
+        if "depthwise_bits" in plan:  # on their own grid; without the override they keep float weights
+            half = 2 ** (plan["depthwise_bits"] - 1)
+            depthwise = [m for m in module.modules() if isinstance(m, torch.nn.Conv2d) and m.groups > 1
+                         and m.groups == m.in_channels]
+            for layer in depthwise:
+                parametrize.register_parametrization(layer, "weight", _FakeQuant(-half, half - 1))
+            layers += depthwise
         train(module, layers)
         for layer in layers:  # bake the grid into the weights
             parametrize.remove_parametrizations(layer, "weight", leave_parametrized=True)
