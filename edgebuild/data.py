@@ -1,4 +1,10 @@
-"""Calibration and evaluation data: npz files checked against the model's inputs before use."""
+"""Calibration and evaluation data: npz files checked against the model's inputs before use.
+
+A data entry is one .npz file, or a folder of .npz shards (read in name order) for sets larger
+than memory: each input is then a `ShardedArray`, which reads a shard when a slice of it is used,
+so an evaluation holds one shard per thread at a time, however large the set.
+"""
+import threading
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -8,9 +14,82 @@ import numpy as np
 from .errors import InputError
 
 
+def shard_files(path: Path) -> list[Path]:
+    """The .npz files of a data entry: the file itself, or a folder's shards in name order."""
+    path = Path(path)
+    return sorted(p for p in path.glob("*.npz") if p.is_file()) if path.is_dir() else [path]
+
+
+class _ShardCache(threading.local):
+    """The shard each thread read last, per array: consecutive batches come from the same shard."""
+
+    def __init__(self):
+        self.loaded: dict[str, tuple[int, np.ndarray]] = {}
+
+
+class ShardedArray:
+    """One input across .npz shards, read lazily: slices are views, `np.asarray` reads the rows.
+
+    Slicing with a step of 1 gives another view; an integer gives that row; anything else reads
+    the whole view first. Rows come back as `dtype` (the model's input dtype)."""
+
+    def __init__(self, shards: list[tuple[Path, int]], name: str, dtype, tail: tuple[int, ...],
+                 start: int = 0, stop: int | None = None, cache: _ShardCache | None = None):
+        self.shards, self.name, self.dtype, self.tail = shards, name, np.dtype(dtype), tuple(tail)
+        self.offsets = np.cumsum([0] + [rows for _, rows in shards])
+        self.start, self.stop = start, int(self.offsets[-1]) if stop is None else stop
+        self.cache = cache if cache is not None else _ShardCache()
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self.stop - self.start, *self.tail)
+
+    @property
+    def ndim(self) -> int:
+        return 1 + len(self.tail)
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __getitem__(self, key):
+        if isinstance(key, slice) and key.step in (None, 1):
+            begin, end, _ = key.indices(len(self))
+            return ShardedArray(self.shards, self.name, self.dtype, self.tail, self.start + begin,
+                                self.start + max(begin, end), self.cache)
+        if isinstance(key, (int, np.integer)):
+            index = int(key) + (len(self) if key < 0 else 0)
+            if not 0 <= index < len(self):
+                raise IndexError(f"row {key} out of range for {len(self)} rows")
+            return np.asarray(self[index:index + 1])[0]
+        return np.asarray(self)[key]
+
+    def _shard(self, index: int) -> np.ndarray:
+        cached = self.cache.loaded.get(self.name)
+        if cached is None or cached[0] != index:
+            self.cache.loaded.pop(self.name, None)  # let the previous shard go before reading the next
+            with np.load(self.shards[index][0], allow_pickle=False) as stored:
+                cached = (index, stored[self.name])
+            self.cache.loaded[self.name] = cached
+        return cached[1]
+
+    def __array__(self, dtype=None, copy=None):
+        parts = []
+        first = int(np.searchsorted(self.offsets, self.start, side="right")) - 1
+        for index in range(max(first, 0), len(self.shards)):
+            begin, end = int(self.offsets[index]), int(self.offsets[index + 1])
+            if begin >= self.stop:
+                break
+            if end <= self.start:
+                continue
+            rows = self._shard(index)[max(self.start, begin) - begin:min(self.stop, end) - begin]
+            parts.append(rows.astype(self.dtype, copy=False))
+        array = np.concatenate(parts) if parts else np.zeros((0, *self.tail), self.dtype)
+        return array if dtype is None else array.astype(dtype, copy=False)
+
+
 @dataclass
 class Dataset:
-    inputs: tuple[np.ndarray, ...]   # one array per model input, in argument order, batch first
+    inputs: tuple  # one array (np.ndarray or ShardedArray) per model input, in argument order, batch first
     labels: dict[str, np.ndarray] | None   # "y", and "y_<output>" for one output's own labels
 
     def __len__(self) -> int:
@@ -25,20 +104,58 @@ class Dataset:
     def samples(self, limit: int | None = None) -> list[tuple[np.ndarray, ...]]:
         """Batch-of-one samples, as calibration feeds them."""
         count = len(self) if limit is None else min(limit, len(self))
-        return [tuple(array[i:i + 1] for array in self.inputs) for i in range(count)]
+        heads = self.head(count)
+        return [tuple(array[i:i + 1] for array in heads) for i in range(count)]
+
+    def head(self, count: int) -> tuple[np.ndarray, ...]:
+        """The first `count` samples of each input, read into memory."""
+        return tuple(np.asarray(array[:count]) for array in self.inputs)
 
 
 def load_dataset(path: Path, label: str, model_inputs: list[dict], *, need_labels: bool) -> Dataset:
-    """Read `path` and check it matches `model_inputs` ([{name, shape, dtype}]); errors name the file."""
-    def fail(message: str) -> InputError:
-        return InputError(message, file=label)
+    """Read `path` (a .npz file, or a folder of .npz shards) and check it matches `model_inputs`
+    ([{name, shape, dtype}]); errors name the file (the shard)."""
+    path = Path(path)
+    if not path.is_dir():
+        return _checked(_read_npz(path, label), label, model_inputs, need_labels=need_labels)
+    shards, rows, labels = [], [], []
+    for shard in shard_files(path):
+        where = f"{label}/{shard.name}"
+        part = _checked(_read_npz(shard, where), where, model_inputs, need_labels=need_labels)
+        shards.append(shard)
+        rows.append(len(part))
+        labels.append(part.labels)
+        del part  # one shard in memory at a time
+    names = [spec["name"] for spec in model_inputs]
+    with np.load(shards[0], allow_pickle=False) as stored:
+        stored_names = [name if name in stored.files else "x" for name in names]
+    cache = _ShardCache()
+    inputs = tuple(ShardedArray(list(zip(shards, rows)), stored, spec["dtype"], tuple(spec["shape"][1:]), cache=cache)
+                   for stored, spec in zip(stored_names, model_inputs))
+    merged = None
+    if need_labels:
+        keys = set(labels[0])
+        for shard, found in zip(shards, labels):
+            if set(found) != keys:
+                raise InputError(f"shards disagree on their label arrays: {sorted(found)} here, {sorted(keys)} in "
+                                 f"{shards[0].name}", file=f"{label}/{shard.name}")
+        merged = {key: np.concatenate([found[key] for found in labels]) for key in sorted(keys)}
+    return Dataset(inputs=inputs, labels=merged)
 
+
+def _read_npz(path: Path, label: str) -> dict[str, np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as stored:
-            arrays = {name: stored[name] for name in stored.files}
+            return {name: stored[name] for name in stored.files}
     except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError) as exc:
         reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-        raise fail(f"not a readable .npz file ({reason})") from None
+        raise InputError(f"not a readable .npz file ({reason})", file=label) from None
+
+
+def _checked(arrays: dict[str, np.ndarray], label: str, model_inputs: list[dict], *, need_labels: bool) -> Dataset:
+    """The arrays of one .npz checked against the model's inputs, as the model takes them."""
+    def fail(message: str) -> InputError:
+        return InputError(message, file=label)
 
     names = [spec["name"] for spec in model_inputs]
     if len(names) == 1 and names[0] not in arrays and "x" in arrays:

@@ -624,8 +624,18 @@ def _hf_model(check: "_Validator", doc: "_Document", model: dict) -> None:
 def _data(check: "_Validator", doc: "_Document", value: Any, model: dict) -> dict[str, Path]:
     """Each data role the manifest gives -> its resolved file."""
     data = check.mapping(value, ("data",), DATA_KEYS)
-    files = {role: check.project_path(data[role], ("data", role), must_exist=True)
-             for role in DATA_ROLES if role in data}
+    files = {}
+    for role in DATA_ROLES:
+        if role not in data:
+            continue
+        where = ("data", role)
+        path = check.project_path(data[role], where, must_exist=False)
+        if path.is_dir():  # a folder of .npz shards, streamed a shard at a time
+            if not any(p.is_file() for p in path.glob("*.npz")):
+                raise doc.error(where, f"folder {data[role]!r} holds no .npz shards")
+        else:
+            path = check.project_path(data[role], where, must_exist=True)
+        files[role] = path
     for role in DATA_ROLES:
         if role in data and Path(data[role]).suffix == TEXT_SUFFIX:
             _check_text_data(doc, model, check.root, ("data", role), data[role])

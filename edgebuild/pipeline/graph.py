@@ -11,6 +11,7 @@ from typing import Callable
 
 from doit.tools import config_changed
 
+from ..data import shard_files
 from ..fsutil import record_matches
 from ..manifest import DATA_ROLES, INTERFACE_KEYS, Target
 from .cache import Shared, sharing
@@ -53,9 +54,14 @@ class Graph:
     def metric_code(self) -> tuple:
         return tuple(dict.fromkeys(("metric", spec.name) for spec in self.build.manifest.specs.values()))
 
+    def data_files(self, role: str) -> list[str]:
+        """The files a data role reads: its .npz, or each shard of its folder."""
+        path = self.build.data(role)
+        return [] if path is None else [self.rel(p) for p in shard_files(path)]
+
     @property
-    def evaluation(self) -> str:
-        return self.rel(self.build.data("evaluation"))
+    def evaluation(self) -> list[str]:
+        return self.data_files("evaluation")
 
     def sources(self) -> list[str]:
         return [self.rel(p) for p in self.build.model_sources()]
@@ -74,7 +80,7 @@ class Graph:
         return tasks + [
             # Graph rewrites are checked on the evaluation data, so it is an input of the export.
             self.task("export", model.export_model,
-                      file_dep=self.sources() + [self.evaluation],
+                      file_dep=self.sources() + self.evaluation,
                       targets=[rel(build.exported_program), rel(build.model_meta)],
                       code=(("loader", manifest.model["source"]),
                             *(("graph rewrite", name) for name in build.registry.rewrites)),
@@ -82,10 +88,10 @@ class Graph:
                       uptodate=[(record_matches, (build.model_meta, build.exported_program))],
                       shared=Shared((build.exported_program, build.model_meta))),
             self.task("reference", model.reference_outputs,
-                      file_dep=[rel(build.exported_program), rel(build.model_meta), self.evaluation],
+                      file_dep=[rel(build.exported_program), rel(build.model_meta)] + self.evaluation,
                       targets=[rel(build.reference)], shared=Shared((build.reference,))),
             self.task("baseline", model.baseline_metric,
-                      file_dep=[rel(build.reference), self.evaluation], targets=[rel(build.baseline)],
+                      file_dep=[rel(build.reference)] + self.evaluation, targets=[rel(build.baseline)],
                       code=self.metric_code, config={"metrics": manifest.metrics},
                       shared=Shared((build.baseline,))),
         ]
@@ -107,7 +113,7 @@ class Graph:
             if skip:
                 continue  # select() reports it as skipped, with the reason
             name = f"{key}:{technique.name}"
-            calibration = [rel(build.data("calibration"))] if technique.needs_calibration else []
+            calibration = self.data_files("calibration") if technique.needs_calibration else []
             valid = [(candidates.candidate_is_valid, (build, key, technique.name))]
             tasks.append(self.task(
                 f"compress:{name}", candidates.compress, key, technique.name,
@@ -121,7 +127,7 @@ class Graph:
                               keep=candidates.candidate_is_shareable)))
             tasks.append(self.task(
                 f"evaluate:{name}", candidates.evaluate, key, technique.name,
-                file_dep=[rel(build.candidate_record(key, technique.name)), rel(build.reference), self.evaluation],
+                file_dep=[rel(build.candidate_record(key, technique.name)), rel(build.reference)] + self.evaluation,
                 targets=[rel(build.evaluation(key, technique.name))],
                 code=(("backend", backend),) + self.metric_code,
                 config={"metrics": self.build.manifest.metrics, "threads": LATENCY_THREADS},
@@ -141,7 +147,7 @@ class Graph:
 
     def search(self, target: Target) -> dict:
         build, manifest, rel = self.build, self.build.manifest, self.rel
-        data = [rel(build.data(role)) for role in ("evaluation", "calibration") if build.data(role)]
+        data = [file for role in ("evaluation", "calibration") for file in self.data_files(role)]
         return self.task(
             f"search:{target.name}", search.run_search, target,
             file_dep=[rel(build.fp32_record(build.variant(target).key)), rel(build.reference),
@@ -156,7 +162,7 @@ class Graph:
 
     def qat(self, target: Target, evaluations: list[str]) -> dict:
         build, manifest, rel = self.build, self.build.manifest, self.rel
-        data = [rel(build.data(role)) for role in DATA_ROLES if build.data(role)]
+        data = [file for role in DATA_ROLES for file in self.data_files(role)]
         return self.task(
             f"qat:{target.name}", qat.run_qat, target,
             file_dep=sorted(set(evaluations + data + self.sources()

@@ -6,6 +6,7 @@ from functools import cached_property
 from pathlib import Path
 
 from ..api import MixedPrecisionBackend, ModelInterface, QATBackend, Technique
+from ..data import shard_files
 from ..errors import InputError
 from ..manifest import ENTRY_PATTERN, TEXT_SUFFIX, Manifest, Target
 from ..plugins import Registry, code_fingerprint
@@ -167,9 +168,9 @@ class Build:
     def input_files(self) -> list[Path]:
         """Every file a build reads: the manifest, the model's files, the data."""
         manifest = self.manifest
-        files = {manifest.path, manifest.evaluation, *self.model_sources(), *manifest.plugins,
+        files = {manifest.path, *shard_files(manifest.evaluation), *self.model_sources(), *manifest.plugins,
                  *manifest.label_files.values()}
-        files.update(p for p in (manifest.calibration, manifest.train) if p)
+        files.update(shard for p in (manifest.calibration, manifest.train) if p for shard in shard_files(p))
         return sorted(files)
 
     # data: each role's file as stages read it

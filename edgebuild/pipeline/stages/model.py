@@ -85,7 +85,7 @@ def _samples(build: Build, inputs: list[dict]) -> tuple:
     """The first evaluation samples: what a program is checked against the module it came from on."""
     data = load_dataset(build.data("evaluation"), build.manifest.relative(build.data_source("evaluation")),
                         inputs, need_labels=False)
-    return tuple(array[:REFERENCE_SAMPLES] for array in data.inputs)
+    return data.head(REFERENCE_SAMPLES)
 
 
 def _outputs(module, samples: tuple, example: tuple, inputs: list[dict]) -> list:

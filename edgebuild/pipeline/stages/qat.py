@@ -193,7 +193,7 @@ def run_qat(build: Build, target: Target) -> None:
         progress.report(f"  qat {target.name} ({technique.name}): {line}")
 
     def run_training(prepared, layers, after_step=None):
-        result.update(train(prepared, layers, data.inputs, labels, {**settings, "teacher": teacher},
+        result.update(train(prepared, layers, data.head(len(data)), labels, {**settings, "teacher": teacher},
                             log, after_step))
 
     work = build.state / "targets" / target.name / "qat"

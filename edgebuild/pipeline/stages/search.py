@@ -68,7 +68,7 @@ def sensitivity_table(build: Build, target: Target, layers: list[dict], precisio
     if cache.is_file() and read_json(cache).get("key") == key:
         return read_json(cache)["table"]
     samples = read_data(build, role, need_labels=False)
-    inputs = tuple(array[:SENSITIVITY_SAMPLES] for array in samples.inputs)
+    inputs = samples.head(SENSITIVITY_SAMPLES)
     fp32 = build.fp32_bundle(variant.key)
     specs = output_specs(build)
     work = build.state / variant.key / "sensitivity"
