@@ -23,7 +23,8 @@ STATE_DIR = ".edgebuild"
 LOCK_FILE = "edgebuild.lock"
 
 TOP_KEYS = {"version": True, "model": True, "data": True, "metric": False, "targets": True, "output": False,
-            "reports": False, "search": False, "report_metrics": False, "plugins": False, "cache": False}
+            "reports": False, "search": False, "report_metrics": False, "plugins": False, "cache": False,
+            "executor": False}
 DEFAULT_REPORTS = ["json", "md", "junit", "html"]
 MODEL_KEYS = {"name": True, "source": True, "entry": False, "path": False, "description": False, "version": False,
               "task": False, "sequence_length": False, "outputs": False, "rewrites": False, "author": False,
@@ -131,6 +132,7 @@ class Manifest:
     interface: ModelInterface | None = None
     label_files: dict[str, Path] = field(default_factory=dict)   # output name (or ONLY_OUTPUT) -> labels file
     cache: str | None = None  # the shared cache: a folder (relative to the manifest) or an fsspec URL
+    executor: str | None = None  # where heavy stages run: local | ray (--executor overrides it)
     # Every target the manifest declares; `targets` may be narrowed to a --target/--platform selection,
     # whose build keeps the others' bundles, report entries and lock entries from their last build.
     declared_targets: list[Target] = field(default_factory=list)
@@ -379,13 +381,14 @@ def load_manifest(path: Path | str, registry: Registry) -> Manifest:
     if cache is not None and (not isinstance(cache, str) or not cache.strip()):
         got = "an empty string" if isinstance(cache, str) else _typename(cache)
         raise doc.error(("cache",), f"expected a folder or a URL (s3://..., gs://...), got {got}")
+    executor = check.choice(raw["executor"], ("executor",), ["local", "ray"], "executor") if "executor" in raw else None
     return Manifest(path=path.resolve(), root=root, model=dict(model), calibration=data.get("calibration"),
                     evaluation=data["evaluation"], metric=gate.key, targets=targets,
                     output=_output(check, doc, raw, model, data), raw=raw, reports=_reports(check, raw),
                     search=_search(check, doc, raw), train=data.get("train"),
                     report_metrics=[spec.key for spec in dict.fromkeys(reported) if spec.key != gate.key],
                     specs=specs, plugins=plugins, document=doc, interface=interface, label_files=label_files,
-                    cache=cache)
+                    cache=cache, executor=executor)
 
 
 def load_project(path: Path | str) -> tuple[Manifest, Registry]:

@@ -51,8 +51,10 @@ def test_the_example_built_on_ray_ships_the_local_builds_bytes_and_the_report_na
         return value
 
     assert without_timings(reports[0]) == without_timings(reports[1])
-    # Each stage's log says which Ray worker ran it.
+    # Each stage's log says which Ray worker ran it; an accuracy run's shards were Ray tasks of their own.
     assert (project / ".edgebuild" / "logs" / "convert-tflite.log").read_text().startswith("[ray task on ")
+    evaluated = (project / ".edgebuild" / "logs" / "evaluate-tflite-int8-weight-only.log").read_text()
+    assert "accuracy run of int8-weight-only.tflite: 2 shards as Ray tasks" in evaluated, evaluated
 
 
 def _stage_workers() -> list[int]:
@@ -96,3 +98,16 @@ def test_a_ray_worker_killed_mid_build_is_retried_and_the_bundles_do_not_change(
     assert {k: v for k, v in _delivered(project).items() if k.startswith("dist/android/")} == android
     logs = [p.read_text() for p in (project / ".edgebuild" / "logs").glob("*.log")]
     assert not any(f", pid {killed[0]}]" in log.splitlines()[0] for log in logs if log)
+
+
+def test_the_manifests_executor_is_validated_with_its_location(tmp_path):
+    from conftest import run_edgebuild
+
+    manifest = make_project(tmp_path)
+    text = manifest.read_text()
+    manifest.write_text(text + "executor: rey\n")
+    done = run_edgebuild("validate", cwd=tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"edgebuild.yaml:{len(text.splitlines()) + 1}:11: executor: unknown executor 'rey'; did you mean 'ray'? "
+        "(available: local, ray)")

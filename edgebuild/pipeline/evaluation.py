@@ -19,6 +19,7 @@ from ..policy import Limits, target_limits
 from ..weights import find_copies
 from .layout import Build
 from .machine import available_memory, cores
+from .remote import cluster_cpus, predict_on_cluster
 
 LATENCY_THREADS = 1
 LATENCY_RUNS = 20        # timed single-thread invokes of one batch (after the backend's warm-up)...
@@ -50,14 +51,22 @@ def predict_samples(backend, bundle: Path, inputs, *, batch: int, exported_progr
     shards at once (whole batches each); its latency is then timed apart (`time_latency`)."""
     total = len(inputs[0])
     batches = -(-total // batch)
-    shards = min(workers, batches, _shards_memory_allows(bundle)) if isinstance(backend, ShardedPredictBackend) else 1
+    sharded = isinstance(backend, ShardedPredictBackend)
+    cluster = cluster_cpus() if sharded else None  # a stage run as a Ray task: shards go to the cluster
+    if cluster is not None:
+        shards = min(cluster, batches)
+    else:
+        shards = min(workers, batches, _shards_memory_allows(bundle)) if sharded else 1
     if shards <= 1:
         return backend.predict(bundle, inputs, threads=LATENCY_THREADS, batch=batch, exported_program=exported_program)
     bounds = [round(batches * i / shards) * batch for i in range(shards + 1)]
     parts = [[array[start:end] for array in inputs] for start, end in zip(bounds, bounds[1:])]
-    with ThreadPoolExecutor(shards) as pool:  # the runtime releases the GIL while it runs
-        results = list(pool.map(lambda part: backend.predict(bundle, part, threads=LATENCY_THREADS, batch=batch,
-                                                             exported_program=exported_program), parts))
+    if cluster is not None:
+        results = predict_on_cluster(backend, bundle, parts, batch=batch, exported_program=exported_program)
+    else:
+        with ThreadPoolExecutor(shards) as pool:  # the runtime releases the GIL while it runs
+            results = list(pool.map(lambda part: backend.predict(bundle, part, threads=LATENCY_THREADS, batch=batch,
+                                                                 exported_program=exported_program), parts))
     first = results[0].outputs
     if isinstance(first, dict):
         outputs = {name: np.concatenate([r.outputs[name] for r in results]) for name in first}

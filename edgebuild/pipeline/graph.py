@@ -209,7 +209,7 @@ class Graph:
             self.task("report", deliver.write_reports, manifest.reports,
                       file_dep=selections + packaged + [rel(build.model_meta)], targets=[rel(build.report_record)],
                       code=tuple(("reporter", name) for name in manifest.reports),
-                      config={"reporters": manifest.reports, "executor": executor_name(), **names},
+                      config={"reporters": manifest.reports, "executor": executor_name(manifest), **names},
                       uptodate=[(deliver.reports_are_intact, (build,))]),
             self.task("lock", deliver.write_lock,
                       file_dep=sorted({rel(p) for p in build.input_files()}) + packaged,

@@ -33,9 +33,10 @@ RAY_ADDRESS_VARIABLE = "EDGEBUILD_RAY_ADDRESS"    # set by `build --ray-address`
 EXECUTORS = ("local", "ray")
 
 
-def executor_name() -> str:
-    """Where heavy stages run (pipeline/executor.py): --executor through the environment, else local."""
-    name = os.environ.get(EXECUTOR_VARIABLE) or "local"
+def executor_name(manifest: Manifest | None = None) -> str:
+    """Where heavy stages run (pipeline/executor.py): --executor (through the environment), else
+    the manifest's `executor:`, else local."""
+    name = os.environ.get(EXECUTOR_VARIABLE) or (manifest.executor if manifest else None) or "local"
     if name not in EXECUTORS:
         raise InputError(f"unknown executor {name!r} (executors: {', '.join(EXECUTORS)})", file=EXECUTOR_VARIABLE)
     return name

@@ -26,7 +26,7 @@ from . import isolated, machine
 from .evaluation import jobs
 from .executor import RayExecutor
 from .graph import Graph, stage_files
-from .layout import RAY_ADDRESS_VARIABLE, Build, executor_name
+from .layout import EXECUTOR_VARIABLE, RAY_ADDRESS_VARIABLE, Build, executor_name
 from .stages.deliver import target_summary
 
 HEAVY_STAGES = ("export", "reference", "convert", "compress", "evaluate", "search", "qat")
@@ -281,7 +281,8 @@ def run_pipeline(build: Build, *, console: Console, wait: bool = True, only: lis
     result = RunResult()
     model_bytes = sum(path.stat().st_size for path in build.model_sources() if path.is_file())
     executor = None
-    if executor_name() == "ray":
+    if executor_name(build.manifest) == "ray":
+        os.environ[EXECUTOR_VARIABLE] = "ray"  # the stages' tasks read it (evaluation shards go to the cluster)
         executor = RayExecutor(os.environ.get(RAY_ADDRESS_VARIABLE), machine.stage_memory(model_bytes))
     graphs = []
     graph = Graph(build, _stage_wrapper(build, result, model_bytes, executor, graphs))

@@ -172,7 +172,7 @@ def report_data(build: Build) -> dict:
         "warnings": read_json(build.baseline).get("warnings", [])
                     + [f"{t['name']}: {entry['text']}" for t in targets for entry in t["stored_twice"]],
         "toolchain": {name: build.registry.backends[name].version() for name in build.backends_in_use(reported)},
-        "executor": executor_name(),
+        "executor": executor_name(manifest),
         "targets": targets,
     }
 
