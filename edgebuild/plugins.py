@@ -175,7 +175,8 @@ def code_fingerprint(registry: Registry, *items: tuple[str, str]) -> str:
         plugin = registry.origin.get(item)
         if plugin and files.get(plugin):
             roots.add(_plugin_root(files[plugin]))
-    return hashlib.sha256("".join(_tree_hash(root) for root in sorted(roots)).encode()).hexdigest()
+    # Sorted by content, not by where each tree is installed: another runner's venv gives the same key.
+    return hashlib.sha256("".join(sorted(_tree_hash(root) for root in roots)).encode()).hexdigest()
 
 
 @cache

@@ -140,7 +140,7 @@ class SharedCache:
                 if not members:
                     absent.append(path)
                     continue
-                temporary = path.with_name(f".{path.name}.fetch-{uuid.uuid4().hex[:8]}")
+                temporary = path.with_name(f".{path.name}.tmp-fetch-{uuid.uuid4().hex[:8]}")  # a killed build's is cleared
                 temporary.parent.mkdir(parents=True, exist_ok=True)
                 staged.append((temporary, path))
                 for relative, described in members.items():

@@ -131,7 +131,7 @@ class RayExecutor:
             if not members:
                 remove_path(destination)
                 continue
-            temporary = destination.with_name(f".{destination.name}.ray-{uuid.uuid4().hex[:8]}")
+            temporary = destination.with_name(f".{destination.name}.tmp-ray-{uuid.uuid4().hex[:8]}")
             try:
                 for relative, content in members.items():
                     path = temporary if relative == name else temporary / relative[len(name) + 1:]

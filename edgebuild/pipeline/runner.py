@@ -19,10 +19,10 @@ from doit.exceptions import UnmetDependency
 from rich.console import Console
 
 from .. import progress
-from .cache import FROM_CACHE
 from ..errors import EdgebuildError, InputError, ToolchainError, first_line
 from ..fsutil import atomic_write_json, read_json, remove_path
 from . import isolated, machine
+from .cache import FROM_CACHE
 from .evaluation import jobs
 from .executor import RayExecutor
 from .graph import Graph, stage_files
@@ -284,7 +284,7 @@ def run_pipeline(build: Build, *, console: Console, wait: bool = True, only: lis
     if executor_name(build.manifest) == "ray":
         os.environ[EXECUTOR_VARIABLE] = "ray"  # the stages' tasks read it (evaluation shards go to the cluster)
         executor = RayExecutor(os.environ.get(RAY_ADDRESS_VARIABLE), machine.stage_memory(model_bytes))
-    graphs = []
+    graphs = []  # the wrapper ships a remote stage the files the graph says it reads: filled below
     graph = Graph(build, _stage_wrapper(build, result, model_bytes, executor, graphs))
     graphs.append(graph)
     tasks = graph.tasks()
