@@ -1,7 +1,7 @@
 """Calibration and evaluation data: npz files checked against the model's inputs before use.
 
-A data entry is one .npz file, or a folder of .npz shards (read in name order) for sets larger
-than memory: each input is then a `ShardedArray`, which reads a shard when a slice of it is used,
+A data entry is one .npz file, or a folder of .npz shards or a pattern matching them (read in
+name order) for sets larger than memory: each input is then a `ShardedArray`, which reads a shard when a slice of it is used,
 so an evaluation holds one shard per thread at a time, however large the set.
 """
 import threading
@@ -14,10 +14,34 @@ import numpy as np
 from .errors import InputError
 
 
+GLOB_CHARACTERS = frozenset("*?[")
+
+
+def is_pattern(path) -> bool:
+    """Whether a data entry is a glob pattern (in its last part: `data/eval-*.npz`)."""
+    return bool(GLOB_CHARACTERS & set(Path(path).name))
+
+
 def shard_files(path: Path) -> list[Path]:
-    """The .npz files of a data entry: the file itself, or a folder's shards in name order."""
+    """The .npz files of a data entry, in name order: the file itself, a folder's `*.npz`, or
+    the files a pattern matches."""
     path = Path(path)
+    if is_pattern(path):
+        return sorted(p for p in path.parent.glob(path.name) if p.is_file())
     return sorted(p for p in path.glob("*.npz") if p.is_file()) if path.is_dir() else [path]
+
+
+def data_sha256(path: Path) -> str:
+    """The content of a data entry, for cache keys: each shard's name and bytes, in order."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for shard in shard_files(path):
+        digest.update(shard.name.encode() + b"\0")
+        with open(shard, "rb") as handle:
+            while chunk := handle.read(1 << 23):
+                digest.update(chunk)
+    return digest.hexdigest()
 
 
 class _ShardCache(threading.local):
@@ -116,8 +140,10 @@ def load_dataset(path: Path, label: str, model_inputs: list[dict], *, need_label
     """Read `path` (a .npz file, or a folder of .npz shards) and check it matches `model_inputs`
     ([{name, shape, dtype}]); errors name the file (the shard)."""
     path = Path(path)
-    if not path.is_dir():
+    if not path.is_dir() and not is_pattern(path):
         return _checked(_read_npz(path, label), label, model_inputs, need_labels=need_labels)
+    if is_pattern(path):
+        label = str(Path(label).parent)  # shards are named under the pattern's folder
     shards, rows, labels = [], [], []
     for shard in shard_files(path):
         where = f"{label}/{shard.name}"

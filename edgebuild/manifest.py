@@ -11,6 +11,7 @@ import yaml
 from . import devices as device_catalog
 from . import hf
 from .api import ONLY_OUTPUT, ImageInput, MixedPrecisionBackend, ModelInterface, QATBackend
+from .data import is_pattern, shard_files
 from .errors import InputError
 from .outputs import OUTPUT_NAME
 from .plugins import Registry, default_registry, registry_with
@@ -633,7 +634,14 @@ def _data(check: "_Validator", doc: "_Document", value: Any, model: dict) -> dic
             continue
         where = ("data", role)
         path = check.project_path(data[role], where, must_exist=False)
-        if path.is_dir():  # a folder of .npz shards, streamed a shard at a time
+        if is_pattern(path):  # shards matching a pattern, streamed a shard at a time
+            matched = shard_files(path)
+            stray = next((p for p in matched if p.suffix != ".npz"), None)
+            if not matched:
+                raise doc.error(where, f"pattern {data[role]!r} matches no .npz shards")
+            if stray is not None:
+                raise doc.error(where, f"pattern {data[role]!r} matches {stray.name}, which is not a .npz file")
+        elif path.is_dir():  # a folder of .npz shards, streamed a shard at a time
             if not any(p.is_file() for p in path.glob("*.npz")):
                 raise doc.error(where, f"folder {data[role]!r} holds no .npz shards")
         else:

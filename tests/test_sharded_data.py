@@ -119,3 +119,23 @@ def test_the_example_evaluated_on_shards_gives_the_single_files_numbers_and_bund
     again = run_edgebuild("build", "--json", "--platform", "android", cwd=tmp_path)
     assert again.returncode == 0, again.stderr
     assert "evaluate:tflite:int8-weight-only" in json.loads(again.stdout)["executed"]
+
+
+def test_a_pattern_names_shards_like_a_folder_and_a_bad_one_is_refused_with_its_location(tmp_path):
+    x, y = _shards(tmp_path / "data", [0, 7, 20])
+    (tmp_path / "data" / "notes.txt").write_text("not a shard")
+    data = load_dataset(tmp_path / "data" / "part-*.npz", "data/part-*.npz", INPUTS, need_labels=True)
+    assert np.array_equal(np.asarray(data.inputs[0]), x) and np.array_equal(data.labels["y"], y)
+    from edgebuild.data import data_sha256
+
+    assert data_sha256(tmp_path / "data" / "part-*.npz") == data_sha256(tmp_path / "data")
+
+    manifest = example_manifest()
+    for value, message in [("examples/digits/none-*.npz", "pattern 'examples/digits/none-*.npz' matches no .npz shards"),
+                           ("examples/digits/*.txt", "pattern 'examples/digits/*.txt' matches labels.txt, which is not a .npz file")]:
+        manifest["data"]["evaluation"] = value
+        project = tmp_path / value.replace("/", "_").replace("*", "star")
+        make_project(project, manifest)
+        done = run_edgebuild("validate", cwd=project)
+        assert done.returncode == 2
+        assert done.stderr.strip().splitlines()[-1].endswith(f":15: data.evaluation: {message}"), done.stderr

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 
 from ..api import Prediction, ShardedPredictBackend, Technique, WeightValuesBackend
-from ..data import Dataset, load_dataset
+from ..data import Dataset, data_sha256, load_dataset
 from ..errors import InputError, ToolchainError
-from ..fsutil import bundle_bytes, bundle_download_bytes, bundle_sha256, read_json
+from ..fsutil import bundle_bytes, bundle_download_bytes, read_json
 from ..manifest import Target
 from ..policy import Limits, target_limits
 from ..weights import find_copies
@@ -273,7 +273,7 @@ def variant_evaluation_inputs(build: Build, variant_key: str) -> tuple:
     the fp32 bundle (the model), the evaluation data, the metrics, the toolchain and the code of
     edgebuild, the backend and the metrics."""
     backend = build.registry.backends[build.variants[variant_key].backend]
-    return (read_json(build.fp32_record(variant_key))["sha256"], bundle_sha256(build.data("evaluation")),
+    return (read_json(build.fp32_record(variant_key))["sha256"], data_sha256(build.data("evaluation")),
             build.manifest.metrics, backend.version(),
             build.code(("backend", backend.name), *(("metric", spec.name) for spec in build.manifest.specs.values())))
 

@@ -155,7 +155,8 @@ class Build:
         entry = (manifest.root / ENTRY_PATTERN.match(manifest.model["entry"])["file"]).resolve()
         skip = {manifest.state_dir, manifest.output, manifest.lock_file, manifest.path, *manifest.plugins,
                 *manifest.label_files.values(),
-                *(p for p in (manifest.evaluation, manifest.calibration, manifest.train) if p)}
+                *(shard for p in (manifest.evaluation, manifest.calibration, manifest.train) if p
+                  for shard in [p, *shard_files(p)])}
         files = []
         for path in sorted(entry.parent.rglob("*")):
             if not path.is_file() or any(s == path or s in path.parents for s in skip):

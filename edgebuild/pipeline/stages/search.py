@@ -11,6 +11,7 @@ import time
 import numpy as np
 
 from ...api import CompressInput, MixedPrecisionBackend, NotApplicable, SearchContext, SimulatedSensitivityBackend
+from ...data import data_sha256
 from ...fsutil import (atomic_output, atomic_write_json, bundle_bytes, bundle_sha256, read_json, remove_path,
                        replace_path)
 from ...manifest import Target
@@ -44,7 +45,7 @@ def sensitivity_key(build: Build, target: Target, layers: list[dict], precisions
     and the code of edgebuild, the backend and the sqnr metric."""
     variant = build.variant(target)
     backend = build.backend(target)
-    return digest(read_json(build.fp32_record(variant.key))["sha256"], bundle_sha256(build.data(role)),
+    return digest(read_json(build.fp32_record(variant.key))["sha256"], data_sha256(build.data(role)),
                    list(precisions), layers, backend.version(), SENSITIVITY_SAMPLES, SENSITIVITY_FORMAT,
                    _simulated_precisions(build, backend, variant.options, precisions),
                    output_specs(build),
