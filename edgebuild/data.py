@@ -1,8 +1,9 @@
 """Calibration and evaluation data: npz files checked against the model's inputs before use.
 
-A data entry is one .npz file, or a folder of .npz shards or a pattern matching them (read in
-name order) for sets larger than memory: each input is then a `ShardedArray`, which reads a shard when a slice of it is used,
-so an evaluation holds one shard per thread at a time, however large the set.
+A data entry is one .npz file, or, for sets larger than memory, a folder of .npz shards or a
+pattern matching them (read in name order): each input is then a `ShardedArray`, which reads a
+shard when a slice of it is used, so an evaluation holds one shard per thread at a time, however
+large the set.
 """
 import threading
 import zipfile
@@ -12,7 +13,6 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InputError
-
 
 GLOB_CHARACTERS = frozenset("*?[")
 
