@@ -169,7 +169,9 @@ def test_sigkill_in_every_stage_never_leaves_partial_output(built_copy):
     manifest = yaml.safe_load(manifest_path.read_text())
     landed, partial, trials = {}, 0, 0
     for setup, aim in KILL_PLAN:
-        for _ in range(6):  # a stage of a few milliseconds may end before the kill: aim again; six tries, as select and lock take milliseconds and three missed select once
+        # A stage of a few milliseconds (select, lock) may end before the kill: aim again, up to six
+        # times (three missed select once in CI).
+        for _ in range(6):
             trials += 1
             if setup in ("candidate records deleted", "evaluation records deleted"):
                 folder = "candidates" if setup.startswith("candidate") else "evaluations"
