@@ -35,12 +35,11 @@ def data_sha256(path: Path) -> str:
     """The content of a data entry, for cache keys: each shard's name and bytes, in order."""
     import hashlib
 
+    from .fsutil import content_sha256
+
     digest = hashlib.sha256()
     for shard in shard_files(path):
-        digest.update(shard.name.encode() + b"\0")
-        with open(shard, "rb") as handle:
-            while chunk := handle.read(1 << 23):
-                digest.update(chunk)
+        digest.update(shard.name.encode() + b"\0" + content_sha256(shard).encode())
     return digest.hexdigest()
 
 

@@ -1,4 +1,5 @@
 """File helpers: atomic writes, content hashes, store-like download sizes."""
+import functools
 import hashlib
 import io
 import json
@@ -16,6 +17,33 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def content_sha256(path: Path) -> str:
+    """`sha256_file`, remembered per file identity (path, inode, size, mtime) in this process: cache
+    keys hash every file a stage reads, and a sharded data set's gigabytes are read by many stages."""
+    stat = os.stat(path)
+    return _content_sha256(str(Path(path).resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4096)
+def _content_sha256(path: str, inode: int, size: int, mtime_ns: int) -> str:
+    return sha256_file(path)
+
+
+def read_tree(paths, root: Path) -> dict[str, bytes]:
+    """Every file of `paths` (files, or folders such as a .mlpackage), by path relative to `root`:
+    what crosses to another machine."""
+    return {file.relative_to(root).as_posix(): file.read_bytes()
+            for path in paths if Path(path).exists() for file in bundle_files(path)}
+
+
+def write_tree(root: Path, files: dict[str, bytes]) -> None:
+    """`read_tree`'s files written back under `root`."""
+    for relative, content in files.items():
+        path = Path(root) / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content)
 
 
 def bundle_files(path: Path) -> list[Path]:

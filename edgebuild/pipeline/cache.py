@@ -23,11 +23,10 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import InputError
-from ..fsutil import remove_path, replace_path
+from ..fsutil import bundle_files, content_sha256, remove_path, replace_path, sha256_file
 
 CACHE_VARIABLE = "EDGEBUILD_CACHE"
 FROM_CACHE = "from the shared cache"  # what a stage returns when its outputs were fetched
-_CHUNK = 8 * 2**20
 
 
 @dataclass(frozen=True)
@@ -60,27 +59,20 @@ def sharing(task_name: str, stage: Callable, settings: dict, inputs: list[str], 
     return run
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def stage_key(task_name: str, settings: dict, inputs: list[tuple[str, Path]]) -> str:
     """The cache key of one stage: its name, settings (code included) and inputs' content by
     project-relative path."""
     described = {"stage": task_name, "settings": settings,
-                 "inputs": [[relative, file_sha256(path)] for relative, path in sorted(inputs)]}
+                 "inputs": [[relative, content_sha256(path)] for relative, path in sorted(inputs)]}
     return hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def _files(path: Path, relative: str) -> list[tuple[str, Path]]:
     """(relative name, path) of a file, or of every file under a folder (a .mlpackage)."""
-    if path.is_dir():
-        return [(f"{relative}/{p.relative_to(path).as_posix()}", p) for p in sorted(path.rglob("*")) if p.is_file()]
-    return [(relative, path)] if path.is_file() else []
+    if not path.exists():
+        return []
+    return [(relative if file == path else f"{relative}/{file.relative_to(path).as_posix()}", file)
+            for file in bundle_files(path)]
 
 
 class SharedCache:
@@ -150,7 +142,7 @@ class SharedCache:
                         self.fs.get_file(self._blob(described["sha256"]), str(local))
                     except FileNotFoundError:
                         return False
-                    if file_sha256(local) != described["sha256"]:
+                    if sha256_file(local) != described["sha256"]:
                         self._forget(key, described["sha256"])  # corrupt: rebuilt and stored again
                         return False
             if claimed != len(files):
@@ -176,7 +168,7 @@ class SharedCache:
         files = {}
         for name, path in outputs:
             for relative, file in _files(path, name):
-                sha = file_sha256(file)
+                sha = content_sha256(file)
                 files[relative] = {"sha256": sha, "bytes": file.stat().st_size}
                 if not self.fs.exists(self._blob(sha)):
                     self._put_atomically(file, self._blob(sha))

@@ -18,16 +18,9 @@ import uuid
 from pathlib import Path
 
 from ..errors import InputError
-from ..fsutil import remove_path, replace_path
+from ..fsutil import read_tree, remove_path, replace_path, write_tree
 from .machine import LEDGER_VARIABLE
-
-RETRIES = 3  # a task whose worker dies is run again this many times
-
-
-def _files_under(path: Path, root: Path) -> dict[str, bytes]:
-    if path.is_dir():
-        return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
-    return {path.relative_to(root).as_posix(): path.read_bytes()} if path.is_file() else {}
+from .remote import RETRIES, cluster_cpu_count
 
 
 def _stage_in_scratch(manifest: str, files: dict[str, bytes], task_name: str, outputs: list[str],
@@ -41,33 +34,25 @@ def _stage_in_scratch(manifest: str, files: dict[str, bytes], task_name: str, ou
     from ..errors import EdgebuildError, first_line
     from ..manifest import load_project
     from . import isolated
-    from .graph import Graph
+    from .graph import run_task
     from .layout import Build
 
     os.environ.update(environment)
     with tempfile.TemporaryDirectory(prefix="edgebuild-stage-") as scratch:
         root = Path(scratch)
-        for relative, content in files.items():
-            path = root / relative
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(content)
+        write_tree(root, files)
         log = io.StringIO()
         returned, error = None, None
         with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
             try:
-                build = Build(*load_project(root / manifest))
-                task = next(t for t in Graph(build, lambda name, stage: stage).tasks() if t["name"] == task_name)
-                action, args = task["actions"][0]
-                returned = action(*args)
+                returned = run_task(Build(*load_project(root / manifest)), task_name)
             except EdgebuildError as exc:
                 error = isolated.error_record(exc)
             except Exception as exc:
                 traceback.print_exc(file=log)
                 error = {"kind": "unexpected", "message": first_line(exc)}
-        written = {}
-        for relative in outputs:
-            written.update(_files_under(root / relative, root))
-        return {"returned": returned, "error": error, "outputs": written, "log": log.getvalue(),
+        return {"returned": returned, "error": error, "outputs": read_tree([root / name for name in outputs], root),
+                "log": log.getvalue(),
                 "node": os.uname().nodename, "pid": os.getpid()}
 
 
@@ -91,19 +76,14 @@ class RayExecutor:
         self.remote = ray.remote(_stage_in_scratch)
 
     def cpus(self) -> int:
-        return max(1, int(self.ray.cluster_resources().get("CPU", 1)))
-
-    def describe(self) -> str:
-        return f"ray {self.ray.__version__} ({self.cpus()} CPUs)"
+        return cluster_cpu_count(self.ray)
 
     def run(self, build, task_name: str, inputs: list[Path], outputs: list[Path], log: Path):
         """Run one stage as a Ray task; put the files it wrote in place; return what it returned."""
         from . import isolated
 
         root = build.manifest.root
-        files = {}
-        for path in inputs:
-            files.update(_files_under(path, root))
+        files = read_tree(inputs, root)
         relative_outputs = [Path(os.path.relpath(p, root)).as_posix() for p in outputs]
         environment = {key: value for key, value in os.environ.items() if key.startswith("EDGEBUILD_")}
         environment["EDGEBUILD_JOBS"] = "1"  # the task holds one CPU; results do not depend on it
@@ -117,26 +97,19 @@ class RayExecutor:
         log.write_text(f"[ray task on {result['node']}, pid {result['pid']}]\n{result['log']}", encoding="utf-8")
         if result["error"] is not None:
             raise isolated.error_from(result["error"])
-        self._put_in_place(root, relative_outputs, result["outputs"])
+        # Each output as the task left it: a file or a whole folder replaced atomically, one the
+        # stage did not write removed. Written under the build's staging folder first (the same
+        # file system, cleared if the build is killed), then moved.
+        staging = build.staging / f"ray-{uuid.uuid4().hex[:8]}"
+        try:
+            write_tree(staging, result["outputs"])
+            for name in relative_outputs:
+                written = staging / name
+                if written.exists():
+                    (root / name).parent.mkdir(parents=True, exist_ok=True)
+                    replace_path(written, root / name)
+                else:
+                    remove_path(root / name)
+        finally:
+            remove_path(staging)
         return result["returned"]
-
-    @staticmethod
-    def _put_in_place(root: Path, outputs: list[str], written: dict[str, bytes]) -> None:
-        """Each output as the task left it: a file or a whole folder replaced atomically, one the
-        stage did not write removed."""
-        for name in outputs:
-            members = {relative: content for relative, content in written.items()
-                       if relative == name or relative.startswith(name + "/")}
-            destination = root / name
-            if not members:
-                remove_path(destination)
-                continue
-            temporary = destination.with_name(f".{destination.name}.tmp-ray-{uuid.uuid4().hex[:8]}")
-            try:
-                for relative, content in members.items():
-                    path = temporary if relative == name else temporary / relative[len(name) + 1:]
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    path.write_bytes(content)
-                replace_path(temporary, destination)
-            finally:
-                remove_path(temporary)

@@ -245,6 +245,13 @@ def stage_files(graph: Graph, task_name: str) -> tuple[list, list]:
     return sorted(p for p in reads if p.exists()), list(graph.io[task_name][2])
 
 
+def run_task(build: Build, task_name: str):
+    """Run one task's stage outside doit (an isolated process, a Ray worker); return what it returns."""
+    task = next(t for t in Graph(build, lambda name, stage: stage).tasks() if t["name"] == task_name)
+    action, args = task["actions"][0]
+    return action(*args)
+
+
 def build_tasks(build: Build, wrap: Callable) -> list[dict]:
     """All tasks for the manifest. `wrap(task_name, stage_fn)` adds logging and error capture."""
     return Graph(build, wrap).tasks()

@@ -77,14 +77,11 @@ def run(manifest: Path, task_name: str, state: Path):
 
 def main(manifest: str, task_name: str, result: str) -> int:
     from ..manifest import load_project
-    from .graph import build_tasks
+    from .graph import run_task
     from .layout import Build
 
     try:
-        build = Build(*load_project(manifest))
-        task = next(t for t in build_tasks(build, lambda name, stage: stage) if t["name"] == task_name)
-        action, args = task["actions"][0]
-        outcome = {"ok": True, "returned": action(*args)}
+        outcome = {"ok": True, "returned": run_task(Build(*load_project(manifest)), task_name)}
     except EdgebuildError as exc:
         outcome = {"ok": False, "error": error_record(exc)}
     except Exception as exc:  # the runner logs it as an unexpected error; the traceback goes to the log here

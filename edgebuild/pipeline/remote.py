@@ -13,7 +13,14 @@ from pathlib import Path
 
 import numpy as np
 
+from ..fsutil import read_tree, write_tree
 from .layout import EXECUTOR_VARIABLE
+
+RETRIES = 3  # a Ray task whose worker dies is run again this many times
+
+
+def cluster_cpu_count(ray) -> int:
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
 def cluster_cpus() -> int | None:
@@ -26,22 +33,19 @@ def cluster_cpus() -> int | None:
         return None
     if not ray.is_initialized():
         return None
-    return max(1, int(ray.cluster_resources().get("CPU", 1)))
+    return cluster_cpu_count(ray)
 
 
 def _files(path: Path) -> dict[str, bytes]:
-    if path.is_dir():
-        return {p.relative_to(path.parent).as_posix(): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
-    return {path.name: path.read_bytes()}
+    """A bundle's (or program's) files, by path relative to its folder."""
+    return read_tree([path], path.parent)
 
 
 def _predict_part(backend, bundle_name: str, files: dict, program: dict | None, inputs: list, batch: int):
     """One shard, in a scratch folder holding the bundle (and the exported program when given)."""
     with tempfile.TemporaryDirectory(prefix="edgebuild-shard-") as scratch:
         root = Path(scratch)
-        for relative, content in {**files, **(program or {})}.items():
-            (root / relative).parent.mkdir(parents=True, exist_ok=True)
-            (root / relative).write_bytes(content)
+        write_tree(root, {**files, **(program or {})})
         exported = root / next(iter(program)) if program else None
         return backend.predict(root / bundle_name, inputs, threads=1, batch=batch, exported_program=exported)
 
@@ -52,7 +56,7 @@ def predict_on_cluster(backend, bundle: Path, parts: list[list], *, batch: int, 
 
     files = ray.put(_files(bundle))
     program = ray.put(_files(exported_program)) if exported_program is not None and exported_program.is_file() else None
-    remote = ray.remote(num_cpus=1, max_retries=3)(_predict_part)
+    remote = ray.remote(num_cpus=1, max_retries=RETRIES)(_predict_part)
     pending = [remote.remote(backend, bundle.name, files, program, [np.asarray(array) for array in part], batch)
                for part in parts]
     print(f"accuracy run of {bundle.name}: {len(parts)} shards as Ray tasks", flush=True)  # into the stage's log

@@ -21,6 +21,8 @@ parameters (tests/test_tensor_names.py runs both and compares every tensor).
 import json
 import zlib
 
+from .metadata import append_metadata, packed_files, with_files
+
 NAMES_FIELD = "edgebuild.tensor_names"
 # Files this large keep their buffers outside the flatbuffer (offset/size); rebuilding such a file
 # through the object API is not done here: their names are a negligible share of their bytes.
@@ -39,7 +41,7 @@ def compact(model_buffer: bytes) -> bytes | None:
     if len(model_buffer) >= _INLINE_LIMIT:
         return None
     model = flatbuffer_utils.read_model_from_bytearray(bytearray(model_buffer))
-    if any(_text(entry.name) == NAMES_FIELD for entry in model.metadata or []):
+    if any(is_names_table(entry) for entry in model.metadata or []):
         return None
     if any((buffer.offset or 0) > 1 for buffer in model.buffers):
         return None
@@ -52,12 +54,7 @@ def compact(model_buffer: bytes) -> bytes | None:
                 tensor.name = None
             if _empty(tensor.quantization):
                 tensor.quantization = None
-    packed = zlib.compress(json.dumps(table, separators=(",", ":")).encode(), 9)
-    model.buffers.append(flatbuffer_utils.BufferT())
-    model.buffers[-1].data = bytearray(packed)
-    entry = flatbuffer_utils.schema_fb.MetadataT()
-    entry.name, entry.buffer = NAMES_FIELD, len(model.buffers) - 1
-    model.metadata = [*(model.metadata or []), entry]
+    append_metadata(model, NAMES_FIELD, zlib.compress(json.dumps(table, separators=(",", ":")).encode(), 9))
     return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
 
 
@@ -70,7 +67,7 @@ def _empty(quantization) -> bool:
 def table(model) -> list[list[str]] | None:
     """The names `compact` set aside, per subgraph; None for a model that keeps its own."""
     for entry in model.metadata or []:
-        if _text(entry.name) == NAMES_FIELD:
+        if is_names_table(entry):
             return json.loads(zlib.decompress(bytes(model.buffers[entry.buffer].data)))
     return None
 
@@ -90,8 +87,6 @@ def is_names_table(entry) -> bool:
 
 def compact_file(bundle) -> None:
     """`compact` a .tflite in place, keeping the files packed after the flatbuffer (labels)."""
-    from .metadata import packed_files, with_files
-
     data = bundle.read_bytes()
     compacted = compact(data)
     if compacted is not None:

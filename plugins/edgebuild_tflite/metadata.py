@@ -160,12 +160,19 @@ def _populated(model_buffer: bytes, metadata_buffer: bytes, files: dict[str, byt
 
     model = flatbuffer_utils.read_model_from_bytearray(bytearray(model_buffer))
     model.metadata = [m for m in model.metadata or [] if _name(m) != METADATA_FIELD]
-    model.buffers.append(flatbuffer_utils.BufferT())
-    model.buffers[-1].data = np.frombuffer(metadata_buffer, dtype=np.uint8)
-    entry = flatbuffer_utils.schema_fb.MetadataT()
-    entry.name, entry.buffer = METADATA_FIELD, len(model.buffers) - 1
-    model.metadata.append(entry)
+    append_metadata(model, METADATA_FIELD, metadata_buffer)
     return with_files(bytes(flatbuffer_utils.convert_object_to_bytearray(model)), files)
+
+
+def append_metadata(model, name: str, data: bytes) -> None:
+    """Add a metadata entry `name` holding `data` (in a buffer of its own) to a ModelT."""
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    model.buffers.append(flatbuffer_utils.BufferT())
+    model.buffers[-1].data = np.frombuffer(data, dtype=np.uint8)
+    entry = flatbuffer_utils.schema_fb.MetadataT()
+    entry.name, entry.buffer = name, len(model.buffers) - 1
+    model.metadata = [*(model.metadata or []), entry]
 
 
 def with_files(model_buffer: bytes, files: dict[str, bytes]) -> bytes:
