@@ -20,6 +20,7 @@ from edgebuild.weights import find_copies
 
 from . import metadata
 from .compaction import compact_file, is_names_table, restore_names
+from .flatbuffer import buffer_data_positions
 
 SIGNATURE = "serving_default"
 _LOWERING = re.compile(r"Lowering not found: (\S+)")
@@ -475,13 +476,17 @@ def weight_tensors(bundle: Path) -> list[dict]:
         elif is_names_table(entry) and data is not None:
             tensors.append({"name": "metadata: tensor names (compressed)", "dtype": "metadata", "shape": [],
                             "bytes": len(data)})
+    # Bytes stored once are counted once: tensors can share a buffer, and buffers their bytes.
+    positions, counted = buffer_data_positions(bundle.read_bytes()), set()
     for subgraph in model.subgraphs:
         names = _display_names(model, subgraph)
         for index, tensor in enumerate(subgraph.tensors):
             buffer = model.buffers[tensor.buffer]
             size = len(buffer.data) if buffer.data is not None else int(buffer.size or 0)
-            if size == 0:
+            stored_at = positions[tensor.buffer] or ("buffer", tensor.buffer)
+            if size == 0 or stored_at in counted:
                 continue
+            counted.add(stored_at)
             dtype = flatbuffer.TENSOR_CODE_TO_TYPE.get(tensor.type, tensor.type)
             tensors.append({"name": names[index], "dtype": str(getattr(dtype, "name", dtype)).lower(),
                             "shape": [int(d) for d in tensor.shape], "bytes": size})
@@ -500,14 +505,16 @@ def stored_values(bundle: Path):
     from ai_edge_quantizer.utils import tfl_flatbuffer_utils as flatbuffer
 
     model = restore_names(flatbuffer.read_model(str(bundle)))
+    # Tensors can share a buffer, and buffers their bytes (flatbuffer.pack writes equal data once).
+    positions = buffer_data_positions(bundle.read_bytes())
     seen = set()
     for subgraph in model.subgraphs:
         names = _display_names(model, subgraph)
         for index, tensor in enumerate(subgraph.tensors):
             data = model.buffers[tensor.buffer].data
-            if data is None or not len(data) or tensor.buffer in seen:
+            if data is None or not len(data) or positions[tensor.buffer] in seen:
                 continue
-            seen.add(tensor.buffer)
+            seen.add(positions[tensor.buffer])
             load = _loader(tensor, data, _blockwise_scales(model, subgraph, tensor))
             if load is not None:
                 yield names[index], int(np.prod(tensor.shape)), load

@@ -13,7 +13,10 @@ which layer a weight belongs to. `restore_names` puts the names back on a model 
 flatbuffer object API, for everything in edgebuild that reads names.
 
 It also drops empty quantization tables, which litert-torch writes for every float tensor: the
-runtime reads an absent table as "not quantized", exactly as an empty one (2.8 KB of the LSTM's).
+runtime reads an absent table as "not quantized", exactly as an empty one (2.8 KB of the LSTM's),
+and writes the model through `flatbuffer.pack`, which stores each distinct vector and table once
+(all-zero zero points, shapes, op options: 27 KB of the MobileNetV2-style int8 bundle, 16 KB of
+the LSTM's).
 
 The file's computation is untouched: same ops, tensors, shapes, buffers and quantization
 parameters (tests/test_tensor_names.py runs both and compares every tensor).
@@ -21,6 +24,7 @@ parameters (tests/test_tensor_names.py runs both and compares every tensor).
 import json
 import zlib
 
+from .flatbuffer import pack
 from .metadata import append_metadata, packed_files, with_files
 
 NAMES_FIELD = "edgebuild.tensor_names"
@@ -55,7 +59,7 @@ def compact(model_buffer: bytes) -> bytes | None:
             if _empty(tensor.quantization):
                 tensor.quantization = None
     append_metadata(model, NAMES_FIELD, zlib.compress(json.dumps(table, separators=(",", ":")).encode(), 9))
-    return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
+    return pack(model)
 
 
 def _empty(quantization) -> bool:

@@ -21,6 +21,8 @@ import numpy as np
 
 from edgebuild.api import ImageInput, ModelInterface, package_version
 
+from .flatbuffer import pack
+
 DISTRIBUTION = "mediapipe"
 INSTALL = "pip install --no-deps mediapipe==0.10.21"
 # Packages above the metadata modules whose __init__ imports OpenCV, JAX, protobuf and the tasks.
@@ -161,7 +163,7 @@ def _populated(model_buffer: bytes, metadata_buffer: bytes, files: dict[str, byt
     model = flatbuffer_utils.read_model_from_bytearray(bytearray(model_buffer))
     model.metadata = [m for m in model.metadata or [] if _name(m) != METADATA_FIELD]
     append_metadata(model, METADATA_FIELD, metadata_buffer)
-    return with_files(bytes(flatbuffer_utils.convert_object_to_bytearray(model)), files)
+    return with_files(pack(model), files)
 
 
 def append_metadata(model, name: str, data: bytes) -> None:
