@@ -3,14 +3,18 @@
 Each model is built by edgebuild itself (a real build: export, graph rewrites, litert-torch,
 ai-edge-quantizer, ai-edge-litert) with the uniform techniques below and a size budget that needs
 mixed precision. For every bundle it prints bytes / floor, where floor = Σ parameters × bits ÷ 8:
-- BatchNorm parameters are left out (they fold into the convolution before them);
+- a BatchNorm counts as the bias it folds into (its scale folds into the convolution's weights);
 - a tied weight counts once;
+- biases count at 32 bits in every row: TFLite stores a bias as float32 beside a float or
+  dequantized weight and as int32 beside an int8 one (int64 beside int16); no kernel reads a bias
+  of fewer bits ("where the runtime stores that layer at those bits");
 - int4 rows count depthwise convolutions at 8 bits: ai-edge-quantizer refuses int4 for them, and
   the runtime stores them at 8 at best ("where the runtime stores that layer at those bits");
 - the mixed-precision row counts each searched layer at the bits it was given, other parameters
   (biases, slopes) at 32.
-`excess` is bytes − floor, split into `qparams` (the per-channel float32 scales and int64 zero
-points the TFLite format requires of a per-channel quantized tensor: 12 bytes a channel) and `rest`
+`excess` is bytes − floor, split into `qparams` (the float32 scale per channel and the int64 zero
+points the TFLite format requires of a per-channel quantized tensor; edgebuild stores the all-zero
+zero-point vector once per channel count) and `rest`
 (everything else: biases and constants no recipe quantizes, per-op and per-tensor tables, metadata).
 The goal, judged on the int8 and int4 rows:
 bytes ≤ 1.10 × floor + 16 KiB. Rows for fp32, blockwise int4 (4 bits plus a float16 scale per 32
@@ -62,15 +66,19 @@ def _load(entry: str):
     return getattr(module, function)()
 
 
-def parameter_counts(model) -> tuple[int, int]:
-    """(parameters the floor counts, of which in depthwise convolutions)."""
+def parameter_counts(model) -> tuple[int, int, int]:
+    """(parameters the floor counts, of which in depthwise convolutions, of which biases)."""
     from torch import nn
 
-    seen, counted, depthwise = set(), 0, 0
+    seen, counted, depthwise, biases = set(), 0, 0, 0
     for module in model.modules():
         if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            # It folds into the convolution before it: its scale into the weights, its shift into
+            # that convolution's bias (one per channel).
+            counted += module.num_features
+            biases += module.num_features
             continue
-        for parameter in module.parameters(recurse=False):
+        for name, parameter in module.named_parameters(recurse=False):
             if id(parameter) in seen:
                 continue
             seen.add(id(parameter))
@@ -78,12 +86,15 @@ def parameter_counts(model) -> tuple[int, int]:
             # The converter makes a depthwise op of grouped convolutions and of single-channel ones.
             if isinstance(module, nn.Conv2d) and (module.groups == module.in_channels) and parameter is module.weight:
                 depthwise += parameter.numel()
-    return counted, depthwise
+            # Linear, Conv and LSTM/GRU biases (bias, bias_ih_l0, bias_hh_l0, ...).
+            if name == "bias" and isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)) or name.startswith("bias_"):
+                biases += parameter.numel()
+    return counted, depthwise, biases
 
 
 def build(name: str, entry: str, rewrites_off: bool, workdir: Path) -> dict:
     model, example = _load(entry)
-    counted, depthwise = parameter_counts(model)
+    counted, depthwise, biases = parameter_counts(model)
     project = workdir / name
     project.mkdir()
     shutil.copy(BENCH / "zoo.py", project / "zoo.py")
@@ -111,34 +122,39 @@ def build(name: str, entry: str, rewrites_off: bool, workdir: Path) -> dict:
     if done.returncode not in (0, 1):
         sys.exit(f"{name}: build failed ({done.returncode}):\n{done.stderr[-3000:]}")
     report = json.loads((project / "dist" / "report.json").read_text())
-    return {"report": report["targets"][0], "counted": counted, "depthwise": depthwise,
+    return {"report": report["targets"][0], "counted": counted, "depthwise": depthwise, "biases": biases,
             "rewrites": [r["name"] for r in report["model"].get("rewrites", []) if r["changed"]],
             "candidates": project / ".edgebuild" / "tflite" / "candidates"}
 
 
 def quantization_parameter_bytes(bundle: Path) -> int:
-    """Bytes of per-tensor and per-channel quantization parameters: a float32 scale and an int64
-    zero point per channel, which the TFLite schema and runtime require (one zero point for many
-    scales is refused), plus float32 min/max where present."""
-    from ai_edge_litert.tools import flatbuffer_utils
+    """Bytes of quantization parameters as stored: the float32 scales (and min/max where present)
+    of each quantized tensor and its int64 zero points, which the TFLite schema and runtime require
+    per channel (one zero point for many scales is refused). A vector the file stores once for
+    several tensors (the all-zero zero points of one channel count) counts once."""
+    from ai_edge_litert import schema_py_generated as schema
 
-    model = flatbuffer_utils.read_model_from_bytearray(bytearray(bundle.read_bytes()))
-    total = 0
-    for subgraph in model.subgraphs:
-        for tensor in subgraph.tensors:
-            q = tensor.quantization
-            if q is None:
+    data = bundle.read_bytes()
+    model, stored = schema.Model.GetRootAs(data, 0), {}
+    for s in range(model.SubgraphsLength()):
+        subgraph = model.Subgraphs(s)
+        for t in range(subgraph.TensorsLength()):
+            quantization = subgraph.Tensors(t).Quantization()
+            if quantization is None:
                 continue
-            total += sum(4 * len(v) for v in (q.scale, q.min, q.max) if v is not None)
-            total += 8 * len(q.zeroPoint) if q.zeroPoint is not None else 0
-    return total
+            table = quantization._tab
+            # min, max, scale (4-byte elements) and zero_point (8-byte): fields 0-3.
+            for field, element in ((4, 4), (6, 4), (8, 4), (10, 8)):
+                offset = table.Offset(field)
+                if offset:
+                    stored[table.Vector(offset)] = 4 + element * table.VectorLen(offset)
+    return sum(stored.values())
 
 
-def floor_bytes(technique: str, counted: int, depthwise: int) -> float:
+def floor_bytes(technique: str, counted: int, depthwise: int, biases: int) -> float:
     bits = TECHNIQUES[technique]
-    if bits == 4:
-        return ((counted - depthwise) * 4 + depthwise * 8) / 8
-    return counted * bits / 8
+    weights = counted - depthwise - biases
+    return (weights * bits + depthwise * max(bits, 8) + biases * 32) / 8
 
 
 def mixed_floor(target: dict, counted: int) -> float | None:
@@ -160,7 +176,7 @@ def main() -> None:
         for name in names:
             entry, rewrites_off = MODELS[name]
             result = build(name, entry, rewrites_off, Path(temporary))
-            target, counted, depthwise = result["report"], result["counted"], result["depthwise"]
+            target, counted, depthwise, biases = (result[key] for key in ("report", "counted", "depthwise", "biases"))
             by_name = {c["technique"]: c for c in target["candidates"]}
             for technique in [*TECHNIQUES, "mixed-precision"]:
                 candidate = by_name.get(technique)
@@ -168,7 +184,7 @@ def main() -> None:
                     print(f"{name:<18}{technique:<20}{'—':>10}  {(candidate.get('reason') or candidate['status']) if candidate else 'not built'}")
                     continue
                 floor = (mixed_floor(target, counted) if technique == "mixed-precision"
-                         else floor_bytes(technique, counted, depthwise))
+                         else floor_bytes(technique, counted, depthwise, biases))
                 if floor is None:
                     continue
                 size = candidate["bytes"]
