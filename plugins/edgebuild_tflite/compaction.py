@@ -18,13 +18,16 @@ and writes the model through `flatbuffer.pack`, which stores each distinct vecto
 (all-zero zero points, shapes, op options: 27 KB of the MobileNetV2-style int8 bundle, 16 KB of
 the LSTM's).
 
-The file's computation is untouched: same ops, tensors, shapes, buffers and quantization
-parameters (tests/test_tensor_names.py runs both and compares every tensor).
+Before that, `fusion.fuse` writes runs of slices as one SPLIT or UNPACK (117 fewer ops in a 20-step
+GRU). Otherwise the file's computation is untouched: same ops, tensors, shapes, buffers and
+quantization parameters (tests/test_tensor_names.py runs both and compares every tensor; the
+fusion's own tests compare outputs bit for bit).
 """
 import json
 import zlib
 
 from .flatbuffer import pack
+from .fusion import fuse
 from .metadata import append_metadata, packed_files, with_files
 
 NAMES_FIELD = "edgebuild.tensor_names"
@@ -49,6 +52,7 @@ def compact(model_buffer: bytes) -> bytes | None:
         return None
     if any((buffer.offset or 0) > 1 for buffer in model.buffers):
         return None
+    fuse(model)  # first: the table lists the tensors that remain
     table = []
     for subgraph in model.subgraphs:
         table.append([_text(tensor.name) for tensor in subgraph.tensors])
