@@ -21,7 +21,7 @@ bytes ≤ 1.10 × floor + 16 KiB. Rows for fp32, blockwise int4 (4 bits plus a f
 weights) and the mixed assignment are printed, not judged. The MTCNN-style net is also built with
 `model.rewrites: {prelu-as-select: false}`, the "before" of issue #17.
 
-Run: .venv/bin/python bench/bit_floor.py [MODEL ...]   (about 6 minutes on 2 cores)
+Run: .venv/bin/python bench/bit_floor.py [MODEL ...]   (1-8 minutes on 2 cores, by what the cache holds)
 """
 import json
 import shutil
