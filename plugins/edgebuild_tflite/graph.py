@@ -1,0 +1,135 @@
+"""Reading and editing a TFLite graph (the flatbuffer object API's ModelT): what the passes that
+rewrite a converted model (fusion, loops) share."""
+import copy
+
+import numpy as np
+from ai_edge_litert import schema_py_generated as schema
+
+OP = schema.BuiltinOperator
+TYPE = schema.TensorType
+_INT_TYPES = {TYPE.INT32: np.int32, TYPE.INT64: np.int64}
+
+
+def builtin(model, op) -> int:
+    """The op's BuiltinOperator code (codes over 127 live in the newer field)."""
+    code = model.operatorCodes[op.opcodeIndex]
+    return max(code.builtinCode, code.deprecatedBuiltinCode)
+
+
+def opcode(model, operator: int, version: int) -> int:
+    """The index of the model's operator code for (operator, version), added when missing."""
+    for index, code in enumerate(model.operatorCodes):
+        if max(code.builtinCode, code.deprecatedBuiltinCode) == operator and code.version == version:
+            return index
+    code = schema.OperatorCodeT()
+    code.builtinCode, code.deprecatedBuiltinCode, code.version = operator, min(operator, 127), version
+    model.operatorCodes.append(code)
+    return len(model.operatorCodes) - 1
+
+
+def int_constant(model, subgraph, index) -> list[int] | None:
+    """The values of an int32/int64 constant tensor; None when it is not one."""
+    tensor = subgraph.tensors[index]
+    data = model.buffers[tensor.buffer].data
+    if tensor.type not in _INT_TYPES or data is None or not len(data):
+        return None
+    return np.frombuffer(bytes(data), dtype=_INT_TYPES[tensor.type]).tolist()
+
+
+def static_shape(tensor) -> list[int] | None:
+    """The tensor's shape; None when a dimension is dynamic."""
+    shape = [int(d) for d in tensor.shape]
+    signature = tensor.shapeSignature
+    if signature is not None and len(signature) and any(int(d) < 0 for d in signature):
+        return None
+    return shape
+
+
+def same_quantization(a, b) -> bool:
+    """Whether two tensors carry the same quantization parameters (or both none)."""
+    def key(q):
+        if q is None or q.scale is None or not len(q.scale):
+            return None
+        return ([float(v) for v in q.scale], [int(v) for v in q.zeroPoint], q.quantizedDimension)
+    return key(a.quantization) == key(b.quantization)
+
+
+def consumers(subgraph) -> dict[int, list[int]]:
+    """Tensor index -> positions of the ops that read it."""
+    found = {}
+    for position, op in enumerate(subgraph.operators):
+        for index in op.inputs:
+            if index >= 0:
+                found.setdefault(int(index), []).append(position)
+    return found
+
+
+def tensor_like(subgraph, index: int) -> int:
+    """A new tensor of the shape, type and quantization of tensor `index`."""
+    tensor = copy.deepcopy(subgraph.tensors[index])
+    tensor.name = None
+    subgraph.tensors.append(tensor)
+    return len(subgraph.tensors) - 1
+
+
+def int32_scalar(model, subgraph, value: int) -> int:
+    """An int32 scalar constant holding `value`: one already in `subgraph`, else a new one."""
+    for index, tensor in enumerate(subgraph.tensors):
+        if (tensor.type == TYPE.INT32 and tensor.shape is not None and not len(tensor.shape)
+                and int_constant(model, subgraph, index) == [value]):
+            return index
+    buffer = schema.BufferT()
+    buffer.data = np.frombuffer(np.int32(value).tobytes(), dtype=np.uint8)
+    model.buffers.append(buffer)
+    tensor = schema.TensorT()
+    tensor.shape, tensor.type, tensor.buffer = np.array([], dtype=np.int32), TYPE.INT32, len(model.buffers) - 1
+    subgraph.tensors.append(tensor)
+    return len(subgraph.tensors) - 1
+
+
+def drop_unused(model) -> None:
+    """Remove tensors no op, input, output or signature uses, then buffers no tensor or metadata uses."""
+    for index, subgraph in enumerate(model.subgraphs):
+        used = {int(i) for op in subgraph.operators for i in [*op.inputs, *op.outputs, *(op.intermediates if op.intermediates is not None else [])] if i >= 0}
+        used |= {int(i) for i in [*subgraph.inputs, *subgraph.outputs]}
+        for tensor in subgraph.tensors:
+            details = getattr(tensor.quantization, "details", None)
+            for field in ("scales", "zeroPoints"):
+                if isinstance(getattr(details, field, None), int) and getattr(details, field) >= 0:
+                    used.add(getattr(details, field))
+        used |= {i for i, t in enumerate(subgraph.tensors) if t.isVariable}
+        for signature in model.signatureDefs or []:
+            if signature.subgraphIndex == index:
+                used |= {int(t.tensorIndex) for t in [*signature.inputs, *signature.outputs]}
+        order = sorted(used)
+        new = {old: position for position, old in enumerate(order)}
+        subgraph.tensors = [subgraph.tensors[i] for i in order]
+        for op in subgraph.operators:
+            op.inputs = [new[int(i)] if i >= 0 else -1 for i in op.inputs]
+            op.outputs = [new[int(i)] for i in op.outputs]
+            if op.intermediates is not None:
+                op.intermediates = [new[int(i)] for i in op.intermediates]
+        subgraph.inputs = [new[int(i)] for i in subgraph.inputs]
+        subgraph.outputs = [new[int(i)] for i in subgraph.outputs]
+        for tensor in subgraph.tensors:
+            details = getattr(tensor.quantization, "details", None)
+            for field in ("scales", "zeroPoints"):
+                if isinstance(getattr(details, field, None), int) and getattr(details, field) >= 0:
+                    setattr(details, field, new[getattr(details, field)])
+        for signature in model.signatureDefs or []:
+            if signature.subgraphIndex == index:
+                for t in [*signature.inputs, *signature.outputs]:
+                    t.tensorIndex = new[int(t.tensorIndex)]
+    used = {0} | {int(t.buffer) for s in model.subgraphs for t in s.tensors}
+    used |= {int(m.buffer) for m in model.metadata or []}
+    used |= {int(b) for b in (model.metadataBuffer if model.metadataBuffer is not None else [])}
+    order = sorted(used)
+    new = {old: position for position, old in enumerate(order)}
+    model.buffers = [model.buffers[i] for i in order]
+    for subgraph in model.subgraphs:
+        for tensor in subgraph.tensors:
+            tensor.buffer = new[int(tensor.buffer)]
+    for entry in model.metadata or []:
+        entry.buffer = new[int(entry.buffer)]
+    if model.metadataBuffer is not None:
+        model.metadataBuffer = [new[int(b)] for b in model.metadataBuffer]
