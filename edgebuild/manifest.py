@@ -48,7 +48,8 @@ QAT_KEYS = {"mode": False, "trainable": False, "epochs": False, "max_steps": Fal
 QAT_DEFAULTS = {"mode": "auto", "trainable": "all", "epochs": 60, "max_steps": 20_000, "learning_rate": 3e-3,
                 "max_time": 1800.0, "loss": "distill"}
 MIN_IOS_RANGE = (15, 18)  # ML Programs need iOS 15; coremltools 9 knows deployment targets up to iOS 18
-ANDROID_KEYS = {"assets_dir": False, "kotlin_package": False}
+ANDROID_KEYS = {"assets_dir": False, "kotlin_package": False, "loops": False}
+ANDROID_LOOPS = ("rolled", "unrolled")
 ANDROID_DEFAULTS = {"assets_dir": "models", "kotlin_package": "edgebuild.models"}
 ASSETS_DIR_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_-]*(/[A-Za-z0-9_][A-Za-z0-9_-]*)*$")
 KOTLIN_PACKAGE_PATTERN = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)*$")
@@ -823,6 +824,8 @@ def _android(check: _Validator, doc: _Document, entry: dict, path: tuple, fmt: s
         raise doc.error(path + ("android",), f"only android targets take this block; format {fmt!r} targets {platform}",
                         at_key=True)
     android.update(check.mapping(entry["android"], path + ("android",), ANDROID_KEYS))
+    if "loops" in android:
+        check.choice(android["loops"], path + ("android", "loops"), list(ANDROID_LOOPS), "loops")
     for key, pattern, example in (("assets_dir", ASSETS_DIR_PATTERN, "models/vision"),
                                   ("kotlin_package", KOTLIN_PACKAGE_PATTERN, "com.example.models")):
         if key in android:

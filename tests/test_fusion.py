@@ -76,7 +76,7 @@ def test_an_unrolled_recurrent_net_ships_its_slices_as_one_split_per_cut_with_th
     folder, fp32, _ = converted[kind]
     compacted = folder / "compacted.tflite"
     compacted.write_bytes(fp32.read_bytes())
-    compact_file(compacted)
+    compact_file(compacted, roll_loops=False)  # the loop over the steps: tests/test_loops.py
     before, after = _ops(fp32), _ops(compacted)
     gates = 3 if kind == "gru" else 4
     # What stays a SLICE is y[:, -1], the last step of the output sequence.
@@ -111,12 +111,13 @@ def test_quantized_candidates_are_fused_too_and_answer_as_the_unfused_quantized_
     [chosen] = [t for t in default_registry().techniques_for("tflite") if t.name == technique]
     rng = np.random.default_rng(1)
     calibration = [(rng.normal(size=(1, STEPS, 8)).astype(np.float32),) for _ in range(16)]
+    # Steps kept unrolled: the loop over them is tests/test_loops.py's.
     source = CompressInput(fp32_bundle=fp32, exported_program=program, calibration=calibration,
-                           work_dir=tmp_path, options={})
+                           work_dir=tmp_path, options={"loops": "unrolled"})
     fused, unfused = tmp_path / "fused.tflite", tmp_path / "unfused.tflite"
     backend.compress(chosen, source, fused)
     original = tflite.compact_file
-    tflite.compact_file = lambda bundle: None  # the candidate as the quantizer wrote it
+    tflite.compact_file = lambda bundle, roll_loops=True: None  # the candidate as the quantizer wrote it
     try:
         backend.compress(chosen, source, unfused)
     finally:

@@ -137,6 +137,8 @@ def test_unknown_target_on_command_line(tmp_path, capsys):
      "edgebuild.yaml:18:31: targets[0].android.kotlin_package: invalid value 'Com.Example' (for example 'com.example.models')"),
     ("    android: {assets_dir: ../models}\n",
      "edgebuild.yaml:18:27: targets[0].android.assets_dir: invalid value '../models' (for example 'models/vision')"),
+    ("    android: {loops: unroled}\n",
+     "edgebuild.yaml:18:22: targets[0].android.loops: unknown loops 'unroled'; did you mean 'unrolled'? (available: rolled, unrolled)"),
 ])
 def test_android_delivery_and_packaging_settings(tmp_path, capsys, extra, expected):
     code, err = validate(tmp_path, GOOD.replace("output: dist\n", extra), capsys)
@@ -150,6 +152,19 @@ def test_android_settings_default(tmp_path):
     manifest = load_manifest(make_project(tmp_path, GOOD), default_registry())
     assert manifest.targets[0].delivery == "base"
     assert manifest.targets[0].android == {"assets_dir": "models", "kotlin_package": "edgebuild.models"}
+
+
+def test_unrolled_loops_are_a_conversion_variant_of_their_own(tmp_path):
+    """`android: {loops: unrolled}` keeps a recurrent net's steps unrolled: candidates of their own."""
+    from edgebuild.manifest import load_manifest
+    from edgebuild.plugins import default_registry
+
+    registry = default_registry()
+    text = GOOD.replace("output: dist\n", "    android: {loops: unrolled}\n")
+    manifest = load_manifest(make_project(tmp_path / "unrolled", text), registry)
+    assert registry.backends["tflite"].variant(manifest.targets[0]) == ("tflite-unrolled", {"loops": "unrolled"})
+    manifest = load_manifest(make_project(tmp_path / "rolled", GOOD), registry)
+    assert registry.backends["tflite"].variant(manifest.targets[0]) == ("tflite", {})
 
 
 def test_min_ios_cannot_exclude_a_listed_device(tmp_path, capsys):

@@ -58,6 +58,13 @@ class TFLiteBackend(BackendBase):
     def runtime(self) -> str:
         return f"ai-edge-litert {package_version('ai-edge-litert')} (XNNPACK, host CPU)"
 
+    def variant(self, target) -> tuple[str, dict]:
+        # `android: {loops: unrolled}` keeps a recurrent net's steps unrolled (faster per step on
+        # XNNPACK, larger): its own conversion and candidates.
+        if target.android.get("loops", "rolled") == "unrolled":
+            return f"{self.name}-unrolled", {"loops": "unrolled"}
+        return self.name, {}
+
     def convert(self, exported_program: Path, out: Path, options: dict) -> None:
         from .conversion import convert
 
@@ -77,9 +84,10 @@ class TFLiteBackend(BackendBase):
             raise ToolchainError(f"writing TFLite model metadata failed: {first_line(exc)}", stage="convert") from exc
 
     def compress(self, technique: Technique, source: CompressInput, out: Path) -> None:
+        roll_loops = source.options.get("loops", "rolled") == "rolled"
         if technique.recipe is None:
             out.write_bytes(source.fp32_bundle.read_bytes())
-            compact_file(out)
+            compact_file(out, roll_loops)
             return
         from ai_edge_quantizer import quantizer
 
@@ -98,7 +106,7 @@ class TFLiteBackend(BackendBase):
             result = qt.quantize(calibration_result)
             result.export_model(str(out), overwrite=True)
             metadata.copy_metadata(source.fp32_bundle, out)
-            compact_file(out)
+            compact_file(out, roll_loops)
         except NotApplicable:
             raise
         except Exception as exc:

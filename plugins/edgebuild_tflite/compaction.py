@@ -26,6 +26,7 @@ fusion's own tests compare outputs bit for bit).
 import json
 import zlib
 
+from . import loops
 from .flatbuffer import pack
 from .fusion import fuse
 from .metadata import append_metadata, packed_files, with_files
@@ -40,8 +41,9 @@ def _text(value) -> str:
     return value.decode() if isinstance(value, bytes) else (value or "")
 
 
-def compact(model_buffer: bytes) -> bytes | None:
-    """The flatbuffer part of a .tflite with its tensor names moved to the table; None when there
+def compact(model_buffer: bytes, roll_loops: bool = True) -> bytes | None:
+    """The flatbuffer part of a .tflite with its slices fused, its unrolled steps rolled into
+    loops (unless `roll_loops` is false) and its tensor names moved to the table; None when there
     is nothing to gain (already compact, or buffers kept outside the flatbuffer)."""
     from ai_edge_litert.tools import flatbuffer_utils
 
@@ -52,11 +54,18 @@ def compact(model_buffer: bytes) -> bytes | None:
         return None
     if any((buffer.offset or 0) > 1 for buffer in model.buffers):
         return None
-    fuse(model)  # first: the table lists the tensors that remain
+    # Graph passes first: the table lists the tensors that remain.
+    fuse(model)
+    if roll_loops and loops.has_steps(model):
+        unrolled = pack(model)
+        if loops.roll(model) and not loops.same_answers(unrolled, pack(model)):
+            model = flatbuffer_utils.read_model_from_bytearray(bytearray(unrolled))  # never ship a wrong loop
+    entry_points = {0} | {signature.subgraphIndex for signature in model.signatureDefs or []}
     table = []
-    for subgraph in model.subgraphs:
+    for index, subgraph in enumerate(model.subgraphs):
         table.append([_text(tensor.name) for tensor in subgraph.tensors])
-        kept = set(subgraph.inputs or []) | set(subgraph.outputs or [])
+        # Callers see an entry point's inputs and outputs by name; a loop body's, nobody.
+        kept = set(subgraph.inputs or []) | set(subgraph.outputs or []) if index in entry_points else set()
         for index, tensor in enumerate(subgraph.tensors):
             if index not in kept:
                 tensor.name = None
@@ -93,9 +102,9 @@ def is_names_table(entry) -> bool:
     return _text(entry.name) == NAMES_FIELD
 
 
-def compact_file(bundle) -> None:
+def compact_file(bundle, roll_loops: bool = True) -> None:
     """`compact` a .tflite in place, keeping the files packed after the flatbuffer (labels)."""
     data = bundle.read_bytes()
-    compacted = compact(data)
+    compacted = compact(data, roll_loops)
     if compacted is not None:
         bundle.write_bytes(with_files(compacted, packed_files(data)))

@@ -1,0 +1,391 @@
+"""Unrolled time steps as one WHILE loop: a recurrent net's tables once, not once a step.
+
+litert-torch unrolls an LSTM or GRU: T copies of one step's ops (12-13 after `fusion`), each ~45
+bytes of tables. TensorFlow's own converter writes a Keras GRU as a WHILE loop, and this pass
+does the same to the converted graph:
+- the steps are found from the op that cuts the input sequence into steps (an UNPACK, or a SPLIT
+  into pieces of one step): step j is what reads piece j and not piece j+1;
+- the longest run of consecutive steps whose ops are the same (same ops, options, constants and
+  output shapes and quantization, reading the step before in the same places) becomes a body
+  subgraph: it gathers piece i of the sequence, runs one step and passes on what the next step
+  reads. The first step usually stays outside (a zero initial state simplifies it), and so do the
+  last step and what follows;
+- `y[:, -1]` of the concatenated steps becomes the last step itself first (a SLICE that takes
+  exactly one input of a CONCATENATION), so a classifier does not keep every step alive.
+Nothing is rolled when a step's tensors are read outside the run other than as the state passed
+on (a net that outputs every step), or when steps differ.
+
+The weights stay where they are (the body's tensors point at the same buffers). What changes at
+run time: the body runs on TFLite's builtin kernels, not XNNPACK, so answers move in the last
+bits, and a small net is slower per step (a 20-step GRU: 52 -> 60 us). `compaction` checks the
+rolled model against the unrolled one before keeping it.
+"""
+import copy
+
+import numpy as np
+from ai_edge_litert import schema_py_generated as schema
+
+from .graph import OP, TYPE, builtin, consumers, drop_unused, int_constant, opcode, same_quantization
+
+# Fewer steps than this stay unrolled: the loop's own tables would outweigh what it saves.
+MIN_STEPS = 3
+_GATHER_VERSIONS = {TYPE.FLOAT32: 1, TYPE.INT8: 2, TYPE.INT16: 4}
+
+
+def roll(model) -> int:
+    """Rewrite `model` (a ModelT) in place; returns how many steps went into loops."""
+    rolled = 0
+    for index in range(len(model.subgraphs)):  # the loop bodies appended here are not revisited
+        subgraph = model.subgraphs[index]
+        _last_step_slices(model, subgraph)
+        cuts = [op for op in subgraph.operators if _step_axis(model, subgraph, op) is not None]
+        for cut in cuts:
+            rolled += _roll(model, index, next(p for p, op in enumerate(subgraph.operators) if op is cut))
+    if rolled:
+        drop_unused(model)
+    return rolled
+
+
+def has_steps(model) -> bool:
+    """Whether any op cuts a tensor into single steps (only then can `roll` change anything)."""
+    return any(_step_axis(model, subgraph, op) is not None for subgraph in model.subgraphs for op in subgraph.operators)
+
+
+def same_answers(unrolled: bytes, rolled: bytes, samples: int = 2) -> bool:
+    """Whether the rolled model answers as the unrolled one on random inputs, within what kernel
+    choice moves (the loop body runs outside XNNPACK): a relative 1e-3 of each output's range,
+    or one quantization step of an integer output."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    rng = np.random.default_rng(0)
+    runners = [Interpreter(model_content=model, num_threads=1) for model in (unrolled, rolled)]
+    for runner in runners:
+        runner.allocate_tensors()
+    for _ in range(samples):
+        feeds = {}
+        for detail in runners[0].get_input_details():
+            shape, dtype = detail["shape"], detail["dtype"]
+            feeds[detail["name"]] = (rng.standard_normal(shape).astype(dtype) if np.issubdtype(dtype, np.floating)
+                                     else rng.integers(0, 8, shape).astype(dtype))
+        answers = []
+        for runner in runners:
+            for detail in runner.get_input_details():
+                runner.set_tensor(detail["index"], feeds[detail["name"]])
+            runner.invoke()
+            answers.append({d["name"]: runner.get_tensor(d["index"]) for d in runner.get_output_details()})
+        expected, got = answers
+        if expected.keys() != got.keys():
+            return False
+        for name, value in expected.items():
+            if value.shape != got[name].shape:
+                return False
+            tolerance = (1.0 if not np.issubdtype(value.dtype, np.floating)
+                         else 1e-3 * max(float(np.max(np.abs(value), initial=0.0)), 1e-6))
+            if not np.all(np.abs(value.astype(np.float64) - got[name].astype(np.float64)) <= tolerance):
+                return False
+    return True
+
+
+def _step_axis(model, subgraph, op) -> int | None:
+    """The axis along which `op` cuts its input into single steps, or None."""
+    code = builtin(model, op)
+    if code == OP.UNPACK:
+        return op.builtinOptions.axis % len(subgraph.tensors[int(op.inputs[0])].shape)
+    if code == OP.SPLIT:
+        axis = int_constant(model, subgraph, int(op.inputs[0]))
+        shape = subgraph.tensors[int(op.inputs[1])].shape
+        if axis is not None and len(axis) == 1 and shape[axis[0] % len(shape)] == len(op.outputs):
+            return axis[0] % len(shape)
+    return None
+
+
+# ---- y[:, -1] --------------------------------------------------------------------------------------
+
+def _last_step_slices(model, subgraph) -> None:
+    """A SLICE taking, through reshapes, exactly one input of a CONCATENATION becomes a RESHAPE of
+    that input; the concatenation goes when nothing else reads it."""
+    producers = _producers(subgraph)
+    changed = False
+    for position, op in enumerate(subgraph.operators):
+        if builtin(model, op) != OP.SLICE:
+            continue
+        piece = _sliced_piece(model, subgraph, producers, op)
+        result = subgraph.tensors[int(op.outputs[0])]
+        if piece is None or subgraph.tensors[piece].type != result.type or not same_quantization(subgraph.tensors[piece], result):
+            continue
+        reshape = schema.OperatorT()
+        reshape.opcodeIndex = next((i for i, code in enumerate(model.operatorCodes)
+                                    if max(code.builtinCode, code.deprecatedBuiltinCode) == OP.RESHAPE),
+                                   None) or opcode(model, OP.RESHAPE, 1)
+        reshape.inputs = [piece, _int32_vector(model, subgraph, [int(d) for d in result.shape])]
+        reshape.outputs = [int(op.outputs[0])]
+        subgraph.operators[position] = reshape
+        changed = True
+    if changed:
+        _drop_dead(model, subgraph, {OP.CONCATENATION, OP.RESHAPE})
+
+
+def _sliced_piece(model, subgraph, producers, op) -> int | None:
+    source = int(op.inputs[0])
+    begin, size = int_constant(model, subgraph, int(op.inputs[1])), int_constant(model, subgraph, int(op.inputs[2]))
+    shape = [int(d) for d in subgraph.tensors[source].shape]
+    if begin is None or size is None or len(begin) != len(shape) or len(size) != len(shape):
+        return None
+    size = [d - b if s == -1 else s for d, b, s in zip(shape, begin, size)]
+    # Row-major positions of the elements taken: reshapes keep them, a concatenation along an
+    # axis after only ones lays its inputs one after the other.
+    taken = np.arange(int(np.prod(shape))).reshape(shape)[tuple(slice(b, b + s) for b, s in zip(begin, size))].ravel()
+    if not len(taken) or not np.array_equal(taken, np.arange(taken[0], taken[0] + len(taken))):
+        return None
+    tensor = source
+    while tensor in producers and builtin(model, subgraph.operators[producers[tensor][0]]) == OP.RESHAPE:
+        tensor = int(subgraph.operators[producers[tensor][0]].inputs[0])
+    concat = subgraph.operators[producers[tensor][0]] if tensor in producers else None
+    if concat is None or builtin(model, concat) != OP.CONCATENATION or concat.builtinOptions.fusedActivationFunction:
+        return None
+    axis = concat.builtinOptions.axis % len(subgraph.tensors[tensor].shape)
+    if any(int(d) != 1 for d in subgraph.tensors[tensor].shape[:axis]):
+        return None
+    start = 0
+    for piece in (int(i) for i in concat.inputs):
+        count = int(np.prod(subgraph.tensors[piece].shape))
+        if start == taken[0] and count == len(taken):
+            return piece
+        start += count
+    return None
+
+
+def _drop_dead(model, subgraph, pure: set[int]) -> None:
+    """Remove ops of the `pure` kinds whose outputs nothing reads."""
+    while True:
+        readers, kept = consumers(subgraph), {int(i) for i in subgraph.outputs}
+        dead = {p for p, op in enumerate(subgraph.operators) if builtin(model, op) in pure
+                and not any(readers.get(int(t)) or int(t) in kept for t in op.outputs)}
+        if not dead:
+            return
+        subgraph.operators = [op for p, op in enumerate(subgraph.operators) if p not in dead]
+
+
+# ---- the loop ---------------------------------------------------------------------------------------
+
+def _roll(model, subgraph_index: int, position: int) -> int:
+    subgraph = model.subgraphs[subgraph_index]
+    cut = subgraph.operators[position]
+    axis = _step_axis(model, subgraph, cut)
+    sequence = int(cut.inputs[0 if builtin(model, cut) == OP.UNPACK else 1])
+    pieces = [int(t) for t in cut.outputs]
+    readers = consumers(subgraph)
+    reach = [_reach(subgraph, readers, t) for t in pieces]
+    steps = [sorted(reach[j] - reach[j + 1]) for j in range(len(pieces) - 1)]
+    made_by_steps = {int(t) for step in steps for p in step for t in subgraph.operators[p].outputs}
+    forms = []
+    for j, step in enumerate(steps):
+        form = _form(model, subgraph, step, steps[j - 1] if j else [], pieces[j])
+        if form is not None and form[2] & made_by_steps:
+            form = None  # it reads a tensor of a step other than the one before
+        forms.append(form)
+    first, last = _longest_run([f[0] if f is not None else None for f in forms])
+    if last - first + 1 < MIN_STEPS:
+        return 0
+    shape_form, carried, read_outside = forms[first]
+    if not carried:
+        return 0
+    roles = sorted(carried)
+    carried_in = [carried[role] for role in roles]
+    carried_out = [int(subgraph.operators[steps[last][i]].outputs[k]) for i, k in roles]
+    inside = {p for j in range(first, last + 1) for p in steps[j]}
+    kept_outputs = {int(o) for o in subgraph.outputs}
+    for p in inside:
+        for t in (int(t) for t in subgraph.operators[p].outputs):
+            if (any(r not in inside for r in readers.get(t, [])) or t in kept_outputs) and t not in carried_out:
+                return 0  # a step's tensor read after the loop: not a state it passes on
+    constants = sorted(t for t in read_outside if _is_constant(model, subgraph, t))
+    invariants = sorted(t for t in read_outside if t not in constants)
+
+    counter_shape = [] if builtin(model, cut) == OP.UNPACK else [1]
+    start = _int32_constant(model, subgraph, np.full(counter_shape, first, np.int32))
+    state = [start, *carried_in, sequence, *invariants]
+    body, body_state = _graph_with_inputs(subgraph, state)
+    counter, sequence_in = body_state[0], body_state[1 + len(carried_in)]
+    reads = {("carried",) + role: t for role, t in zip(roles, body_state[1:1 + len(carried_in)])}
+    reads.update({("outside", t): b for t, b in zip(invariants, body_state[2 + len(carried_in):])})
+    reads.update({("outside", t): _copy_tensor(subgraph, body, t) for t in constants})
+    piece = _copy_tensor(subgraph, body, pieces[first], buffer=0)
+    reads[("piece",)] = piece
+    body.operators = [_op(model, OP.GATHER, _GATHER_VERSIONS.get(subgraph.tensors[sequence].type, 1),
+                          [sequence_in, counter], [piece], schema.BuiltinOptions.GatherOptions,
+                          schema.GatherOptionsT(), axis=axis)]
+    made = {}
+    for i, p in enumerate(steps[first]):
+        op = copy.deepcopy(subgraph.operators[p])
+        op.inputs = [-1 if entry == ("none",) else made[entry[1:]] if entry[0] == "local" else reads[entry]
+                     for entry in shape_form[i][3]]
+        outputs = []
+        for k, t in enumerate(op.outputs):
+            made[(i, k)] = _copy_tensor(subgraph, body, int(t), buffer=0)
+            outputs.append(made[(i, k)])
+        op.outputs = outputs
+        body.operators.append(op)
+    one = _int32_constant(model, body, np.ones(counter_shape, np.int32))
+    following = _copy_tensor(body, body, counter, buffer=0)
+    body.operators.append(_op(model, OP.ADD, 1, [counter, one], [following], schema.BuiltinOptions.AddOptions,
+                              schema.AddOptionsT()))
+    body.outputs = [following, *[made[role] for role in roles], sequence_in, *body_state[2 + len(carried_in):]]
+
+    condition, condition_state = _graph_with_inputs(subgraph, state)
+    limit = _int32_constant(model, condition, np.full(counter_shape, last + 1, np.int32))
+    going = schema.TensorT()
+    going.shape, going.type, going.buffer = np.array(counter_shape, np.int32), TYPE.BOOL, 0
+    condition.tensors.append(going)
+    condition.operators = [_op(model, OP.LESS, 1, [condition_state[0], limit], [len(condition.tensors) - 1],
+                               schema.BuiltinOptions.LessOptions, schema.LessOptionsT())]
+    condition.outputs = [len(condition.tensors) - 1]
+
+    results = [_copy_tensor(subgraph, subgraph, t, buffer=0) for t in state]
+    results[1:1 + len(carried_out)] = carried_out
+    loop = _op(model, OP.WHILE, 1, state, results, schema.BuiltinOptions.WhileOptions, schema.WhileOptionsT(),
+               condSubgraphIndex=len(model.subgraphs) + 1, bodySubgraphIndex=len(model.subgraphs))
+    subgraph.operators = _in_order([op for p, op in enumerate(subgraph.operators) if p not in inside] + [loop])
+    model.subgraphs += [body, condition]
+    return last - first + 1
+
+
+def _form(model, subgraph, step, previous, piece):
+    """(a comparable form of the step's ops, what it reads of the step before by role (op index
+    there, output index) -> tensor, the other tensors it reads from outside); None when an op
+    cannot go into a loop."""
+    local = {int(t): (i, k) for i, p in enumerate(step) for k, t in enumerate(subgraph.operators[p].outputs)}
+    before = {int(t): (i, k) for i, p in enumerate(previous) for k, t in enumerate(subgraph.operators[p].outputs)}
+    form, carried, outside = [], {}, set()
+    for p in step:
+        op = subgraph.operators[p]
+        if op.customOptions is not None or (op.intermediates is not None and len(op.intermediates)) \
+                or builtin(model, op) in (OP.WHILE, OP.IF, OP.CALL_ONCE):
+            return None
+        entries = []
+        for t in (int(t) for t in op.inputs):
+            if t < 0:
+                entries.append(("none",))
+            elif t in local:
+                entries.append(("local",) + local[t])
+            elif t == piece:
+                entries.append(("piece",))
+            elif t in before:
+                entries.append(("carried",) + before[t])
+                carried[before[t]] = t
+            else:
+                entries.append(("outside", t))
+                outside.add(t)
+        form.append((builtin(model, op), op.opcodeIndex, _options(op), tuple(entries),
+                     tuple(_described(subgraph.tensors[int(t)]) for t in op.outputs)))
+    return form, carried, outside
+
+
+def _longest_run(forms) -> tuple[int, int]:
+    """(first, last) of the longest run of equal consecutive forms; (0, -1) when there is none."""
+    best, j = (0, -1), 0
+    while j < len(forms):
+        k = j
+        while forms[j] is not None and k + 1 < len(forms) and forms[k + 1] == forms[j]:
+            k += 1
+        if forms[j] is not None and k - j > best[1] - best[0]:
+            best = (j, k)
+        j = k + 1
+    return best
+
+
+def _options(op):
+    options = op.builtinOptions
+    if options is None:
+        return op.builtinOptionsType, None
+    return op.builtinOptionsType, repr(sorted((k, v.tolist() if isinstance(v, np.ndarray) else v)
+                                              for k, v in vars(options).items()))
+
+
+def _described(tensor):
+    q = tensor.quantization
+    quantization = None
+    if q is not None and q.scale is not None and len(q.scale):
+        quantization = (tuple(float(v) for v in q.scale), tuple(int(v) for v in q.zeroPoint), q.quantizedDimension)
+    return tuple(int(d) for d in tensor.shape), tensor.type, quantization
+
+
+def _graph_with_inputs(subgraph, state):
+    """A new subgraph whose inputs are tensors shaped like `state` (tensors of `subgraph`)."""
+    graph = schema.SubGraphT()
+    graph.tensors, graph.operators = [], []
+    graph.inputs = [_copy_tensor(subgraph, graph, t, buffer=0) for t in state]
+    return graph, list(graph.inputs)
+
+
+def _copy_tensor(source, graph, index, buffer=None) -> int:
+    tensor = copy.deepcopy(source.tensors[index])
+    if buffer is not None:
+        tensor.buffer = buffer
+    graph.tensors.append(tensor)
+    return len(graph.tensors) - 1
+
+
+def _op(model, code, version, inputs, outputs, options_type, options, **fields):
+    op = schema.OperatorT()
+    op.opcodeIndex, op.inputs, op.outputs = opcode(model, code, version), list(inputs), list(outputs)
+    for name, value in fields.items():
+        setattr(options, name, value)
+    op.builtinOptionsType, op.builtinOptions = options_type, options
+    return op
+
+
+def _int32_constant(model, graph, values) -> int:
+    buffer = schema.BufferT()
+    buffer.data = np.frombuffer(np.asarray(values, np.int32).tobytes(), dtype=np.uint8)
+    model.buffers.append(buffer)
+    tensor = schema.TensorT()
+    tensor.shape, tensor.type, tensor.buffer = np.array(np.shape(values), np.int32), TYPE.INT32, len(model.buffers) - 1
+    graph.tensors.append(tensor)
+    return len(graph.tensors) - 1
+
+
+def _int32_vector(model, subgraph, values) -> int:
+    return _int32_constant(model, subgraph, np.array(values, np.int32))
+
+
+def _is_constant(model, subgraph, index) -> bool:
+    data = model.buffers[subgraph.tensors[index].buffer].data
+    return data is not None and len(data) > 0
+
+
+def _producers(subgraph) -> dict[int, tuple[int, int]]:
+    return {int(t): (p, k) for p, op in enumerate(subgraph.operators) for k, t in enumerate(op.outputs)}
+
+
+def _reach(subgraph, readers, tensor) -> set[int]:
+    """Positions of the ops that depend on `tensor`."""
+    seen, todo = set(), list(readers.get(tensor, []))
+    while todo:
+        p = todo.pop()
+        if p not in seen:
+            seen.add(p)
+            for t in subgraph.operators[p].outputs:
+                todo.extend(readers.get(int(t), []))
+    return seen
+
+
+def _in_order(ops):
+    """`ops` with each after the ops whose outputs it reads, otherwise in the order given."""
+    made_by = {int(t): i for i, op in enumerate(ops) for t in op.outputs}
+    order, placed = [], set()
+    for i in range(len(ops)):
+        todo = [i]
+        while todo:
+            j = todo[-1]
+            if j in placed:
+                todo.pop()
+                continue
+            missing = [made_by[int(t)] for t in ops[j].inputs if int(t) in made_by and made_by[int(t)] not in placed]
+            if missing:
+                todo.extend(missing)
+                continue
+            placed.add(j)
+            order.append(ops[j])
+            todo.pop()
+    return order

@@ -1,0 +1,156 @@
+"""An unrolled GRU or LSTM ships as one WHILE loop (issue #17): one step's ops once, not once a step.
+The answers stay those of the unrolled model (within what XNNPACK vs builtin kernels move), at
+fp32 and at every quantization; nets whose every step is read stay unrolled; a wrong loop is never
+kept; `android: {loops: unrolled}` keeps the steps."""
+import collections
+import shutil
+
+import numpy as np
+import pytest
+
+from test_fusion import RECURRENT, STEPS, _ops
+
+SEQUENCE_OUT = RECURRENT.replace("return self.head(y[:, -1])", "return self.head(y)")
+
+
+def _subgraphs(bundle) -> list[collections.Counter]:
+    from ai_edge_litert import schema_py_generated as schema
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    names = {code: name for name, code in vars(schema.BuiltinOperator).items() if not name.startswith("_")}
+    model = flatbuffer_utils.read_model_from_bytearray(bytearray(bundle.read_bytes()))
+    codes = model.operatorCodes
+    return [collections.Counter(names[max(codes[op.opcodeIndex].builtinCode, codes[op.opcodeIndex].deprecatedBuiltinCode)]
+                                for op in subgraph.operators) for subgraph in model.subgraphs]
+
+
+def _convert(folder, source, kind):
+    import torch
+
+    from edgebuild_tflite.backend import TFLiteBackend
+
+    namespace = {}
+    exec(compile(source, "recurrent.py", "exec"), namespace)
+    module, example = namespace["build"](kind)
+    torch.export.save(torch.export.export(module, example), str(folder / "model.pt2"))
+    TFLiteBackend().convert(folder / "model.pt2", folder / "fp32.tflite", {})
+    return folder / "fp32.tflite", folder / "model.pt2"
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    return {kind: _convert(tmp_path_factory.mktemp(kind), RECURRENT, kind) for kind in ("gru", "lstm")}
+
+
+def _compacted(fp32, name, roll_loops):
+    from edgebuild_tflite.compaction import compact_file
+
+    out = fp32.with_name(name)
+    shutil.copy(fp32, out)
+    compact_file(out, roll_loops)
+    return out
+
+
+def _samples(seed=0):
+    rng = np.random.default_rng(seed)
+    return (np.concatenate([rng.normal(scale=s, size=(8, STEPS, 8)) for s in (0.1, 1, 5)]).astype(np.float32),)
+
+
+def _close(expected, got):
+    return all(np.allclose(expected[name], got[name], rtol=1e-5, atol=1e-6) for name in expected)
+
+
+@pytest.mark.parametrize("kind", ["gru", "lstm"])
+def test_the_steps_of_an_unrolled_recurrent_net_ship_as_one_while_loop(converted, kind):
+    from edgebuild_tflite.backend import TFLiteBackend
+
+    fp32, _ = converted[kind]
+    rolled, unrolled = _compacted(fp32, "rolled.tflite", True), _compacted(fp32, "unrolled.tflite", False)
+    main, body, condition = _subgraphs(rolled)
+    assert main["WHILE"] == 1 and condition == {"LESS": 1}
+    # The body: one step (its gates cut by one SPLIT, its matmul) plus gathering its input and counting.
+    assert body["GATHER"] == 1 and body["FULLY_CONNECTED"] == 1 and body["SPLIT"] >= 1 and body["ADD"] >= 2
+    steps_outside = main["FULLY_CONNECTED"] - 2  # the input projection and the head are not steps
+    assert 0 <= steps_outside <= 2, main  # the first step (zero state) and the last may stay outside
+    assert sum(main.values()) + sum(body.values()) + 1 < sum(_subgraphs(unrolled)[0].values())
+    assert rolled.stat().st_size < unrolled.stat().st_size
+    backend = TFLiteBackend()
+    for seed in (0, 1):
+        samples = _samples(seed)
+        expected = backend.predict(fp32, samples).outputs
+        assert _close(expected, backend.predict(rolled, samples).outputs)
+        assert all(np.array_equal(expected[n], v) for n, v in backend.predict(unrolled, samples).outputs.items())
+    # The same input, the same bytes.
+    assert _compacted(fp32, "again.tflite", True).read_bytes() == rolled.read_bytes()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("technique", ["int8-weight-only", "int8-dynamic", "int8-static", "int4-weight-only"])
+def test_quantized_candidates_roll_too_and_answer_as_their_unrolled_twin(converted, technique, tmp_path):
+    """The loop body reads the same quantized weights. With int8 activations each step's tensors
+    have scales calibrated of their own: no two steps are the same, nothing rolls (one scale per
+    tensor is all a loop body has). `android: {loops: unrolled}` (the variant's options) keeps the
+    steps."""
+    from edgebuild.api import CompressInput
+    from edgebuild.plugins import default_registry
+    from edgebuild_tflite.backend import TFLiteBackend
+
+    fp32, program = converted["lstm"]
+    backend = TFLiteBackend()
+    [chosen] = [t for t in default_registry().techniques_for("tflite") if t.name == technique]
+    rng = np.random.default_rng(1)
+    calibration = [(rng.normal(size=(1, STEPS, 8)).astype(np.float32),) for _ in range(16)]
+    bundles = {}
+    for loops, options in (("rolled", {}), ("unrolled", {"loops": "unrolled"})):
+        source = CompressInput(fp32_bundle=fp32, exported_program=program, calibration=calibration,
+                               work_dir=tmp_path, options=options)
+        bundles[loops] = tmp_path / f"{loops}.tflite"
+        backend.compress(chosen, source, bundles[loops])
+    assert len(_subgraphs(bundles["unrolled"])) == 1 and _ops(bundles["unrolled"])["WHILE"] == 0
+    samples = _samples(2)
+    expected = backend.predict(bundles["unrolled"], samples).outputs
+    got = backend.predict(bundles["rolled"], samples).outputs
+    if technique == "int8-static":
+        assert len(_subgraphs(bundles["rolled"])) == 1
+        assert all(np.array_equal(expected[name], got[name]) for name in expected)
+        return
+    assert _subgraphs(bundles["rolled"])[0]["WHILE"] == 1
+    assert bundles["rolled"].stat().st_size < bundles["unrolled"].stat().st_size
+    for name, values in expected.items():
+        assert np.max(np.abs(values - got[name])) <= 1e-3 * np.max(np.abs(values)), technique
+
+
+def test_a_net_that_outputs_every_step_stays_unrolled(tmp_path):
+    """Each step's output is read after the loop: not a state it passes on, so no loop."""
+    from edgebuild_tflite.backend import TFLiteBackend
+
+    fp32, _ = _convert(tmp_path, SEQUENCE_OUT, "gru")
+    compacted = _compacted(fp32, "compacted.tflite", True)
+    assert len(_subgraphs(compacted)) == 1 and _ops(compacted)["CONCATENATION"] == 1
+    samples = _samples()
+    backend = TFLiteBackend()
+    expected, got = backend.predict(fp32, samples).outputs, backend.predict(compacted, samples).outputs
+    assert all(np.array_equal(expected[name], got[name]) for name in expected)
+
+
+def test_a_loop_that_answers_otherwise_is_not_kept(converted, monkeypatch):
+    """compaction runs rolled and unrolled on random inputs; a loop that stops a step early ships
+    nowhere: the candidate stays unrolled."""
+    from edgebuild_tflite import loops
+
+    roll = loops.roll
+
+    def one_step_short(model):
+        rolled = roll(model)
+        condition = model.subgraphs[-1]
+        limit = condition.tensors[int(condition.operators[0].inputs[1])]
+        data = model.buffers[limit.buffer].data
+        model.buffers[limit.buffer].data = np.frombuffer(
+            (np.frombuffer(bytes(data), np.int32) - 1).astype(np.int32).tobytes(), np.uint8)
+        return rolled
+
+    monkeypatch.setattr(loops, "roll", one_step_short)
+    fp32, _ = converted["gru"]
+    kept = _compacted(fp32, "kept.tflite", True)
+    assert len(_subgraphs(kept)) == 1 and _ops(kept)["WHILE"] == 0
+    assert kept.read_bytes() == _compacted(fp32, "unrolled.tflite", False).read_bytes()
