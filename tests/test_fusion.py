@@ -15,8 +15,8 @@ from torch import nn
 class Recurrent(nn.Module):
     def __init__(self, kind):
         super().__init__()
-        self.rnn = (nn.GRU if kind == "gru" else nn.LSTM)(8, 16, batch_first=True)
-        self.head = nn.Linear(16, 4)
+        self.rnn = (nn.GRU if kind == "gru" else nn.LSTM)(32, 32, batch_first=True)
+        self.head = nn.Linear(32, 4)
 
     def forward(self, x):
         y, _ = self.rnn(x)
@@ -25,9 +25,10 @@ class Recurrent(nn.Module):
 
 def build(kind):
     torch.manual_seed(0)
-    return Recurrent(kind).eval(), (torch.randn(1, 6, 8),)
+    return Recurrent(kind).eval(), (torch.randn(1, 6, 32),)
 '''
 STEPS = 6
+FEATURES = 32  # blockwise int4 needs rows of 32
 
 
 def _ops(bundle: Path) -> collections.Counter:
@@ -90,14 +91,14 @@ def test_an_unrolled_recurrent_net_ships_its_slices_as_one_split_per_cut_with_th
     assert compacted.stat().st_size < fp32.stat().st_size
     # The same answers to the last bit, on inputs of several scales.
     rng = np.random.default_rng(0)
-    samples = (np.concatenate([rng.normal(scale=s, size=(8, STEPS, 8)) for s in (0.1, 1, 10)]).astype(np.float32),)
+    samples = (np.concatenate([rng.normal(scale=s, size=(8, STEPS, FEATURES)) for s in (0.1, 1, 10)]).astype(np.float32),)
     backend = TFLiteBackend()
     expected, got = backend.predict(fp32, samples).outputs, backend.predict(compacted, samples).outputs
     assert all(np.array_equal(expected[name], got[name]) for name in expected)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("technique", ["int8-weight-only", "int8-dynamic", "int8-static", "int4-weight-only"])
+@pytest.mark.parametrize("technique", ["int8-weight-only", "int8-dynamic", "int8-static", "int4-weight-only", "int4-blockwise32"])
 def test_quantized_candidates_are_fused_too_and_answer_as_the_unfused_quantized_model(converted, technique, tmp_path):
     """Compaction runs on every candidate after quantization: with int8 activations the SPLIT is the
     int8 kernel (the pieces keep the source's scale), and the answers equal the unfused model's."""
@@ -110,7 +111,7 @@ def test_quantized_candidates_are_fused_too_and_answer_as_the_unfused_quantized_
     backend = TFLiteBackend()
     [chosen] = [t for t in default_registry().techniques_for("tflite") if t.name == technique]
     rng = np.random.default_rng(1)
-    calibration = [(rng.normal(size=(1, STEPS, 8)).astype(np.float32),) for _ in range(16)]
+    calibration = [(rng.normal(size=(1, STEPS, FEATURES)).astype(np.float32),) for _ in range(16)]
     # Steps kept unrolled: the loop over them is tests/test_loops.py's.
     source = CompressInput(fp32_bundle=fp32, exported_program=program, calibration=calibration,
                            work_dir=tmp_path, options={"loops": "unrolled"})
@@ -124,7 +125,7 @@ def test_quantized_candidates_are_fused_too_and_answer_as_the_unfused_quantized_
         tflite.compact_file = original
     assert _ops(fused)["SLICE"] == 1 < _ops(unfused)["SLICE"]
     assert fused.stat().st_size < unfused.stat().st_size
-    samples = (rng.normal(size=(24, STEPS, 8)).astype(np.float32),)
+    samples = (rng.normal(size=(24, STEPS, FEATURES)).astype(np.float32),)
     expected, got = backend.predict(unfused, samples).outputs, backend.predict(fused, samples).outputs
     assert all(np.array_equal(expected[name], got[name]) for name in expected)
 

@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
-from test_fusion import RECURRENT, STEPS, _ops
+from test_fusion import FEATURES, RECURRENT, STEPS, _ops
 
 SEQUENCE_OUT = RECURRENT.replace("return self.head(y[:, -1])", "return self.head(y)")
 
@@ -53,7 +53,7 @@ def _compacted(fp32, name, roll_loops):
 
 def _samples(seed=0):
     rng = np.random.default_rng(seed)
-    return (np.concatenate([rng.normal(scale=s, size=(8, STEPS, 8)) for s in (0.1, 1, 5)]).astype(np.float32),)
+    return (np.concatenate([rng.normal(scale=s, size=(8, STEPS, FEATURES)) for s in (0.1, 1, 5)]).astype(np.float32),)
 
 
 def _close(expected, got):
@@ -85,7 +85,7 @@ def test_the_steps_of_an_unrolled_recurrent_net_ship_as_one_while_loop(converted
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("technique", ["int8-weight-only", "int8-dynamic", "int8-static", "int4-weight-only"])
+@pytest.mark.parametrize("technique", ["int8-weight-only", "int8-dynamic", "int8-static", "int4-weight-only", "int4-blockwise32"])
 def test_quantized_candidates_roll_too_and_answer_as_their_unrolled_twin(converted, technique, tmp_path):
     """The loop body reads the same quantized weights. With int8 activations each step's tensors
     have scales calibrated of their own: no two steps are the same, nothing rolls (one scale per
@@ -99,7 +99,7 @@ def test_quantized_candidates_roll_too_and_answer_as_their_unrolled_twin(convert
     backend = TFLiteBackend()
     [chosen] = [t for t in default_registry().techniques_for("tflite") if t.name == technique]
     rng = np.random.default_rng(1)
-    calibration = [(rng.normal(size=(1, STEPS, 8)).astype(np.float32),) for _ in range(16)]
+    calibration = [(rng.normal(size=(1, STEPS, FEATURES)).astype(np.float32),) for _ in range(16)]
     bundles = {}
     for loops, options in (("rolled", {}), ("unrolled", {"loops": "unrolled"})):
         source = CompressInput(fp32_bundle=fp32, exported_program=program, calibration=calibration,

@@ -209,7 +209,7 @@ def _roll(model, subgraph_index: int, position: int) -> int:
     counter, sequence_in = body_state[0], body_state[1 + len(carried_in)]
     reads = {("carried",) + role: t for role, t in zip(roles, body_state[1:1 + len(carried_in)])}
     reads.update({("outside", t): b for t, b in zip(invariants, body_state[2 + len(carried_in):])})
-    reads.update({("outside", t): _copy_tensor(subgraph, body, t) for t in constants})
+    reads.update({("outside", t): _copy_constant(subgraph, body, t) for t in constants})
     piece = _copy_tensor(subgraph, body, pieces[first], buffer=0)
     reads[("piece",)] = piece
     body.operators = [_op(model, OP.GATHER, _GATHER_VERSIONS.get(subgraph.tensors[sequence].type, 1),
@@ -324,6 +324,16 @@ def _copy_tensor(source, graph, index, buffer=None) -> int:
         tensor.buffer = buffer
     graph.tensors.append(tensor)
     return len(graph.tensors) - 1
+
+
+def _copy_constant(source, graph, index) -> int:
+    """A constant into `graph`, with the tensors its quantization points at (blockwise scales)."""
+    copied = _copy_tensor(source, graph, index)
+    details = getattr(graph.tensors[copied].quantization, "details", None)
+    for field in ("scales", "zeroPoints"):
+        if isinstance(getattr(details, field, None), int) and getattr(details, field) >= 0:
+            setattr(details, field, _copy_tensor(source, graph, getattr(details, field)))
+    return copied
 
 
 def _op(model, code, version, inputs, outputs, options_type, options, **fields):
