@@ -87,7 +87,7 @@ class TFLiteBackend(BackendBase):
         roll_loops = source.options.get("loops", "rolled") == "rolled"
         if technique.recipe is None:
             out.write_bytes(source.fp32_bundle.read_bytes())
-            compact_file(out, roll_loops)
+            _compact(out, roll_loops, technique)
             return
         from ai_edge_quantizer import quantizer
 
@@ -106,12 +106,12 @@ class TFLiteBackend(BackendBase):
             result = qt.quantize(calibration_result)
             result.export_model(str(out), overwrite=True)
             metadata.copy_metadata(source.fp32_bundle, out)
-            compact_file(out, roll_loops)
         except NotApplicable:
             raise
         except Exception as exc:
             raise ToolchainError(f"ai-edge-quantizer failed: {first_line(exc)}", stage="compress",
                                  technique=technique.name) from exc
+        _compact(out, roll_loops, technique)
 
     def _interpreter(self, bundle: Path, threads: int = 1):
         from ai_edge_litert.interpreter import Interpreter
@@ -466,6 +466,14 @@ def _input_names(exported_program: Path) -> list[str]:
         import torch
 
         return list(torch.export.load(str(exported_program)).graph_signature.user_inputs)
+
+
+def _compact(bundle: Path, roll_loops: bool, technique: Technique) -> None:
+    try:
+        compact_file(bundle, roll_loops)
+    except Exception as exc:
+        raise ToolchainError(f"compacting the .tflite (fusing slices, rolling steps, names) failed: {first_line(exc)}",
+                             stage="compress", technique=technique.name) from exc
 
 
 def weight_tensors(bundle: Path) -> list[dict]:
