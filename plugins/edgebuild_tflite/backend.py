@@ -20,6 +20,7 @@ from edgebuild.weights import find_copies
 
 from . import metadata
 from .compaction import compact_file, is_names_table, restore_names
+from .constants import quantize_constants_file
 from .flatbuffer import buffer_data_positions
 
 SIGNATURE = "serving_default"
@@ -105,12 +106,19 @@ class TFLiteBackend(BackendBase):
                 calibration_result = qt.calibrate({SIGNATURE: samples})
             result = qt.quantize(calibration_result)
             result.export_model(str(out), overwrite=True)
-            metadata.copy_metadata(source.fp32_bundle, out)
         except NotApplicable:
             raise
         except Exception as exc:
             raise ToolchainError(f"ai-edge-quantizer failed: {first_line(exc)}", stage="compress",
                                  technique=technique.name) from exc
+        bits = constant_bits(technique)
+        try:
+            if bits:
+                quantize_constants_file(out, bits)
+            metadata.copy_metadata(source.fp32_bundle, out)
+        except Exception as exc:
+            raise ToolchainError(f"quantizing the float tables the quantizer left failed: {first_line(exc)}",
+                                 stage="compress", technique=technique.name) from exc
         _compact(out, roll_loops, technique)
 
     def _interpreter(self, bundle: Path, threads: int = 1):
@@ -466,6 +474,20 @@ def _input_names(exported_program: Path) -> list[str]:
         import torch
 
         return list(torch.export.load(str(exported_program)).graph_signature.user_inputs)
+
+
+def constant_bits(technique: Technique) -> int | None:
+    """The bits a technique gives float tables the quantizer leaves (constants.py): its weights'
+    bits when its base rule quantizes every op's weights per channel to integers without
+    calibrated activations (weight-only and dynamic recipes); else None."""
+    rules = technique.recipe if isinstance(technique.recipe, list) else []
+    base = rules[0] if rules else {}
+    config = base.get("op_config", {})
+    weights = config.get("weight_tensor_config", {})
+    if (base.get("operation") != "*" or weights.get("dtype") != "INT" or weights.get("granularity") != "CHANNELWISE"
+            or "activation_tensor_config" in config or weights.get("num_bits") not in (4, 8)):
+        return None
+    return int(weights["num_bits"])
 
 
 def _compact(bundle: Path, roll_loops: bool, technique: Technique) -> None:
