@@ -44,6 +44,7 @@ SLACK = 16 * 1024
 # name -> (model entry, rewrites switched off)
 MODELS = {
     "mobilenetv2": ("zoo.py:build_mobilenetv2", False),
+    "mobilenetv2-full": ("zoo.py:build_mobilenetv2_full", False),
     "resnet": ("zoo.py:build_resnet", False),
     "mtcnn": ("zoo.py:build_mtcnn", False),
     "mtcnn-no-rewrite": ("zoo.py:build_mtcnn", True),
@@ -170,7 +171,7 @@ def mixed_floor(target: dict, counted: int) -> float | None:
 
 def main() -> None:
     names = sys.argv[1:] or list(MODELS)
-    print(f"{'model':<18}{'technique':<20}{'bytes':>10}{'floor':>10}{'ratio':>7}{'excess':>10}{'qparams':>9}{'rest':>10}"
+    print(f"{'model':<18}{'technique':<20}{'bytes':>12}{'floor':>12}{'ratio':>7}{'excess':>10}{'qparams':>9}{'rest':>10}"
           "  copies / notes")
     with tempfile.TemporaryDirectory() as temporary:
         for name in names:
@@ -181,7 +182,7 @@ def main() -> None:
             for technique in [*TECHNIQUES, "mixed-precision"]:
                 candidate = by_name.get(technique)
                 if not candidate or "bytes" not in candidate:
-                    print(f"{name:<18}{technique:<20}{'—':>10}  {(candidate.get('reason') or candidate['status']) if candidate else 'not built'}")
+                    print(f"{name:<18}{technique:<20}{'—':>12}  {(candidate.get('reason') or candidate['status']) if candidate else 'not built'}")
                     continue
                 floor = (mixed_floor(target, counted) if technique == "mixed-precision"
                          else floor_bytes(technique, counted, depthwise, biases))
@@ -192,7 +193,7 @@ def main() -> None:
                 file = result["candidates"] / f"{technique}.tflite"
                 qparams = quantization_parameter_bytes(file) if file.is_file() else None
                 split = (f"{qparams:>9,}{round(size - floor - qparams):>10,}" if qparams is not None else f"{'—':>9}{'—':>10}")
-                line = f"{name:<18}{technique:<20}{size:>10,}{round(floor):>10,}{size / floor:>7.2f}{round(size - floor):>10,}{split}  {copies}"
+                line = f"{name:<18}{technique:<20}{size:>12,}{round(floor):>12,}{size / floor:>7.2f}{round(size - floor):>10,}{split}  {copies}"
                 if technique in JUDGED and not name.endswith("no-rewrite"):
                     goal(f"{line} (goal <= 1.10 x floor + 16 KiB)", size <= 1.10 * floor + SLACK)
                 else:

@@ -47,6 +47,28 @@ class MobileNetV2ish(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
+class MobileNetV2(nn.Module):
+    """MobileNetV2 at width 1.0 (Sandler et al., 2018): 3.5M parameters, 1,000 classes. The
+    MobileNetV2-style net above is its small cousin, where per-channel overheads weigh most."""
+    SETTINGS = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)]
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 32, 3, 2, 1, bias=False), bn(32), nn.ReLU6())
+        blocks, cin = [], 32
+        for expand, cout, repeats, stride in self.SETTINGS:
+            for i in range(repeats):
+                blocks.append(InvRes(cin, cout, stride if i == 0 else 1, expand))
+                cin = cout
+        self.blocks = nn.Sequential(*blocks)
+        self.head = nn.Sequential(nn.Conv2d(320, 1280, 1, bias=False), bn(1280), nn.ReLU6())
+        self.fc = nn.Linear(1280, 1000)
+
+    def forward(self, x):
+        x = self.head(self.blocks(self.stem(x)))
+        return self.fc(x.mean((2, 3)))
+
+
 class BasicBlock(nn.Module):
     def __init__(self, cin, cout, stride):
         super().__init__()
@@ -143,6 +165,10 @@ def _seeded(cls, *shape, **kwargs):
 
 def build_mobilenetv2():
     return _seeded(MobileNetV2ish, 1, 3, 64, 64)
+
+
+def build_mobilenetv2_full():
+    return _seeded(MobileNetV2, 1, 3, 64, 64)
 
 
 def build_resnet():
