@@ -18,10 +18,11 @@ and writes the model through `flatbuffer.pack`, which stores each distinct vecto
 (all-zero zero points, shapes, op options: 27 KB of the MobileNetV2-style int8 bundle, 16 KB of
 the LSTM's).
 
-Before that, `fusion.fuse` writes runs of slices as one SPLIT or UNPACK (117 fewer ops in a 20-step
-GRU). Otherwise the file's computation is untouched: same ops, tensors, shapes, buffers and
-quantization parameters (tests/test_tensor_names.py runs both and compares every tensor; the
-fusion's own tests compare outputs bit for bit).
+Before that, two graph passes: `fusion.fuse` writes runs of slices as one SPLIT or UNPACK (117
+fewer ops in a 20-step GRU; exact), and `loops.roll` writes a recurrent net's identical steps as one
+WHILE loop (kept only when it answers as the unrolled model; `roll_loops=False` skips it). Names
+and tables change nothing else: same tensors, shapes, buffers and quantization parameters
+(tests/test_tensor_names.py runs both and compares every tensor).
 """
 import json
 import zlib
@@ -62,10 +63,10 @@ def compact(model_buffer: bytes, roll_loops: bool = True) -> bytes | None:
             model = flatbuffer_utils.read_model_from_bytearray(bytearray(unrolled))  # never ship a wrong loop
     entry_points = {0} | {signature.subgraphIndex for signature in model.signatureDefs or []}
     table = []
-    for index, subgraph in enumerate(model.subgraphs):
+    for position, subgraph in enumerate(model.subgraphs):
         table.append([_text(tensor.name) for tensor in subgraph.tensors])
         # Callers see an entry point's inputs and outputs by name; a loop body's, nobody.
-        kept = set(subgraph.inputs or []) | set(subgraph.outputs or []) if index in entry_points else set()
+        kept = set(subgraph.inputs or []) | set(subgraph.outputs or []) if position in entry_points else set()
         for index, tensor in enumerate(subgraph.tensors):
             if index not in kept:
                 tensor.name = None

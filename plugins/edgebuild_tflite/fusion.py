@@ -14,6 +14,7 @@ from ai_edge_litert import schema_py_generated as schema
 
 from .graph import (OP, builtin, consumers, drop_unused, int32_scalar, int_constant, opcode, same_quantization,
                     static_shape, tensor_like)
+
 # The op version the runtime registers for each element type (tensorflow/lite/tools/versioning).
 _SPLIT_VERSIONS = {schema.TensorType.FLOAT32: 1, schema.TensorType.INT8: 2, schema.TensorType.INT16: 3}
 _UNPACK_VERSIONS = {schema.TensorType.FLOAT32: 1, schema.TensorType.INT8: 2, schema.TensorType.INT16: 4}

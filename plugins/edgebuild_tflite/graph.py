@@ -78,11 +78,17 @@ def int32_scalar(model, subgraph, value: int) -> int:
         if (tensor.type == TYPE.INT32 and tensor.shape is not None and not len(tensor.shape)
                 and int_constant(model, subgraph, index) == [value]):
             return index
+    return int32_constant(model, subgraph, np.int32(value))
+
+
+def int32_constant(model, subgraph, values) -> int:
+    """A new int32 constant tensor holding `values` (any shape), with a buffer of its own."""
+    values = np.asarray(values, np.int32)
     buffer = schema.BufferT()
-    buffer.data = np.frombuffer(np.int32(value).tobytes(), dtype=np.uint8)
+    buffer.data = np.frombuffer(values.tobytes(), dtype=np.uint8)
     model.buffers.append(buffer)
     tensor = schema.TensorT()
-    tensor.shape, tensor.type, tensor.buffer = np.array([], dtype=np.int32), TYPE.INT32, len(model.buffers) - 1
+    tensor.shape, tensor.type, tensor.buffer = np.array(values.shape, np.int32), TYPE.INT32, len(model.buffers) - 1
     subgraph.tensors.append(tensor)
     return len(subgraph.tensors) - 1
 

@@ -25,7 +25,7 @@ import copy
 import numpy as np
 from ai_edge_litert import schema_py_generated as schema
 
-from .graph import OP, TYPE, builtin, consumers, drop_unused, int_constant, opcode, same_quantization
+from .graph import OP, TYPE, builtin, consumers, drop_unused, int32_constant, int_constant, opcode, same_quantization
 
 # Fewer steps than this stay unrolled: the loop's own tables would outweigh what it saves.
 MIN_STEPS = 3
@@ -117,7 +117,7 @@ def _last_step_slices(model, subgraph) -> None:
         reshape.opcodeIndex = next((i for i, code in enumerate(model.operatorCodes)
                                     if max(code.builtinCode, code.deprecatedBuiltinCode) == OP.RESHAPE),
                                    None) or opcode(model, OP.RESHAPE, 1)
-        reshape.inputs = [piece, _int32_vector(model, subgraph, [int(d) for d in result.shape])]
+        reshape.inputs = [piece, int32_constant(model, subgraph, [int(d) for d in result.shape])]
         reshape.outputs = [int(op.outputs[0])]
         subgraph.operators[position] = reshape
         changed = True
@@ -203,7 +203,7 @@ def _roll(model, subgraph_index: int, position: int) -> int:
     invariants = sorted(t for t in read_outside if t not in constants)
 
     counter_shape = [] if builtin(model, cut) == OP.UNPACK else [1]
-    start = _int32_constant(model, subgraph, np.full(counter_shape, first, np.int32))
+    start = int32_constant(model, subgraph, np.full(counter_shape, first, np.int32))
     state = [start, *carried_in, sequence, *invariants]
     body, body_state = _graph_with_inputs(subgraph, state)
     counter, sequence_in = body_state[0], body_state[1 + len(carried_in)]
@@ -226,14 +226,14 @@ def _roll(model, subgraph_index: int, position: int) -> int:
             outputs.append(made[(i, k)])
         op.outputs = outputs
         body.operators.append(op)
-    one = _int32_constant(model, body, np.ones(counter_shape, np.int32))
+    one = int32_constant(model, body, np.ones(counter_shape, np.int32))
     following = _copy_tensor(body, body, counter, buffer=0)
     body.operators.append(_op(model, OP.ADD, 1, [counter, one], [following], schema.BuiltinOptions.AddOptions,
                               schema.AddOptionsT()))
     body.outputs = [following, *[made[role] for role in roles], sequence_in, *body_state[2 + len(carried_in):]]
 
     condition, condition_state = _graph_with_inputs(subgraph, state)
-    limit = _int32_constant(model, condition, np.full(counter_shape, last + 1, np.int32))
+    limit = int32_constant(model, condition, np.full(counter_shape, last + 1, np.int32))
     going = schema.TensorT()
     going.shape, going.type, going.buffer = np.array(counter_shape, np.int32), TYPE.BOOL, 0
     condition.tensors.append(going)
@@ -343,20 +343,6 @@ def _op(model, code, version, inputs, outputs, options_type, options, **fields):
         setattr(options, name, value)
     op.builtinOptionsType, op.builtinOptions = options_type, options
     return op
-
-
-def _int32_constant(model, graph, values) -> int:
-    buffer = schema.BufferT()
-    buffer.data = np.frombuffer(np.asarray(values, np.int32).tobytes(), dtype=np.uint8)
-    model.buffers.append(buffer)
-    tensor = schema.TensorT()
-    tensor.shape, tensor.type, tensor.buffer = np.array(np.shape(values), np.int32), TYPE.INT32, len(model.buffers) - 1
-    graph.tensors.append(tensor)
-    return len(graph.tensors) - 1
-
-
-def _int32_vector(model, subgraph, values) -> int:
-    return _int32_constant(model, subgraph, np.array(values, np.int32))
 
 
 def _is_constant(model, subgraph, index) -> bool:
