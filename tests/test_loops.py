@@ -154,3 +154,16 @@ def test_a_loop_that_answers_otherwise_is_not_kept(converted, monkeypatch):
     kept = _compacted(fp32, "kept.tflite", True)
     assert len(_subgraphs(kept)) == 1 and _ops(kept)["WHILE"] == 0
     assert kept.read_bytes() == _compacted(fp32, "unrolled.tflite", False).read_bytes()
+
+
+def test_a_loop_the_pass_cannot_build_leaves_the_steps_unrolled(converted, monkeypatch):
+    """An error inside the loop pass (a graph it did not foresee) costs the loop, not the candidate."""
+    from edgebuild_tflite import loops
+
+    def broken(model):
+        raise IndexError("a graph the pass did not foresee")
+
+    monkeypatch.setattr(loops, "roll", broken)
+    fp32, _ = converted["lstm"]
+    kept = _compacted(fp32, "kept.tflite", True)
+    assert kept.read_bytes() == _compacted(fp32, "unrolled.tflite", False).read_bytes()
