@@ -4,11 +4,16 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import zipfile
 from pathlib import Path
 
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)  # fixed timestamps: same files, same zip, same byte count
+# coremltools rewrites an .mlpackage's Manifest.json whenever it opens the package, also to read
+# it: through a temporary Manifest.<uuid> beside it, renamed over the old one. Another stage may
+# be reading the package while a bundle is hashed or copied: that file is not part of the bundle.
+_TRANSIENT = re.compile(r"Manifest\.[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
 def sha256_file(path: Path) -> str:
@@ -49,7 +54,17 @@ def write_tree(root: Path, files: dict[str, bytes]) -> None:
 def bundle_files(path: Path) -> list[Path]:
     """The files of a bundle: the file itself, or every file of a bundle folder (.mlpackage)."""
     path = Path(path)
-    return sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    if not path.is_dir():
+        return [path]
+    return sorted(p for p in path.rglob("*") if not _TRANSIENT.fullmatch(p.name) and p.is_file())
+
+
+def copy_bundle(source: Path, destination: Path) -> None:
+    """Copy a bundle file or folder, without the transient files a reader may be writing in it."""
+    if Path(source).is_dir():
+        shutil.copytree(source, destination, ignore=lambda folder, names: [n for n in names if _TRANSIENT.fullmatch(n)])
+    else:
+        shutil.copyfile(source, destination)
 
 
 def bundle_sha256(path: Path) -> str:

@@ -187,3 +187,27 @@ def test_a_parameter_the_bundle_does_not_store_labels_the_evaluation_not_weights
     assert missing and set(missing) <= set(dict(net.named_parameters())), missing
     assert prediction.runtime == (f"torch simulation, NOT weights-exact: {len(missing)} parameter(s) not found in "
                                   f"the bundle kept their float32 values ({', '.join(missing)})")
+
+
+def test_a_package_another_stage_is_reading_copies_and_hashes_as_the_package(built_example, tmp_path):
+    """coremltools rewrites Manifest.json through a temporary Manifest.<uuid> whenever it opens an
+    .mlpackage, also to read it. A copy or hash made meanwhile must not take that file along (a
+    copy that listed it and found it gone failed a CI build), and reading really does write it."""
+    import shutil
+    import uuid
+
+    import coremltools as ct
+
+    from edgebuild.fsutil import bundle_bytes, bundle_files, bundle_sha256, copy_bundle
+
+    package = tmp_path / "model.mlpackage"
+    shutil.copytree(built_example / ".edgebuild" / "coreml-ios16" / "fp32.mlpackage", package)
+    before = (package / "Manifest.json").stat().st_mtime_ns
+    ct.models.MLModel(str(package), skip_model_load=True)
+    assert (package / "Manifest.json").stat().st_mtime_ns != before  # a read rewrites the manifest
+    digest, size = bundle_sha256(package), bundle_bytes(package)
+    (package / f"Manifest.{uuid.uuid4()}").write_text("{}")  # caught mid-rewrite
+    assert bundle_sha256(package) == digest and bundle_bytes(package) == size
+    assert not [f for f in bundle_files(package) if f.name.startswith("Manifest.") and f.name != "Manifest.json"]
+    copy_bundle(package, tmp_path / "copy.mlpackage")
+    assert bundle_sha256(tmp_path / "copy.mlpackage") == digest

@@ -1,13 +1,12 @@
 """Built-in Core ML backend for iOS targets: conversion, compression gated by iOS version, Swift package."""
 import json
 import re
-import shutil
 from pathlib import Path
 
 from edgebuild import __version__
 from edgebuild.api import PackageInput, techniques_from_yaml
 from edgebuild.codegen import code_environment
-from edgebuild.fsutil import bundle_sha256
+from edgebuild.fsutil import bundle_bytes, bundle_sha256, copy_bundle
 from edgebuild.hookspecs import hookimpl
 
 from .backend import CoreMLBackend
@@ -31,14 +30,14 @@ def package_coreml(job: PackageInput) -> list[Path]:
     resources = sources / "Resources"
     resources.mkdir(parents=True)
     bundle = resources / f"{job.model_name}.mlpackage"
-    shutil.copytree(job.bundle, bundle)
+    copy_bundle(job.bundle, bundle)
     description = job.backend.describe(bundle)
     meta = {
         **job.metadata(bundle),
         "stem": job.model_name,
         "path": bundle.relative_to(job.directory).as_posix(),
         "sha256": bundle_sha256(bundle),
-        "bytes": sum(p.stat().st_size for p in bundle.rglob("*") if p.is_file()),
+        "bytes": bundle_bytes(bundle),
         "technique": job.chosen["technique"],
         "metric": job.chosen["metric"],
         "min_ios": job.backend.variant(job.target)[1]["min_ios"],

@@ -9,7 +9,6 @@ import functools
 import gc
 import json
 import re
-import shutil
 import statistics
 import sys
 import time
@@ -24,6 +23,7 @@ from edgebuild.api import (BackendBase, CompressInput, ModelInterface, NotApplic
                            package_version)
 from edgebuild.data import run_torch_module
 from edgebuild.errors import ToolchainError, first_line
+from edgebuild.fsutil import copy_bundle
 from edgebuild.outputs import positional_outputs
 
 from .ops import lean_conversion_memory, register_missing_ops
@@ -186,7 +186,7 @@ class CoreMLBackend(BackendBase):
     def compress(self, technique: Technique, source: CompressInput, out: Path) -> None:
         settings = technique.recipe["compress"]
         if settings is None:
-            shutil.copytree(source.fp32_bundle, out)
+            copy_bundle(source.fp32_bundle, out)
             return
         if settings["kind"] == "float32":
             self._convert(source.exported_program, out, source.options, "FLOAT32")

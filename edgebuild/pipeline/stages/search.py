@@ -5,15 +5,14 @@ Full evaluations build the real bundle and run it in the backend's runtime; they
 content hash (and the code that produced them), so rerunning a search, or another target's, reuses them.
 """
 import math
-import shutil
 import time
 
 import numpy as np
 
 from ...api import CompressInput, MixedPrecisionBackend, NotApplicable, SearchContext, SimulatedSensitivityBackend
 from ...data import data_sha256
-from ...fsutil import (atomic_output, atomic_write_json, bundle_bytes, bundle_sha256, read_json, remove_path,
-                       replace_path)
+from ...fsutil import (atomic_output, atomic_write_json, bundle_bytes, bundle_sha256, copy_bundle, read_json,
+                       remove_path, replace_path)
 from ...manifest import Target
 from ...policy import judged
 from ..evaluation import (digest, evaluate_bundle, example_batch, jobs, limits, named_outputs, output_specs,
@@ -389,10 +388,7 @@ def _chosen(build: Build, target: Target, context: SearchContext, chosen: dict, 
     source = cache_dir / f"{point['key']}{backend.extension}"
     destination = build.search_bundle(target)
     temporary = atomic_output(destination)
-    if source.is_dir():
-        shutil.copytree(source, temporary)
-    else:
-        shutil.copyfile(source, temporary)
+    copy_bundle(source, temporary)
     replace_path(temporary, destination)
     candidate = {"technique": MIXED, "description": backend.mixed_technique(chosen, context.layers, MIXED).description,
                  "status": "ok", **read_json(cache_dir / f"{point['key']}.json")}
