@@ -182,13 +182,10 @@ class TFLiteBackend(BackendBase):
         """The weight grid of a symmetric per-channel min/max recipe (weight-only or dynamic); None
         for recipes QAT cannot simulate (static activation ranges, blockwise, float)."""
         def grid_bits(rule: dict) -> int | None:
-            config = rule.get("op_config", {})
-            weights = config.get("weight_tensor_config", {})
-            if (rule.get("algorithm_key") != "min_max_uniform_quantize" or weights.get("granularity") != "CHANNELWISE"
-                    or not weights.get("symmetric") or weights.get("dtype") != "INT"
-                    or "activation_tensor_config" in config):
+            weights = rule.get("op_config", {}).get("weight_tensor_config", {})
+            if rule.get("algorithm_key") != "min_max_uniform_quantize" or not weights.get("symmetric"):
                 return None
-            return int(weights["num_bits"])
+            return _integer_channel_bits(rule)
 
         rules = technique.recipe if isinstance(technique.recipe, list) else []
         if not rules or rules[0].get("operation") != "*" or grid_bits(rules[0]) is None:
@@ -476,18 +473,26 @@ def _input_names(exported_program: Path) -> list[str]:
         return list(torch.export.load(str(exported_program)).graph_signature.user_inputs)
 
 
-def constant_bits(technique: Technique) -> int | None:
-    """The bits a technique gives float tables the quantizer leaves (constants.py): its weights'
-    bits when its base rule quantizes every op's weights per channel to integers without
-    calibrated activations (weight-only and dynamic recipes); else None."""
-    rules = technique.recipe if isinstance(technique.recipe, list) else []
-    base = rules[0] if rules else {}
-    config = base.get("op_config", {})
+def _integer_channel_bits(rule: dict) -> int | None:
+    """The bits of a recipe rule that quantizes weights per channel to integers, activations left
+    float (weight-only and dynamic rules); else None."""
+    config = rule.get("op_config", {})
     weights = config.get("weight_tensor_config", {})
-    if (base.get("operation") != "*" or weights.get("dtype") != "INT" or weights.get("granularity") != "CHANNELWISE"
-            or "activation_tensor_config" in config or weights.get("num_bits") not in (4, 8)):
+    if (weights.get("dtype") != "INT" or weights.get("granularity") != "CHANNELWISE"
+            or "activation_tensor_config" in config):
         return None
     return int(weights["num_bits"])
+
+
+def constant_bits(technique: Technique) -> int | None:
+    """The bits a technique gives float tables the quantizer leaves (constants.py): its weights'
+    bits when its base rule, for every op, is a weight-only or dynamic per-channel integer rule of
+    8 or 4 bits; else None."""
+    rules = technique.recipe if isinstance(technique.recipe, list) else []
+    if not rules or rules[0].get("operation") != "*":
+        return None
+    bits = _integer_channel_bits(rules[0])
+    return bits if bits in (4, 8) else None
 
 
 def _compact(bundle: Path, roll_loops: bool, technique: Technique) -> None:
@@ -503,7 +508,8 @@ def weight_tensors(bundle: Path) -> list[dict]:
     and the model metadata and its packed files (labels), which ship in the same file."""
     from ai_edge_quantizer.utils import tfl_flatbuffer_utils as flatbuffer
 
-    model = restore_names(flatbuffer.read_model(str(bundle)))
+    content = bundle.read_bytes()
+    model = restore_names(flatbuffer.read_model(content))
     tensors = [{"name": f"metadata: {name}", "dtype": "associated file", "shape": [], "bytes": size}
                for name, size in metadata.associated_files(bundle).items()]
     for entry in model.metadata or []:
@@ -515,7 +521,7 @@ def weight_tensors(bundle: Path) -> list[dict]:
             tensors.append({"name": "metadata: tensor names (compressed)", "dtype": "metadata", "shape": [],
                             "bytes": len(data)})
     # Bytes stored once are counted once: tensors can share a buffer, and buffers their bytes.
-    positions, counted = buffer_data_positions(bundle.read_bytes()), set()
+    positions, counted = buffer_data_positions(content), set()
     for subgraph in model.subgraphs:
         names = _display_names(model, subgraph)
         for index, tensor in enumerate(subgraph.tensors):
@@ -542,9 +548,10 @@ def stored_values(bundle: Path):
     their per-channel or blockwise scales (the latter live in a tensor of their own)."""
     from ai_edge_quantizer.utils import tfl_flatbuffer_utils as flatbuffer
 
-    model = restore_names(flatbuffer.read_model(str(bundle)))
+    content = bundle.read_bytes()
+    model = restore_names(flatbuffer.read_model(content))
     # Tensors can share a buffer, and buffers their bytes (flatbuffer.pack writes equal data once).
-    positions = buffer_data_positions(bundle.read_bytes())
+    positions = buffer_data_positions(content)
     seen = set()
     for subgraph in model.subgraphs:
         names = _display_names(model, subgraph)

@@ -17,7 +17,7 @@ rounding.
 import numpy as np
 from ai_edge_litert import schema_py_generated as schema
 
-from .graph import OP, TYPE, builtin, consumers, drop_unused, opcode
+from .graph import OP, TYPE, builtin, constant_data, consumers, drop_unused, operator
 
 MIN_ELEMENTS = 1024
 READERS = {OP.ADD, OP.SUB, OP.MUL}
@@ -31,23 +31,20 @@ def quantize_constants(model, bits: int) -> list[str]:
         boundary = {int(i) for i in [*subgraph.inputs, *subgraph.outputs]}
         for index in range(len(subgraph.tensors)):
             tensor = subgraph.tensors[index]
-            data = model.buffers[tensor.buffer].data
+            data = constant_data(model, tensor)
             shape = [int(d) for d in tensor.shape]
             users = readers.get(index, [])
-            if (tensor.type != TYPE.FLOAT32 or data is None or not len(data) or index in boundary or not users
+            if (tensor.type != TYPE.FLOAT32 or data is None or index in boundary or not users
                     or int(np.prod(shape)) < MIN_ELEMENTS or sum(d > 1 for d in shape) < 2
                     or any(builtin(model, subgraph.operators[p]) not in READERS for p in users)):
                 continue
-            values = np.frombuffer(bytes(data), dtype=np.float32).reshape(shape)
+            values = np.frombuffer(data, dtype=np.float32).reshape(shape)
             axis = next(a for a, d in enumerate(shape) if d > 1)
             stored = _quantized_tensor(model, values, axis, bits, tensor.name)
             subgraph.tensors.append(stored)
             # The float tensor the readers read is now what DEQUANTIZE writes: no data of its own.
             tensor.buffer = 0
-            dequantize = schema.OperatorT()
-            dequantize.opcodeIndex = opcode(model, OP.DEQUANTIZE, 1)
-            dequantize.inputs, dequantize.outputs = [len(subgraph.tensors) - 1], [index]
-            subgraph.operators.insert(min(users), dequantize)
+            subgraph.operators.insert(min(users), operator(model, OP.DEQUANTIZE, 1, [len(subgraph.tensors) - 1], [index]))
             readers = consumers(subgraph)
             done.append(tensor.name.decode() if isinstance(tensor.name, bytes) else str(tensor.name or index))
     if done:

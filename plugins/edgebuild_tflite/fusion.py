@@ -12,8 +12,8 @@ Tensors and buffers nothing uses any more are removed, and indices renumbered.
 """
 from ai_edge_litert import schema_py_generated as schema
 
-from .graph import (OP, builtin, consumers, drop_unused, int32_scalar, int_constant, opcode, same_quantization,
-                    static_shape, tensor_like)
+from .graph import (OP, builtin, consumers, copy_tensor, drop_unused, int32_scalar, int_constant, operator,
+                    same_quantization, slice_window, static_shape)
 
 # The op version the runtime registers for each element type (tensorflow/lite/tools/versioning).
 _SPLIT_VERSIONS = {schema.TensorType.FLOAT32: 1, schema.TensorType.INT8: 2, schema.TensorType.INT16: 3}
@@ -35,14 +35,11 @@ def fuse(model) -> int:
 def _slices_to_split(model, subgraph) -> None:
     groups = {}
     for position, op in enumerate(subgraph.operators):
-        if builtin(model, op) != OP.SLICE or len(op.inputs) != 3:
+        window = slice_window(model, subgraph, op) if builtin(model, op) == OP.SLICE and len(op.inputs) == 3 else None
+        if window is None:
             continue
-        source, begin, size = (int(i) for i in op.inputs)
+        source, begin, size = window
         shape = static_shape(subgraph.tensors[source])
-        begin, size = int_constant(model, subgraph, begin), int_constant(model, subgraph, size)
-        if shape is None or begin is None or size is None or len(begin) != len(shape) or len(size) != len(shape):
-            continue
-        size = [dim - b if s == -1 else s for dim, b, s in zip(shape, begin, size)]
         cut = [axis for axis, (dim, b, s) in enumerate(zip(shape, begin, size)) if (b, s) != (0, dim)]
         if len(cut) == 1:
             axis = cut[0]
@@ -62,14 +59,10 @@ def _slices_to_split(model, subgraph) -> None:
                 or any(b % width or s != width for b, s, _ in pieces)
                 or not all(same_quantization(tensor, subgraph.tensors[o]) for o in outputs.values())):
             continue
-        split = schema.OperatorT()
-        split.opcodeIndex = opcode(model, OP.SPLIT, version)
-        split.inputs = [int32_scalar(model, subgraph, axis), source]
-        split.outputs = [outputs[b] if b in outputs else tensor_like(subgraph, outputs[begins[0]])
-                         for b in range(0, dim, width)]
-        split.builtinOptionsType = schema.BuiltinOptions.SplitOptions
-        split.builtinOptions = schema.SplitOptionsT()
-        split.builtinOptions.numSplits = dim // width
+        pieces_out = [outputs[b] if b in outputs else copy_tensor(subgraph, subgraph, outputs[begins[0]], name=None)
+                      for b in range(0, dim, width)]
+        split = operator(model, OP.SPLIT, version, [int32_scalar(model, subgraph, axis), source], pieces_out,
+                         schema.BuiltinOptions.SplitOptions, schema.SplitOptionsT(), numSplits=dim // width)
         first = min(p for _, _, p in pieces)
         replaced[first] = split
         replaced.update({p: None for _, _, p in pieces if p != first})
@@ -104,13 +97,9 @@ def _split_steps_to_unpack(model, subgraph) -> None:
                 break
             reshapes.append(users[0])
         else:
-            unpack = schema.OperatorT()
-            unpack.opcodeIndex = opcode(model, OP.UNPACK, version)
-            unpack.inputs = [int(op.inputs[1])]
-            unpack.outputs = [int(subgraph.operators[p].outputs[0]) for p in reshapes]
-            unpack.builtinOptionsType = schema.BuiltinOptions.UnpackOptions
-            unpack.builtinOptions = schema.UnpackOptionsT()
-            unpack.builtinOptions.num, unpack.builtinOptions.axis = len(reshapes), axis
+            unpack = operator(model, OP.UNPACK, version, [int(op.inputs[1])],
+                              [int(subgraph.operators[p].outputs[0]) for p in reshapes],
+                              schema.BuiltinOptions.UnpackOptions, schema.UnpackOptionsT(), num=len(reshapes), axis=axis)
             replaced[position] = unpack
             replaced.update({p: None for p in reshapes})
     _replace(subgraph, replaced)

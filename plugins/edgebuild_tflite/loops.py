@@ -25,7 +25,8 @@ import copy
 import numpy as np
 from ai_edge_litert import schema_py_generated as schema
 
-from .graph import OP, TYPE, builtin, consumers, drop_unused, int32_constant, int_constant, opcode, same_quantization
+from .graph import (OP, TYPE, builtin, constant_data, consumers, copy_tensor, detail_tensors, drop_unused,
+                    int32_constant, int_constant, operator, quantization_key, same_quantization, slice_window)
 
 # Fewer steps than this stay unrolled: the loop's own tables would outweigh what it saves.
 MIN_STEPS = 3
@@ -113,25 +114,19 @@ def _last_step_slices(model, subgraph) -> None:
         result = subgraph.tensors[int(op.outputs[0])]
         if piece is None or subgraph.tensors[piece].type != result.type or not same_quantization(subgraph.tensors[piece], result):
             continue
-        reshape = schema.OperatorT()
-        reshape.opcodeIndex = next((i for i, code in enumerate(model.operatorCodes)
-                                    if max(code.builtinCode, code.deprecatedBuiltinCode) == OP.RESHAPE),
-                                   None) or opcode(model, OP.RESHAPE, 1)
-        reshape.inputs = [piece, int32_constant(model, subgraph, [int(d) for d in result.shape])]
-        reshape.outputs = [int(op.outputs[0])]
-        subgraph.operators[position] = reshape
+        shape = int32_constant(model, subgraph, [int(d) for d in result.shape])
+        subgraph.operators[position] = operator(model, OP.RESHAPE, None, [piece, shape], [int(op.outputs[0])])
         changed = True
     if changed:
         _drop_dead(model, subgraph, {OP.CONCATENATION, OP.RESHAPE})
 
 
 def _sliced_piece(model, subgraph, producers, op) -> int | None:
-    source = int(op.inputs[0])
-    begin, size = int_constant(model, subgraph, int(op.inputs[1])), int_constant(model, subgraph, int(op.inputs[2]))
-    shape = [int(d) for d in subgraph.tensors[source].shape]
-    if begin is None or size is None or len(begin) != len(shape) or len(size) != len(shape):
+    window = slice_window(model, subgraph, op)
+    if window is None:
         return None
-    size = [d - b if s == -1 else s for d, b, s in zip(shape, begin, size)]
+    source, begin, size = window
+    shape = [int(d) for d in subgraph.tensors[source].shape]
     # Row-major positions of the elements taken: reshapes keep them, a concatenation along an
     # axis after only ones lays its inputs one after the other.
     taken = np.arange(int(np.prod(shape))).reshape(shape)[tuple(slice(b, b + s) for b, s in zip(begin, size))].ravel()
@@ -199,7 +194,7 @@ def _roll(model, subgraph_index: int, position: int) -> int:
         for t in (int(t) for t in subgraph.operators[p].outputs):
             if (any(r not in inside for r in readers.get(t, [])) or t in kept_outputs) and t not in carried_out:
                 return 0  # a step's tensor read after the loop: not a state it passes on
-    constants = sorted(t for t in read_outside if _is_constant(model, subgraph, t))
+    constants = sorted(t for t in read_outside if constant_data(model, subgraph.tensors[t]) is not None)
     invariants = sorted(t for t in read_outside if t not in constants)
 
     counter_shape = [] if builtin(model, cut) == OP.UNPACK else [1]
@@ -210,9 +205,9 @@ def _roll(model, subgraph_index: int, position: int) -> int:
     reads = {("carried",) + role: t for role, t in zip(roles, body_state[1:1 + len(carried_in)])}
     reads.update({("outside", t): b for t, b in zip(invariants, body_state[2 + len(carried_in):])})
     reads.update({("outside", t): _copy_constant(subgraph, body, t) for t in constants})
-    piece = _copy_tensor(subgraph, body, pieces[first], buffer=0)
+    piece = copy_tensor(subgraph, body, pieces[first], buffer=0)
     reads[("piece",)] = piece
-    body.operators = [_op(model, OP.GATHER, _GATHER_VERSIONS.get(subgraph.tensors[sequence].type, 1),
+    body.operators = [operator(model, OP.GATHER, _GATHER_VERSIONS.get(subgraph.tensors[sequence].type, 1),
                           [sequence_in, counter], [piece], schema.BuiltinOptions.GatherOptions,
                           schema.GatherOptionsT(), axis=axis)]
     made = {}
@@ -222,13 +217,13 @@ def _roll(model, subgraph_index: int, position: int) -> int:
                      for entry in shape_form[i][3]]
         outputs = []
         for k, t in enumerate(op.outputs):
-            made[(i, k)] = _copy_tensor(subgraph, body, int(t), buffer=0)
+            made[(i, k)] = copy_tensor(subgraph, body, int(t), buffer=0)
             outputs.append(made[(i, k)])
         op.outputs = outputs
         body.operators.append(op)
     one = int32_constant(model, body, np.ones(counter_shape, np.int32))
-    following = _copy_tensor(body, body, counter, buffer=0)
-    body.operators.append(_op(model, OP.ADD, 1, [counter, one], [following], schema.BuiltinOptions.AddOptions,
+    following = copy_tensor(body, body, counter, buffer=0)
+    body.operators.append(operator(model, OP.ADD, 1, [counter, one], [following], schema.BuiltinOptions.AddOptions,
                               schema.AddOptionsT()))
     body.outputs = [following, *[made[role] for role in roles], sequence_in, *body_state[2 + len(carried_in):]]
 
@@ -237,13 +232,13 @@ def _roll(model, subgraph_index: int, position: int) -> int:
     going = schema.TensorT()
     going.shape, going.type, going.buffer = np.array(counter_shape, np.int32), TYPE.BOOL, 0
     condition.tensors.append(going)
-    condition.operators = [_op(model, OP.LESS, 1, [condition_state[0], limit], [len(condition.tensors) - 1],
+    condition.operators = [operator(model, OP.LESS, 1, [condition_state[0], limit], [len(condition.tensors) - 1],
                                schema.BuiltinOptions.LessOptions, schema.LessOptionsT())]
     condition.outputs = [len(condition.tensors) - 1]
 
-    results = [_copy_tensor(subgraph, subgraph, t, buffer=0) for t in state]
+    results = [copy_tensor(subgraph, subgraph, t, buffer=0) for t in state]
     results[1:1 + len(carried_out)] = carried_out
-    loop = _op(model, OP.WHILE, 1, state, results, schema.BuiltinOptions.WhileOptions, schema.WhileOptionsT(),
+    loop = operator(model, OP.WHILE, 1, state, results, schema.BuiltinOptions.WhileOptions, schema.WhileOptionsT(),
                condSubgraphIndex=len(model.subgraphs) + 1, bodySubgraphIndex=len(model.subgraphs))
     subgraph.operators = _in_order([op for p, op in enumerate(subgraph.operators) if p not in inside] + [loop])
     model.subgraphs += [body, condition]
@@ -303,51 +298,23 @@ def _options(op):
 
 
 def _described(tensor):
-    q = tensor.quantization
-    quantization = None
-    if q is not None and q.scale is not None and len(q.scale):
-        quantization = (tuple(float(v) for v in q.scale), tuple(int(v) for v in q.zeroPoint), q.quantizedDimension)
-    return tuple(int(d) for d in tensor.shape), tensor.type, quantization
+    return tuple(int(d) for d in tensor.shape), tensor.type, quantization_key(tensor)
 
 
 def _graph_with_inputs(subgraph, state):
     """A new subgraph whose inputs are tensors shaped like `state` (tensors of `subgraph`)."""
     graph = schema.SubGraphT()
     graph.tensors, graph.operators = [], []
-    graph.inputs = [_copy_tensor(subgraph, graph, t, buffer=0) for t in state]
+    graph.inputs = [copy_tensor(subgraph, graph, t, buffer=0) for t in state]
     return graph, list(graph.inputs)
-
-
-def _copy_tensor(source, graph, index, buffer=None) -> int:
-    tensor = copy.deepcopy(source.tensors[index])
-    if buffer is not None:
-        tensor.buffer = buffer
-    graph.tensors.append(tensor)
-    return len(graph.tensors) - 1
 
 
 def _copy_constant(source, graph, index) -> int:
     """A constant into `graph`, with the tensors its quantization points at (blockwise scales)."""
-    copied = _copy_tensor(source, graph, index)
-    details = getattr(graph.tensors[copied].quantization, "details", None)
-    for field in ("scales", "zeroPoints"):
-        if isinstance(getattr(details, field, None), int) and getattr(details, field) >= 0:
-            setattr(details, field, _copy_tensor(source, graph, getattr(details, field)))
+    copied = copy_tensor(source, graph, index)
+    for field, pointed in detail_tensors(graph.tensors[copied]).items():
+        setattr(graph.tensors[copied].quantization.details, field, copy_tensor(source, graph, pointed))
     return copied
-
-
-def _op(model, code, version, inputs, outputs, options_type, options, **fields):
-    op = schema.OperatorT()
-    op.opcodeIndex, op.inputs, op.outputs = opcode(model, code, version), list(inputs), list(outputs)
-    for name, value in fields.items():
-        setattr(options, name, value)
-    op.builtinOptionsType, op.builtinOptions = options_type, options
-    return op
-
-
-def _is_constant(model, subgraph, index) -> bool:
-    data = model.buffers[subgraph.tensors[index].buffer].data
-    return data is not None and len(data) > 0
 
 
 def _producers(subgraph) -> dict[int, tuple[int, int]]:
