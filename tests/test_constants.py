@@ -100,3 +100,31 @@ def test_which_techniques_store_tables_at_their_bits():
     assert bits["int4-weight-only"] == bits["int4-weight-only-mse"] == 4
     assert all(bits[name] is None for name in ("fp32", "fp16", "int8-static", "int8-static-tensorwise",
                                                "int4-blockwise32"))
+
+
+@pytest.mark.parametrize("step, expected", [
+    ("quantize_constants_file", "stage compress, technique int8-weight-only: quantizing the float tables the "
+                                "quantizer left failed: RuntimeError: boom"),
+    ("compact_file", "stage compress, technique int8-weight-only: compacting the .tflite (fusing slices, rolling "
+                     "steps, names) failed: RuntimeError: boom"),
+])
+def test_a_failure_after_the_quantizer_names_its_step_not_the_quantizer(table_model, tmp_path, monkeypatch, step,
+                                                                        expected):
+    """The steps edgebuild runs on a candidate after ai-edge-quantizer fail as themselves (a build
+    turns any ToolchainError into exit 3, tests/test_reliability.py)."""
+    from edgebuild.api import CompressInput
+    from edgebuild.errors import ToolchainError
+    from edgebuild.plugins import default_registry
+    from edgebuild_tflite import backend as tflite
+
+    def broken(*args):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(tflite, step, broken)
+    folder, _ = table_model
+    [chosen] = [t for t in default_registry().techniques_for("tflite") if t.name == "int8-weight-only"]
+    with pytest.raises(ToolchainError) as failure:
+        tflite.TFLiteBackend().compress(chosen, CompressInput(
+            fp32_bundle=folder / "fp32.tflite", exported_program=folder / "model.pt2", calibration=None,
+            work_dir=tmp_path, options={}), tmp_path / "candidate.tflite")
+    assert str(failure.value) == expected
