@@ -21,7 +21,8 @@ bytes ≤ 1.10 × floor + 16 KiB. Rows for fp32, blockwise int4 (4 bits plus a f
 weights) and the mixed assignment are printed, not judged. The MTCNN-style net is also built with
 `model.rewrites: {prelu-as-select: false}`, the "before" of issue #17.
 
-Run: .venv/bin/python bench/bit_floor.py [MODEL ...]   (1-8 minutes on 2 cores, by what the cache holds)
+Run: .venv/bin/python bench/bit_floor.py [--previous-floor] [MODEL ...]   (1-8 minutes on 2 cores, by what
+the cache holds)
 """
 import json
 import shutil
@@ -41,6 +42,9 @@ TECHNIQUES = {"fp32": 32, "int8-weight-only": 8, "int8-dynamic": 8, "int4-weight
 JUDGED = {"int8-weight-only", "int8-dynamic", "int4-weight-only"}
 PRECISION_BITS = {"fp16": 16, "int8": 8, "int4": 4}
 SLACK = 16 * 1024
+# `--previous-floor`: judge on the floor before issue #17's third stop (biases at the technique's
+# bits, BatchNorm left out), to compare with that stop's figures.
+PREVIOUS_FLOOR = "--previous-floor" in sys.argv
 # name -> (model entry, rewrites switched off)
 MODELS = {
     "mobilenetv2": ("zoo.py:build_mobilenetv2", False),
@@ -67,17 +71,19 @@ def _load(entry: str):
     return getattr(module, function)()
 
 
-def parameter_counts(model) -> tuple[int, int, int]:
-    """(parameters the floor counts, of which in depthwise convolutions, of which biases)."""
+def parameter_counts(model) -> tuple[int, int, int, int]:
+    """(parameters the floor counts, of which in depthwise convolutions, of which biases, of which
+    biases a BatchNorm folds into)."""
     from torch import nn
 
-    seen, counted, depthwise, biases = set(), 0, 0, 0
+    seen, counted, depthwise, biases, folded = set(), 0, 0, 0, 0
     for module in model.modules():
         if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
             # It folds into the convolution before it: its scale into the weights, its shift into
             # that convolution's bias (one per channel).
             counted += module.num_features
             biases += module.num_features
+            folded += module.num_features
             continue
         for name, parameter in module.named_parameters(recurse=False):
             if id(parameter) in seen:
@@ -90,12 +96,12 @@ def parameter_counts(model) -> tuple[int, int, int]:
             # Linear, Conv and LSTM/GRU biases (bias, bias_ih_l0, bias_hh_l0, ...).
             if name == "bias" and isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)) or name.startswith("bias_"):
                 biases += parameter.numel()
-    return counted, depthwise, biases
+    return counted, depthwise, biases, folded
 
 
 def build(name: str, entry: str, rewrites_off: bool, workdir: Path) -> dict:
     model, example = _load(entry)
-    counted, depthwise, biases = parameter_counts(model)
+    counted, depthwise, biases, folded = parameter_counts(model)
     project = workdir / name
     project.mkdir()
     shutil.copy(BENCH / "zoo.py", project / "zoo.py")
@@ -124,6 +130,7 @@ def build(name: str, entry: str, rewrites_off: bool, workdir: Path) -> dict:
         sys.exit(f"{name}: build failed ({done.returncode}):\n{done.stderr[-3000:]}")
     report = json.loads((project / "dist" / "report.json").read_text())
     return {"report": report["targets"][0], "counted": counted, "depthwise": depthwise, "biases": biases,
+            "folded": folded,
             "rewrites": [r["name"] for r in report["model"].get("rewrites", []) if r["changed"]],
             "candidates": project / ".edgebuild" / "tflite" / "candidates"}
 
@@ -152,8 +159,10 @@ def quantization_parameter_bytes(bundle: Path) -> int:
     return sum(stored.values())
 
 
-def floor_bytes(technique: str, counted: int, depthwise: int, biases: int) -> float:
+def floor_bytes(technique: str, counted: int, depthwise: int, biases: int, folded: int) -> float:
     bits = TECHNIQUES[technique]
+    if PREVIOUS_FLOOR:  # biases at the technique's bits, BatchNorm left out
+        return ((counted - folded - depthwise) * bits + depthwise * max(bits, 8)) / 8
     weights = counted - depthwise - biases
     return (weights * bits + depthwise * max(bits, 8) + biases * 32) / 8
 
@@ -170,14 +179,15 @@ def mixed_floor(target: dict, counted: int) -> float | None:
 
 
 def main() -> None:
-    names = sys.argv[1:] or list(MODELS)
+    names = [arg for arg in sys.argv[1:] if not arg.startswith("--")] or list(MODELS)
     print(f"{'model':<18}{'technique':<20}{'bytes':>12}{'floor':>12}{'ratio':>7}{'excess':>10}{'qparams':>9}{'rest':>10}"
           "  copies / notes")
     with tempfile.TemporaryDirectory() as temporary:
         for name in names:
             entry, rewrites_off = MODELS[name]
             result = build(name, entry, rewrites_off, Path(temporary))
-            target, counted, depthwise, biases = (result[key] for key in ("report", "counted", "depthwise", "biases"))
+            target, counted, depthwise, biases, folded = (
+                result[key] for key in ("report", "counted", "depthwise", "biases", "folded"))
             by_name = {c["technique"]: c for c in target["candidates"]}
             for technique in [*TECHNIQUES, "mixed-precision"]:
                 candidate = by_name.get(technique)
@@ -185,7 +195,7 @@ def main() -> None:
                     print(f"{name:<18}{technique:<20}{'—':>12}  {(candidate.get('reason') or candidate['status']) if candidate else 'not built'}")
                     continue
                 floor = (mixed_floor(target, counted) if technique == "mixed-precision"
-                         else floor_bytes(technique, counted, depthwise, biases))
+                         else floor_bytes(technique, counted, depthwise, biases, folded))
                 if floor is None:
                     continue
                 size = candidate["bytes"]
