@@ -8,8 +8,9 @@ each compacted three ways:
 For each it prints ops (over all subgraphs), bytes, microseconds per invoke (ai-edge-litert, one
 thread, the best of 5 rounds of 500 after 50 warm-up runs, one input) and the largest output
 difference against the unfused model. Ratios come from this one run.
-Goals: fusion changes no output bit and is no more than 10% slower; the loop saves bytes.
-(The loop is expected to be slower on a net this small; that is printed, not judged.)
+Goals: fusion changes no output bit and is no more than 10% slower; the loop saves bytes and is
+no slower than the fused steps (weights dequantized inside the body, where the runtime expands a
+constant once, not carried through the loop as state).
 
 Run: .venv/bin/python bench/loops.py   (about 1 minute on 2 cores)
 """
@@ -108,9 +109,10 @@ def main() -> None:
                 fused_speed = measured["fused"][0] / measured["unfused"][0]
                 goal(f"{kind} {technique}: fused output equal to unfused bit for bit, {fused_speed:.2f}x its time "
                      "(goal <= 1.10)", np.array_equal(measured["fused"][1], reference) and fused_speed <= 1.10)
+                rolled_speed = measured["rolled"][0] / measured["fused"][0]
                 goal(f"{kind} {technique}: rolled {size['rolled']:,} B vs fused {size['fused']:,} B, "
-                     f"{measured['rolled'][0] / measured['fused'][0]:.2f}x its time (goal: fewer bytes)",
-                     size["rolled"] < size["fused"])
+                     f"{rolled_speed:.2f}x its time (goal: fewer bytes, <= 1.00x)",
+                     size["rolled"] < size["fused"] and rolled_speed <= 1.0)
     verdict()
 
 

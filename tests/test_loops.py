@@ -24,6 +24,23 @@ def _subgraphs(bundle) -> list[collections.Counter]:
                                 for op in subgraph.operators) for subgraph in model.subgraphs]
 
 
+def _dequantized_loop_state(bundle) -> list[int]:
+    """The WHILE inputs that a DEQUANTIZE of a constant makes in the main graph."""
+    from ai_edge_litert import schema_py_generated as schema
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    model = flatbuffer_utils.read_model_from_bytearray(bytearray(bundle.read_bytes()))
+    main, codes = model.subgraphs[0], model.operatorCodes
+
+    def code(op):
+        return max(codes[op.opcodeIndex].builtinCode, codes[op.opcodeIndex].deprecatedBuiltinCode)
+
+    made_of_constant = {int(op.outputs[0]) for op in main.operators if code(op) == schema.BuiltinOperator.DEQUANTIZE
+                        and model.buffers[main.tensors[int(op.inputs[0])].buffer].data is not None}
+    return [int(t) for op in main.operators if code(op) == schema.BuiltinOperator.WHILE
+            for t in op.inputs if int(t) in made_of_constant]
+
+
 def _convert(folder, source, kind):
     import torch
 
@@ -116,6 +133,10 @@ def test_quantized_candidates_roll_too_and_answer_as_their_unrolled_twin(convert
         return
     assert _subgraphs(bundles["rolled"])[0]["WHILE"] == 1
     assert bundles["rolled"].stat().st_size < bundles["unrolled"].stat().st_size
+    # Weights are dequantized inside the body (once, by the runtime), never carried as loop state.
+    assert not _dequantized_loop_state(bundles["rolled"]), technique
+    if "weight-only" in technique:
+        assert _subgraphs(bundles["rolled"])[1]["DEQUANTIZE"] >= 1
     for name, values in expected.items():
         assert np.max(np.abs(values - got[name])) <= 1e-3 * np.max(np.abs(values)), technique
 
