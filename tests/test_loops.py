@@ -1,7 +1,8 @@
 """An unrolled GRU or LSTM ships as one WHILE loop (issue #17): one step's ops once, not once a step.
 The answers stay those of the unrolled model (within what XNNPACK vs builtin kernels move), at
-fp32 and at every quantization; nets whose every step is read stay unrolled; a wrong loop is never
-kept; `android: {loops: unrolled}` keeps the steps."""
+fp32 and at every quantization; a net that outputs every step writes them into one block inside
+the loop, both directions of a bidirectional net roll; a step read on its own after the loop keeps
+the steps unrolled; a wrong loop is never kept; `android: {loops: unrolled}` keeps the steps."""
 import collections
 import shutil
 
@@ -11,6 +12,12 @@ import pytest
 from test_fusion import FEATURES, RECURRENT, STEPS, _ops
 
 SEQUENCE_OUT = RECURRENT.replace("return self.head(y[:, -1])", "return self.head(y)")
+# Two layers, both directions: the backward direction's steps land in the sequence in reverse.
+STACKED_BIDIRECTIONAL = SEQUENCE_OUT.replace("(32, 32, batch_first=True)",
+                                             "(32, 32, num_layers=2, bidirectional=True, batch_first=True)")
+STACKED_BIDIRECTIONAL = STACKED_BIDIRECTIONAL.replace("nn.Linear(32, 4)", "nn.Linear(64, 4)")
+# Every step, and step 2 on its own as a second output.
+ONE_STEP_ALSO = RECURRENT.replace("return self.head(y[:, -1])", "return self.head(y), y[:, 2]")
 
 
 def _subgraphs(bundle) -> list[collections.Counter]:
@@ -141,11 +148,47 @@ def test_quantized_candidates_roll_too_and_answer_as_their_unrolled_twin(convert
         assert np.max(np.abs(values - got[name])) <= 1e-3 * np.max(np.abs(values)), technique
 
 
-def test_a_net_that_outputs_every_step_stays_unrolled(tmp_path):
-    """Each step's output is read after the loop: not a state it passes on, so no loop."""
+@pytest.mark.parametrize("kind", ["gru", "lstm"])
+def test_a_net_that_outputs_every_step_writes_the_steps_into_one_block_inside_the_loop(tmp_path, kind):
+    """Each step's output is concatenated after the loop (a sequence model, a CTC head): the body
+    writes it into a block of the sequence (DYNAMIC_UPDATE_SLICE), and the concatenation reads
+    the block in place of the steps' own tensors."""
     from edgebuild_tflite.backend import TFLiteBackend
 
-    fp32, _ = _convert(tmp_path, SEQUENCE_OUT, "gru")
+    fp32, _ = _convert(tmp_path, SEQUENCE_OUT, kind)
+    rolled, unrolled = _compacted(fp32, "rolled.tflite", True), _compacted(fp32, "unrolled.tflite", False)
+    main, body, condition = _subgraphs(rolled)
+    assert main["WHILE"] == 1 and main["FILL"] == 1 and body["DYNAMIC_UPDATE_SLICE"] == 1
+    assert rolled.stat().st_size < unrolled.stat().st_size
+    samples = _samples()
+    backend = TFLiteBackend()
+    expected, got = backend.predict(fp32, samples).outputs, backend.predict(rolled, samples).outputs
+    assert _close(expected, got)
+
+
+def test_both_directions_of_every_layer_roll_the_backward_steps_written_in_reverse(tmp_path):
+    """A 2-layer bidirectional GRU: four loops. The backward direction reads its reversed input
+    step by step and its outputs are concatenated last step first: the body writes step i at
+    block position (last - i)."""
+    from edgebuild_tflite.backend import TFLiteBackend
+
+    fp32, _ = _convert(tmp_path, STACKED_BIDIRECTIONAL, "gru")
+    rolled, unrolled = _compacted(fp32, "rolled.tflite", True), _compacted(fp32, "unrolled.tflite", False)
+    graphs = _subgraphs(rolled)
+    assert graphs[0]["WHILE"] == 4 and len(graphs) == 9
+    assert all(body["DYNAMIC_UPDATE_SLICE"] == 1 for body in graphs[1::2])
+    assert rolled.stat().st_size < unrolled.stat().st_size
+    backend = TFLiteBackend()
+    for seed in (0, 1):
+        samples = _samples(seed)
+        assert _close(backend.predict(fp32, samples).outputs, backend.predict(rolled, samples).outputs)
+
+
+def test_a_step_read_on_its_own_after_the_loop_keeps_the_steps_unrolled(tmp_path):
+    """Step 2's output is also an output of the model: a tensor the loop cannot hand out, so no loop."""
+    from edgebuild_tflite.backend import TFLiteBackend
+
+    fp32, _ = _convert(tmp_path, ONE_STEP_ALSO, "gru")
     compacted = _compacted(fp32, "compacted.tflite", True)
     assert len(_subgraphs(compacted)) == 1 and _ops(compacted)["CONCATENATION"] == 1
     samples = _samples()

@@ -124,12 +124,20 @@ def int32_scalar(model, subgraph, value: int) -> int:
 
 def int32_constant(model, subgraph, values) -> int:
     """A new int32 constant tensor holding `values` (any shape), with a buffer of its own."""
-    values = np.asarray(values, np.int32)
+    return _constant(model, subgraph, np.asarray(values, np.int32), TYPE.INT32)
+
+
+def float32_constant(model, subgraph, values) -> int:
+    """A new float32 constant tensor holding `values` (any shape), with a buffer of its own."""
+    return _constant(model, subgraph, np.asarray(values, np.float32), TYPE.FLOAT32)
+
+
+def _constant(model, subgraph, values: np.ndarray, tensor_type: int) -> int:
     buffer = schema.BufferT()
     buffer.data = np.frombuffer(values.tobytes(), dtype=np.uint8)
     model.buffers.append(buffer)
     tensor = schema.TensorT()
-    tensor.shape, tensor.type, tensor.buffer = np.array(values.shape, np.int32), TYPE.INT32, len(model.buffers) - 1
+    tensor.shape, tensor.type, tensor.buffer = np.array(values.shape, np.int32), tensor_type, len(model.buffers) - 1
     subgraph.tensors.append(tensor)
     return len(subgraph.tensors) - 1
 

@@ -23,12 +23,14 @@ faster than the unrolled steps, 0.82-0.87x, at fp32 and weight-only alike, with 
 `compaction` checks the rolled model against the unrolled one before keeping it.
 """
 import copy
+import dataclasses
 
 import numpy as np
 from ai_edge_litert import schema_py_generated as schema
 
 from .graph import (OP, TYPE, builtin, constant_data, consumers, copy_tensor, detail_tensors, drop_unused,
-                    int32_constant, int_constant, operator, quantization_key, same_quantization, slice_window)
+                    float32_constant, int32_constant, int_constant, operator, quantization_key, same_quantization,
+                    slice_window)
 
 # Fewer steps than this stay unrolled: the loop's own tables would outweigh what it saves.
 MIN_STEPS = 3
@@ -191,22 +193,23 @@ def _roll(model, subgraph_index: int, position: int) -> int:
     carried_in = [carried[role] for role in roles]
     carried_out = [int(subgraph.operators[steps[last][i]].outputs[k]) for i, k in roles]
     inside = {p for j in range(first, last + 1) for p in steps[j]}
-    kept_outputs = {int(o) for o in subgraph.outputs}
-    for p in inside:
-        for t in (int(t) for t in subgraph.operators[p].outputs):
-            if (any(r not in inside for r in readers.get(t, [])) or t in kept_outputs) and t not in carried_out:
-                return 0  # a step's tensor read after the loop: not a state it passes on
+    collected = _collected(model, subgraph, readers, steps, (first, last), inside, carried_out)
+    if collected is None:
+        return 0  # a step's tensor read after the loop, neither passed on nor collected
     constants = sorted(t for t in read_outside if constant_data(model, subgraph.tensors[t]) is not None)
     dequantized = _dequantized_constants(model, subgraph, read_outside)
     invariants = sorted(t for t in read_outside if t not in constants and t not in dequantized)
 
     counter_shape = [] if builtin(model, cut) == OP.UNPACK else [1]
     start = int32_constant(model, subgraph, np.full(counter_shape, first, np.int32))
-    state = [start, *carried_in, sequence, *invariants]
+    fills = [_zeros_like_block(model, subgraph, block) for block in collected]
+    state = [start, *carried_in, sequence, *invariants, *(int(fill.outputs[0]) for fill in fills)]
     body, body_state = _graph_with_inputs(subgraph, state)
     counter, sequence_in = body_state[0], body_state[1 + len(carried_in)]
+    invariants_in = body_state[2 + len(carried_in):2 + len(carried_in) + len(invariants)]
+    blocks_in = body_state[2 + len(carried_in) + len(invariants):]
     reads = {("carried",) + role: t for role, t in zip(roles, body_state[1:1 + len(carried_in)])}
-    reads.update({("outside", t): b for t, b in zip(invariants, body_state[2 + len(carried_in):])})
+    reads.update({("outside", t): b for t, b in zip(invariants, invariants_in)})
     reads.update({("outside", t): _copy_constant(subgraph, body, t) for t in constants})
     piece = copy_tensor(subgraph, body, pieces[first], buffer=0)
     reads[("piece",)] = piece
@@ -232,11 +235,13 @@ def _roll(model, subgraph_index: int, position: int) -> int:
             outputs.append(made[(i, k)])
         op.outputs = outputs
         body.operators.append(op)
+    blocks_out = [_write_step(model, body, block, counter, made[block.role], written)
+                  for block, written in zip(collected, blocks_in)]
     one = int32_constant(model, body, np.ones(counter_shape, np.int32))
     following = copy_tensor(body, body, counter, buffer=0)
     body.operators.append(operator(model, OP.ADD, 1, [counter, one], [following], schema.BuiltinOptions.AddOptions,
                               schema.AddOptionsT()))
-    body.outputs = [following, *[made[role] for role in roles], sequence_in, *body_state[2 + len(carried_in):]]
+    body.outputs = [following, *[made[role] for role in roles], sequence_in, *invariants_in, *blocks_out]
 
     condition, condition_state = _graph_with_inputs(subgraph, state)
     limit = int32_constant(model, condition, np.full(counter_shape, last + 1, np.int32))
@@ -251,9 +256,110 @@ def _roll(model, subgraph_index: int, position: int) -> int:
     results[1:1 + len(carried_out)] = carried_out
     loop = operator(model, OP.WHILE, 1, state, results, schema.BuiltinOptions.WhileOptions, schema.WhileOptionsT(),
                condSubgraphIndex=len(model.subgraphs) + 1, bodySubgraphIndex=len(model.subgraphs))
-    subgraph.operators = _in_order([op for p, op in enumerate(subgraph.operators) if p not in inside] + [loop])
+    # Each concatenation reads the written block in place of the steps' own tensors (from the
+    # last input backwards, so the positions still to replace do not move).
+    for block, result in sorted(zip(collected, results[len(results) - len(collected):]),
+                                key=lambda pair: -min(pair[0].positions)):
+        inputs = [int(i) for i in subgraph.operators[block.concat].inputs]
+        low, high = min(block.positions), max(block.positions)
+        subgraph.operators[block.concat].inputs = inputs[:low] + [result] + inputs[high + 1:]
+    subgraph.operators = _in_order([op for p, op in enumerate(subgraph.operators) if p not in inside]
+                                   + fills + [loop])
     model.subgraphs += [body, condition]
     return last - first + 1
+
+
+@dataclasses.dataclass(frozen=True)
+class _Block:
+    """One output of every step in the loop, concatenated after it: the loop writes them into one
+    tensor (a block of the concatenation's inputs) instead of keeping each step's tensor."""
+    role: tuple[int, int]  # (op index in the step, output index)
+    concat: int  # position of the CONCATENATION in the subgraph
+    positions: tuple[int, ...]  # where step first..last's tensors are among its inputs
+    axis: int
+    shape: tuple[int, ...]  # of one step's tensor
+    first: int  # the step written at offset 0 (the loop's first step, or its last when reversed)
+    stride: int  # +1: steps in order; -1: in reverse (a backward direction's outputs)
+
+
+def _collected(model, subgraph, readers, steps, run, inside, carried_out) -> list[_Block] | None:
+    """The steps' outputs read after the loop, as blocks of a concatenation; None when a step's
+    tensor is read after it otherwise (other than as the state the loop passes on)."""
+    first, last = run
+    kept_outputs = {int(o) for o in subgraph.outputs}
+    read_by = {}  # role -> {step: concatenations reading that step's tensor}
+    for j in range(first, last + 1):
+        for i, p in enumerate(steps[j]):
+            for k, t in enumerate(int(t) for t in subgraph.operators[p].outputs):
+                after = [r for r in readers.get(t, []) if r not in inside]
+                concats = [r for r in after if builtin(model, subgraph.operators[r]) == OP.CONCATENATION]
+                if t not in carried_out and (t in kept_outputs or len(concats) != len(after)):
+                    return None
+                if concats:
+                    read_by.setdefault((i, k), {})[j] = concats
+    blocks = []
+    for role, concats in sorted(read_by.items()):
+        tensors = [int(subgraph.operators[steps[j][role[0]]].outputs[role[1]]) for j in range(first, last + 1)]
+        if set(concats) == {last} and tensors[-1] in carried_out:
+            continue  # only the state passed on is read after the loop, by a later step
+        block = _block(model, subgraph, role, concats, tensors, run)
+        if block is None:
+            return None
+        blocks.append(block)
+    return blocks
+
+
+def _block(model, subgraph, role, concats, tensors, run) -> _Block | None:
+    """The block of one CONCATENATION's inputs that `tensors` (one a step, in step order) are, in
+    order or in reverse; None when they are anything else."""
+    first, last = run
+    if sorted(concats) != list(range(first, last + 1)) or any(len(c) != 1 or c != concats[first] for c in concats.values()):
+        return None
+    position = concats[first][0]
+    concat = subgraph.operators[position]
+    inputs = [int(i) for i in concat.inputs]
+    if concat.builtinOptions.fusedActivationFunction or any(inputs.count(t) != 1 for t in tensors):
+        return None
+    positions = tuple(inputs.index(t) for t in tensors)
+    stride = positions[1] - positions[0]
+    sample = subgraph.tensors[tensors[0]]
+    if stride not in (1, -1) or any(b - a != stride for a, b in zip(positions, positions[1:])) \
+            or sample.type != TYPE.FLOAT32 or sample.shape is None or not len(sample.shape):
+        return None
+    return _Block(role=role, concat=position, positions=positions, axis=concat.builtinOptions.axis % len(sample.shape),
+                  shape=tuple(int(d) for d in sample.shape), first=first if stride == 1 else last, stride=stride)
+
+
+def _zeros_like_block(model, subgraph, block: _Block):
+    """A FILL op (not yet in the subgraph) making the zeros the loop writes `block` into."""
+    shape = list(block.shape)
+    shape[block.axis] *= len(block.positions)
+    dims = int32_constant(model, subgraph, shape)
+    zero = float32_constant(model, subgraph, np.float32(0))
+    filled = schema.TensorT()
+    filled.shape, filled.type, filled.buffer = np.array(shape, np.int32), TYPE.FLOAT32, 0
+    subgraph.tensors.append(filled)
+    return operator(model, OP.FILL, 1, [dims, zero], [len(subgraph.tensors) - 1], schema.BuiltinOptions.FillOptions,
+                    schema.FillOptionsT())
+
+
+def _write_step(model, body, block: _Block, counter: int, step_tensor: int, written: int) -> int:
+    """Ops appended to the loop body that write this step's tensor into the block at
+    (counter - block.first) * stride steps along its axis; returns the block written."""
+    offset = int32_constant(model, body, np.full(body.tensors[counter].shape, block.first, np.int32))
+    stride = np.zeros(len(block.shape), np.int32)
+    stride[block.axis] = block.shape[block.axis] * block.stride
+    strides = int32_constant(model, body, stride)
+    steps_in = copy_tensor(body, body, counter, buffer=0)
+    body.operators.append(operator(model, OP.SUB, 1, [counter, offset], [steps_in], schema.BuiltinOptions.SubOptions,
+                                   schema.SubOptionsT()))
+    start = copy_tensor(body, body, strides, buffer=0)
+    body.operators.append(operator(model, OP.MUL, 1, [steps_in, strides], [start], schema.BuiltinOptions.MulOptions,
+                                   schema.MulOptionsT()))
+    result = copy_tensor(body, body, written, buffer=0)
+    body.operators.append(operator(model, OP.DYNAMIC_UPDATE_SLICE, 1, [written, step_tensor, start], [result],
+                                   schema.BuiltinOptions.DynamicUpdateSliceOptions, schema.DynamicUpdateSliceOptionsT()))
+    return result
 
 
 def _form(model, subgraph, step, previous, piece):
