@@ -1,16 +1,18 @@
 """What the graph passes on a recurrent net cost and save (issue #17): the zoo's 20-step GRU and
-LSTM (bench/zoo.py), converted by litert-torch, as fp32 and as an int8-weight-only candidate,
-each compacted three ways:
+LSTM classifiers and its bidirectional GRU tagger (a label every step; bench/zoo.py), converted by
+litert-torch, as fp32 and as an int8-weight-only candidate, each compacted three ways:
 - `unfused`: names and shared tables only (the passes off);
 - `fused`: slices fused into SPLIT/UNPACK (exact);
 - `rolled`: fused, and the steps as one WHILE loop (what ships by default).
 
 For each it prints ops (over all subgraphs), bytes, microseconds per invoke (ai-edge-litert, one
-thread, the best of 5 rounds of 500 after 50 warm-up runs, one input) and the largest output
+thread, the best of 5 rounds of 500 after 50 warm-up runs, the rounds taking turns over the three
+graphs; one input) and the largest output
 difference against the unfused model. Ratios come from this one run.
-Goals: fusion changes no output bit and is no more than 10% slower; the loop saves bytes and is
-no slower than the fused steps (weights dequantized inside the body, where the runtime expands a
-constant once, not carried through the loop as state).
+Goals: fusion changes no output bit and is no more than 10% slower; the loop saves bytes and,
+in a classifier, is no slower than the fused steps (weights dequantized inside the body, where the
+runtime expands a constant once, not carried through the loop as state). The tagger's loops write
+every step into a block that is loop state, copied on every step: its time is printed, not judged.
 
 Run: .venv/bin/python bench/loops.py   (about 1 minute on 2 cores)
 """
@@ -29,21 +31,27 @@ sys.path.insert(0, str(BENCH))
 ROUNDS, RUNS, WARMUP = 5, 500, 50
 
 
-def microseconds(bundle: Path, sample: np.ndarray) -> tuple[float, np.ndarray]:
+def microseconds(bundles: dict[str, Path], sample: np.ndarray) -> dict[str, tuple[float, np.ndarray]]:
+    """graph -> (best µs per invoke, output). The rounds take turns over the graphs, so a slow
+    spell of the machine falls on all of them alike."""
     from ai_edge_litert.interpreter import Interpreter
 
-    interpreter = Interpreter(model_path=str(bundle), num_threads=1)
-    interpreter.allocate_tensors()
-    interpreter.set_tensor(interpreter.get_input_details()[0]["index"], sample)
-    for _ in range(WARMUP):
-        interpreter.invoke()
-    best = float("inf")
+    interpreters = {}
+    for graph, bundle in bundles.items():
+        interpreters[graph] = Interpreter(model_path=str(bundle), num_threads=1)
+        interpreters[graph].allocate_tensors()
+        interpreters[graph].set_tensor(interpreters[graph].get_input_details()[0]["index"], sample)
+        for _ in range(WARMUP):
+            interpreters[graph].invoke()
+    best = dict.fromkeys(bundles, float("inf"))
     for _ in range(ROUNDS):
-        start = time.perf_counter()
-        for _ in range(RUNS):
-            interpreter.invoke()
-        best = min(best, (time.perf_counter() - start) / RUNS * 1e6)
-    return best, interpreter.get_tensor(interpreter.get_output_details()[0]["index"]).copy()
+        for graph, interpreter in interpreters.items():
+            start = time.perf_counter()
+            for _ in range(RUNS):
+                interpreter.invoke()
+            best[graph] = min(best[graph], (time.perf_counter() - start) / RUNS * 1e6)
+    return {graph: (best[graph], interpreter.get_tensor(interpreter.get_output_details()[0]["index"]).copy())
+            for graph, interpreter in interpreters.items()}
 
 
 def ops(bundle: Path) -> int:
@@ -80,9 +88,9 @@ def main() -> None:
     from edgebuild_tflite import backend as tflite
 
     [int8] = [t for t in default_registry().techniques_for("tflite") if t.name == "int8-weight-only"]
-    print(f"{'model':<6}{'technique':<18}{'graph':<10}{'ops':>6}{'bytes':>10}{'us/invoke':>11}{'max diff':>11}")
+    print(f"{'model':<13}{'technique':<18}{'graph':<10}{'ops':>6}{'bytes':>10}{'us/invoke':>11}{'max diff':>11}")
     with tempfile.TemporaryDirectory() as temporary:
-        for kind in ("gru", "lstm"):
+        for kind in ("gru", "lstm", "bigru_tagger"):
             folder = Path(temporary) / kind
             folder.mkdir()
             module, example = getattr(zoo, f"build_{kind}")()
@@ -99,20 +107,22 @@ def main() -> None:
             sample = np.random.default_rng(0).standard_normal(example[0].shape).astype(np.float32)
             for technique, source in (("fp32", folder / "fp32.tflite"), ("int8-weight-only", folder / "int8.tflite")):
                 bundles = compacted_three_ways(source, compaction)
-                measured = {graph: microseconds(bundle, sample) for graph, bundle in bundles.items()}
+                measured = microseconds(bundles, sample)
                 reference = measured["unfused"][1]
                 for graph, bundle in bundles.items():
                     speed, output = measured[graph]
-                    print(f"{kind:<6}{technique:<18}{graph:<10}{ops(bundle):>6}{bundle.stat().st_size:>10,}"
+                    print(f"{kind:<13}{technique:<18}{graph:<10}{ops(bundle):>6}{bundle.stat().st_size:>10,}"
                           f"{speed:>11.1f}{float(np.max(np.abs(output - reference))):>11.2e}")
                 size = {graph: bundle.stat().st_size for graph, bundle in bundles.items()}
                 fused_speed = measured["fused"][0] / measured["unfused"][0]
                 goal(f"{kind} {technique}: fused output equal to unfused bit for bit, {fused_speed:.2f}x its time "
                      "(goal <= 1.10)", np.array_equal(measured["fused"][1], reference) and fused_speed <= 1.10)
                 rolled_speed = measured["rolled"][0] / measured["fused"][0]
+                timed = kind != "bigru_tagger"
                 goal(f"{kind} {technique}: rolled {size['rolled']:,} B vs fused {size['fused']:,} B, "
-                     f"{rolled_speed:.2f}x its time (goal: fewer bytes, <= 1.00x)",
-                     size["rolled"] < size["fused"] and rolled_speed <= 1.0)
+                     f"{rolled_speed:.2f}x its time (goal: fewer bytes{', <= 1.00x' if timed else ''})",
+                     size["rolled"] < size["fused"] and (rolled_speed <= 1.0 or not timed)
+                     and np.allclose(measured["rolled"][1], reference, rtol=1e-5, atol=1e-6))
     verdict()
 
 

@@ -158,6 +158,20 @@ class RNNClassifier(nn.Module):
         return self.fc(y[:, -1])
 
 
+class BiGRUTagger(nn.Module):
+    """A label for every step (a keyword spotter's frame classifier, a CTC head): every step's
+    output of both directions is read after the recurrence."""
+
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.GRU(32, 64, batch_first=True, bidirectional=True)
+        self.fc = nn.Linear(128, 40)
+
+    def forward(self, x):
+        y, _ = self.rnn(x)
+        return self.fc(y)
+
+
 def _seeded(cls, *shape, **kwargs):
     torch.manual_seed(0)
     return cls(**kwargs).eval(), (torch.randn(*shape),)
@@ -195,3 +209,7 @@ def build_lstm():
 
 def build_gru():
     return _seeded(RNNClassifier, 1, 20, 32, kind="gru")
+
+
+def build_bigru_tagger():
+    return _seeded(BiGRUTagger, 1, 20, 32)

@@ -203,11 +203,16 @@ def _roll(model, subgraph_index: int, position: int) -> int:
     counter_shape = [] if builtin(model, cut) == OP.UNPACK else [1]
     start = int32_constant(model, subgraph, np.full(counter_shape, first, np.int32))
     fills = [_zeros_like_block(model, subgraph, block) for block in collected]
-    state = [start, *carried_in, sequence, *invariants, *(int(fill.outputs[0]) for fill in fills)]
+    # Where each block is written next: a vector the body moves on by one step (one ADD a step,
+    # where computing it from the counter took a SUB and a broadcasting MUL).
+    offsets = [int32_constant(model, subgraph, _offset(block, 0 if block.stride == 1 else len(block.positions) - 1))
+               for block in collected]
+    state = [start, *carried_in, sequence, *invariants, *(int(fill.outputs[0]) for fill in fills), *offsets]
     body, body_state = _graph_with_inputs(subgraph, state)
     counter, sequence_in = body_state[0], body_state[1 + len(carried_in)]
     invariants_in = body_state[2 + len(carried_in):2 + len(carried_in) + len(invariants)]
-    blocks_in = body_state[2 + len(carried_in) + len(invariants):]
+    blocks_in = body_state[2 + len(carried_in) + len(invariants):len(body_state) - len(offsets)]
+    offsets_in = body_state[len(body_state) - len(offsets):]
     reads = {("carried",) + role: t for role, t in zip(roles, body_state[1:1 + len(carried_in)])}
     reads.update({("outside", t): b for t, b in zip(invariants, invariants_in)})
     reads.update({("outside", t): _copy_constant(subgraph, body, t) for t in constants})
@@ -235,13 +240,14 @@ def _roll(model, subgraph_index: int, position: int) -> int:
             outputs.append(made[(i, k)])
         op.outputs = outputs
         body.operators.append(op)
-    blocks_out = [_write_step(model, body, block, counter, made[block.role], written)
-                  for block, written in zip(collected, blocks_in)]
+    written = [_write_step(model, body, block, made[block.role], block_in, offset_in)
+               for block, block_in, offset_in in zip(collected, blocks_in, offsets_in)]
     one = int32_constant(model, body, np.ones(counter_shape, np.int32))
     following = copy_tensor(body, body, counter, buffer=0)
     body.operators.append(operator(model, OP.ADD, 1, [counter, one], [following], schema.BuiltinOptions.AddOptions,
                               schema.AddOptionsT()))
-    body.outputs = [following, *[made[role] for role in roles], sequence_in, *invariants_in, *blocks_out]
+    body.outputs = [following, *[made[role] for role in roles], sequence_in, *invariants_in,
+                    *(block for block, _ in written), *(offset for _, offset in written)]
 
     condition, condition_state = _graph_with_inputs(subgraph, state)
     limit = int32_constant(model, condition, np.full(counter_shape, last + 1, np.int32))
@@ -258,7 +264,8 @@ def _roll(model, subgraph_index: int, position: int) -> int:
                condSubgraphIndex=len(model.subgraphs) + 1, bodySubgraphIndex=len(model.subgraphs))
     # Each concatenation reads the written block in place of the steps' own tensors (from the
     # last input backwards, so the positions still to replace do not move).
-    for block, result in sorted(zip(collected, results[len(results) - len(collected):]),
+    block_results = results[len(results) - 2 * len(collected):len(results) - len(collected)]
+    for block, result in sorted(zip(collected, block_results),
                                 key=lambda pair: -min(pair[0].positions)):
         inputs = [int(i) for i in subgraph.operators[block.concat].inputs]
         low, high = min(block.positions), max(block.positions)
@@ -278,7 +285,6 @@ class _Block:
     positions: tuple[int, ...]  # where step first..last's tensors are among its inputs
     axis: int
     shape: tuple[int, ...]  # of one step's tensor
-    first: int  # the step written at offset 0 (the loop's first step, or its last when reversed)
     stride: int  # +1: steps in order; -1: in reverse (a backward direction's outputs)
 
 
@@ -327,7 +333,7 @@ def _block(model, subgraph, role, concats, tensors, run) -> _Block | None:
             or sample.type != TYPE.FLOAT32 or sample.shape is None or not len(sample.shape):
         return None
     return _Block(role=role, concat=position, positions=positions, axis=concat.builtinOptions.axis % len(sample.shape),
-                  shape=tuple(int(d) for d in sample.shape), first=first if stride == 1 else last, stride=stride)
+                  shape=tuple(int(d) for d in sample.shape), stride=stride)
 
 
 def _zeros_like_block(model, subgraph, block: _Block):
@@ -343,23 +349,24 @@ def _zeros_like_block(model, subgraph, block: _Block):
                     schema.FillOptionsT())
 
 
-def _write_step(model, body, block: _Block, counter: int, step_tensor: int, written: int) -> int:
-    """Ops appended to the loop body that write this step's tensor into the block at
-    (counter - block.first) * stride steps along its axis; returns the block written."""
-    offset = int32_constant(model, body, np.full(body.tensors[counter].shape, block.first, np.int32))
-    stride = np.zeros(len(block.shape), np.int32)
-    stride[block.axis] = block.shape[block.axis] * block.stride
-    strides = int32_constant(model, body, stride)
-    steps_in = copy_tensor(body, body, counter, buffer=0)
-    body.operators.append(operator(model, OP.SUB, 1, [counter, offset], [steps_in], schema.BuiltinOptions.SubOptions,
-                                   schema.SubOptionsT()))
-    start = copy_tensor(body, body, strides, buffer=0)
-    body.operators.append(operator(model, OP.MUL, 1, [steps_in, strides], [start], schema.BuiltinOptions.MulOptions,
-                                   schema.MulOptionsT()))
+def _offset(block: _Block, steps: int) -> np.ndarray:
+    """The start vector `steps` steps along the block's axis."""
+    offset = np.zeros(len(block.shape), np.int32)
+    offset[block.axis] = steps * block.shape[block.axis]
+    return offset
+
+
+def _write_step(model, body, block: _Block, step_tensor: int, written: int, offset: int) -> tuple[int, int]:
+    """Ops appended to the loop body that write this step's tensor into the block at `offset` and
+    move the offset one step on (back, for a block written in reverse); returns both results."""
     result = copy_tensor(body, body, written, buffer=0)
-    body.operators.append(operator(model, OP.DYNAMIC_UPDATE_SLICE, 1, [written, step_tensor, start], [result],
+    body.operators.append(operator(model, OP.DYNAMIC_UPDATE_SLICE, 1, [written, step_tensor, offset], [result],
                                    schema.BuiltinOptions.DynamicUpdateSliceOptions, schema.DynamicUpdateSliceOptionsT()))
-    return result
+    step = int32_constant(model, body, _offset(block, block.stride))
+    following = copy_tensor(body, body, offset, buffer=0)
+    body.operators.append(operator(model, OP.ADD, 1, [offset, step], [following], schema.BuiltinOptions.AddOptions,
+                                   schema.AddOptionsT()))
+    return result, following
 
 
 def _form(model, subgraph, step, previous, piece):
