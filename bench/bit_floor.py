@@ -55,6 +55,7 @@ MODELS = {
     "tinylm": ("zoo.py:build_tinylm", False),
     "lstm": ("zoo.py:build_lstm", False),
     "gru": ("zoo.py:build_gru", False),
+    "bigru-tagger": ("zoo.py:build_bigru_tagger", False),
     "digits": ("examples/digits/model.py:build", False),
 }
 

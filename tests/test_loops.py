@@ -63,7 +63,9 @@ def _convert(folder, source, kind):
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
-    return {kind: _convert(tmp_path_factory.mktemp(kind), RECURRENT, kind) for kind in ("gru", "lstm")}
+    found = {kind: _convert(tmp_path_factory.mktemp(kind), RECURRENT, kind) for kind in ("gru", "lstm")}
+    found["lstm-tagger"] = _convert(tmp_path_factory.mktemp("lstm-tagger"), SEQUENCE_OUT, "lstm")
+    return found
 
 
 def _compacted(fp32, name, roll_loops):
@@ -109,17 +111,18 @@ def test_the_steps_of_an_unrolled_recurrent_net_ship_as_one_while_loop(converted
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("net", ["lstm", "lstm-tagger"])
 @pytest.mark.parametrize("technique", ["int8-weight-only", "int8-dynamic", "int8-static", "int4-weight-only", "int4-blockwise32"])
-def test_quantized_candidates_roll_too_and_answer_as_their_unrolled_twin(converted, technique, tmp_path):
+def test_quantized_candidates_roll_too_and_answer_as_their_unrolled_twin(converted, technique, net, tmp_path):
     """The loop body reads the same quantized weights. With int8 activations each step's tensors
     have scales calibrated of their own: no two steps are the same, nothing rolls (one scale per
     tensor is all a loop body has). `android: {loops: unrolled}` (the variant's options) keeps the
-    steps."""
+    steps. A tagger (every step an output) writes its steps into one block at every technique."""
     from edgebuild.api import CompressInput
     from edgebuild.plugins import default_registry
     from edgebuild_tflite.backend import TFLiteBackend
 
-    fp32, program = converted["lstm"]
+    fp32, program = converted[net]
     backend = TFLiteBackend()
     [chosen] = [t for t in default_registry().techniques_for("tflite") if t.name == technique]
     rng = np.random.default_rng(1)
@@ -142,6 +145,7 @@ def test_quantized_candidates_roll_too_and_answer_as_their_unrolled_twin(convert
     assert bundles["rolled"].stat().st_size < bundles["unrolled"].stat().st_size
     # Weights are dequantized inside the body (once, by the runtime), never carried as loop state.
     assert not _dequantized_loop_state(bundles["rolled"]), technique
+    assert _subgraphs(bundles["rolled"])[1]["DYNAMIC_UPDATE_SLICE"] == (net == "lstm-tagger")
     if "weight-only" in technique:
         assert _subgraphs(bundles["rolled"])[1]["DEQUANTIZE"] >= 1
     for name, values in expected.items():

@@ -11,15 +11,23 @@ does the same to the converted graph:
   reads. The first step usually stays outside (a zero initial state simplifies it), and so do the
   last step and what follows;
 - `y[:, -1]` of the concatenated steps becomes the last step itself first (a SLICE that takes
-  exactly one input of a CONCATENATION), so a classifier does not keep every step alive.
-Nothing is rolled when a step's tensors are read outside the run other than as the state passed
-on (a net that outputs every step), or when steps differ.
+  exactly one input of a CONCATENATION), so a classifier does not keep every step alive;
+- a net that outputs every step (a tagger, a CTC head, a stacked or bidirectional RNN's lower
+  layer) concatenates the steps' outputs after the loop, in order or, for a backward direction,
+  in reverse. The body writes each step's output into one block (DYNAMIC_UPDATE_SLICE at an
+  offset it moves on by one step), the block starts as zeros (FILL) and the concatenation reads
+  it in place of the steps' own tensors.
+Nothing is rolled when a step's tensors are read outside the run otherwise (a single step's
+output read on its own), when the collected outputs are not float32, or when steps differ.
 
 The weights stay where they are (the body's tensors point at the same buffers). A weight that a
 DEQUANTIZE expands is dequantized inside the body from the same buffer: the runtime expands a
 constant once, where as loop state it would be copied in and out on every step (1.22-1.28x the
-unrolled time, measured before this was done). At run time (bench/loops.py, 20 steps) the loop is
-faster than the unrolled steps, 0.82-0.87x, at fp32 and weight-only alike, with the same answers.
+unrolled time, measured before this was done). At run time (bench/loops.py, 20 steps) a
+classifier's loop is faster than the unrolled steps, 0.81-0.88x, at fp32 and weight-only alike,
+with the same answers. A tagger's loop is slower (1.25-1.30x for the bidirectional GRU tagger,
+27% fewer bytes at int8): the block is loop state, and the runtime's WHILE copies loop state from
+the body's outputs to its inputs on every step. `android: {loops: unrolled}` is the way out.
 `compaction` checks the rolled model against the unrolled one before keeping it.
 """
 import copy
