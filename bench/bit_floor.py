@@ -193,7 +193,10 @@ def main() -> None:
             for technique in [*TECHNIQUES, "mixed-precision"]:
                 candidate = by_name.get(technique)
                 if not candidate or "bytes" not in candidate:
-                    print(f"{name:<18}{technique:<20}{'—':>12}  {(candidate.get('reason') or candidate['status']) if candidate else 'not built'}")
+                    why = ((candidate.get("reason") or candidate["status"]) if candidate
+                           else "not searched: a uniform technique met the budget" if target["status"] == "pass"
+                           else "not built")
+                    print(f"{name:<18}{technique:<20}{'—':>12}  {why}")
                     continue
                 floor = (mixed_floor(target, counted) if technique == "mixed-precision"
                          else floor_bytes(technique, counted, depthwise, biases, folded))

@@ -338,8 +338,9 @@ def _block(model, subgraph, role, concats, tensors, run) -> _Block | None:
     stride = positions[1] - positions[0]
     sample = subgraph.tensors[tensors[0]]
     if stride not in (1, -1) or any(b - a != stride for a, b in zip(positions, positions[1:])) \
-            or sample.type != TYPE.FLOAT32 or sample.shape is None or not len(sample.shape):
-        return None
+            or sample.type != TYPE.FLOAT32 or sample.shape is None or not len(sample.shape) \
+            or (sample.shapeSignature is not None and any(int(d) < 0 for d in sample.shapeSignature)):
+        return None  # the block's zeros are made at a fixed shape
     return _Block(role=role, concat=position, positions=positions, axis=concat.builtinOptions.axis % len(sample.shape),
                   shape=tuple(int(d) for d in sample.shape), stride=stride)
 
