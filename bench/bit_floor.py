@@ -56,6 +56,7 @@ MODELS = {
     "lstm": ("zoo.py:build_lstm", False),
     "gru": ("zoo.py:build_gru", False),
     "bigru-tagger": ("zoo.py:build_bigru_tagger", False),
+    "gru-spotter": ("zoo.py:build_gru_spotter", False),
     "digits": ("examples/digits/model.py:build", False),
 }
 

@@ -172,6 +172,19 @@ class BiGRUTagger(nn.Module):
         return self.fc(y)
 
 
+class GRUSpotter(nn.Module):
+    """A keyword spotter's shape: 100 frames of 40 features, a GRU of width 64, a label every frame."""
+
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.GRU(40, 64, batch_first=True)
+        self.fc = nn.Linear(64, 12)
+
+    def forward(self, x):
+        y, _ = self.rnn(x)
+        return self.fc(y)
+
+
 def _seeded(cls, *shape, **kwargs):
     torch.manual_seed(0)
     return cls(**kwargs).eval(), (torch.randn(*shape),)
@@ -213,3 +226,7 @@ def build_gru():
 
 def build_bigru_tagger():
     return _seeded(BiGRUTagger, 1, 20, 32)
+
+
+def build_gru_spotter():
+    return _seeded(GRUSpotter, 1, 100, 40)

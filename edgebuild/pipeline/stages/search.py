@@ -36,7 +36,7 @@ FIRST_ORDER_GAP = 0.01
 # relative distance (int4 per channel on uniform random weights: about 0.07).
 STORED_MATCH_ERROR = 0.5
 PROBE_BYTES = 1 << 30    # the probes' weights held for one pass over the samples
-SENSITIVITY_FORMAT = 6       # bump when the table's meaning changes, so old caches are not reused
+SENSITIVITY_FORMAT = 7       # bump when the table's meaning changes, so old caches are not reused
 
 
 def sensitivity_key(build: Build, target: Target, layers: list[dict], precisions: dict, role: str) -> str:
@@ -79,11 +79,11 @@ def sensitivity_table(build: Build, target: Target, layers: list[dict], precisio
     stored_bytes = {layer["name"]: {precision: None for precision in precisions} for layer in layers}
     measured_by = {layer["name"]: {} for layer in layers}
     refused = {}
-    fp32_size = bundle_bytes(fp32)
+    fp32_size = _reference_bytes(build, backend, source, work)
     simulated = _simulated_precisions(build, backend, variant.options, precisions)
     if simulated:
         _simulate(build, backend, layers, precisions, simulated, inputs, source, work, table, stored_bytes,
-                  measured_by, first_order=build.manifest.search.get("sensitivity", "auto") == "auto")
+                  measured_by, fp32_size, first_order=build.manifest.search.get("sensitivity", "auto") == "auto")
 
     def run(bundle) -> dict:
         with cores(jobs()) as workers:
@@ -116,9 +116,26 @@ def sensitivity_table(build: Build, target: Target, layers: list[dict], precisio
             table[name][precision] = round(db(run(bundle)), 3)
             measured_by[name][precision] = backend.runtime()
     remove_path(work)
-    result = {"db": table, "bytes": stored_bytes, "refused": refused, "measured_by": measured_by}
+    result = {"db": table, "bytes": stored_bytes, "refused": refused, "measured_by": measured_by,
+              "reference_bytes": fp32_size}
     atomic_write_json(cache, {"key": key, "table": result})
     return result
+
+
+def _reference_bytes(build: Build, backend, source: CompressInput, work) -> int:
+    """What this variant's unquantized candidate weighs: the backend's `fp32` technique applied to
+    the conversion, which a backend may rewrite (the TFLite backend moves tensor names out and
+    rolls an unrolled RNN's steps into a loop: a 100-step GRU's bundle shrinks by half). Layer
+    costs are measured against it, so what compaction saves is not booked to a layer: against
+    the raw conversion a GRU layer cost -104 KB. Without an `fp32` technique, the conversion."""
+    fp32 = next((t for t in build.registry.techniques_for(backend.name) if t.name == "fp32"), None)
+    if fp32 is None:
+        return bundle_bytes(source.fp32_bundle)
+    reference = work / f"reference{backend.extension}"
+    _probe(backend, fp32, source, reference)
+    size = bundle_bytes(reference)
+    remove_path(reference)
+    return size
 
 
 def _simulated_precisions(build: Build, backend, options: dict, precisions: dict) -> list[str]:
@@ -196,7 +213,7 @@ def _layer_costs(backend, tensors: list[dict], stored: dict[str, dict], offered:
 
 def _simulate(build: Build, backend, layers: list[dict], precisions: dict[str, float], simulated: list[str],
               inputs: tuple, source: CompressInput, work, table: dict, stored_bytes: dict, measured_by: dict,
-              first_order: bool) -> None:
+              fp32_size: int, first_order: bool) -> None:
     """Fill the table for every layer whose fp32 weight is a program parameter (up to layout and
     a folded per-channel scale) at every simulated precision: one uniform bundle per precision
     gives each layer's exact stored values and its bytes; torch runs the probes, all cores.
@@ -214,7 +231,6 @@ def _simulate(build: Build, backend, layers: list[dict], precisions: dict[str, f
     if not maps:
         return
     mapped = [layer for layer in layers if layer["name"] in maps]
-    fp32_size = bundle_bytes(source.fp32_bundle)
     probes, probed = [], []
     # Weight error energy per (layer, precision); each layer's fewest-bits probe; what to estimate.
     errors, probed_at, estimated = {}, {}, []
@@ -415,8 +431,7 @@ def run_search(build: Build, target: Target) -> None:
         atomic_write_json(build.search_record(target), record)
         return
     measured = sensitivity_table(build, target, layers, precisions)
-    variant_key = build.variant(target).key
-    base = max(0, bundle_bytes(build.fp32_bundle(variant_key))
+    base = max(0, measured["reference_bytes"]
                - sum(layer["params"] * backend.reference_bytes_per_weight for layer in layers))
     context = SearchContext(layers=layers, precisions=precisions, sensitivity=measured["db"],
                             layer_bytes=measured["bytes"], base_bytes=base,
