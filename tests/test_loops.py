@@ -188,6 +188,22 @@ def test_both_directions_of_every_layer_roll_the_backward_steps_written_in_rever
         assert _close(backend.predict(fp32, samples).outputs, backend.predict(rolled, samples).outputs)
 
 
+def test_after_the_loop_the_steps_left_outside_gather_their_pieces_and_the_cut_goes(tmp_path):
+    """24 steps: the loop gathers its own pieces, so the UNPACK that cut the sequence is read only
+    for the first and last steps; two GATHERs take its place, and its 22 unread outputs go."""
+    from edgebuild_tflite.backend import TFLiteBackend
+    from test_fusion import _unused_tensors
+
+    fp32, _ = _convert(tmp_path, SEQUENCE_OUT.replace("torch.randn(1, 6, 32)", "torch.randn(1, 24, 32)"), "gru")
+    rolled = _compacted(fp32, "rolled.tflite", True)
+    main = _subgraphs(rolled)[0]
+    assert main["WHILE"] == 1 and main["UNPACK"] == 0 and main["GATHER"] == 2
+    assert not _unused_tensors(rolled)
+    samples = (np.random.default_rng(3).normal(size=(4, 24, FEATURES)).astype(np.float32),)
+    backend = TFLiteBackend()
+    assert _close(backend.predict(fp32, samples).outputs, backend.predict(rolled, samples).outputs)
+
+
 def test_a_step_read_on_its_own_after_the_loop_keeps_the_steps_unrolled(tmp_path):
     """Step 2's output is also an output of the model: a tensor the loop cannot hand out, so no loop."""
     from edgebuild_tflite.backend import TFLiteBackend

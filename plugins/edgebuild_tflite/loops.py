@@ -54,7 +54,10 @@ def roll(model) -> int:
         _last_step_slices(model, subgraph)
         cuts = [op for op in subgraph.operators if _step_axis(model, subgraph, op) is not None]
         for cut in cuts:
-            rolled += _roll(model, index, next(p for p, op in enumerate(subgraph.operators) if op is cut))
+            steps = _roll(model, index, next(p for p, op in enumerate(subgraph.operators) if op is cut))
+            if steps:
+                _gather_what_is_left(model, subgraph, cut)
+            rolled += steps
     if rolled:
         drop_unused(model)
     return rolled
@@ -377,6 +380,28 @@ def _write_step(model, body, block: _Block, step_tensor: int, written: int, offs
     body.operators.append(operator(model, OP.ADD, 1, [offset, step], [following], schema.BuiltinOptions.AddOptions,
                                    schema.AddOptionsT()))
     return result, following
+
+
+def _gather_what_is_left(model, subgraph, cut) -> None:
+    """After the loop, the cut that made every step's piece is read for the steps left outside it
+    (the first and the last): each of those pieces becomes a GATHER of the sequence, and the cut
+    goes with the tensors of the pieces nobody reads (98 of a 100-frame spotter's UNPACK, ~35
+    bytes of tables each)."""
+    readers, kept = consumers(subgraph), {int(o) for o in subgraph.outputs}
+    pieces = [int(t) for t in cut.outputs]
+    used = [j for j, t in enumerate(pieces) if readers.get(t) or t in kept]
+    if len(used) * 3 >= len(pieces):
+        return  # a GATHER and its index cost more than the unread pieces' tables
+    axis = _step_axis(model, subgraph, cut)
+    sequence = int(cut.inputs[0 if builtin(model, cut) == OP.UNPACK else 1])
+    # UNPACK's pieces lack the step axis: a scalar index drops it. SPLIT's keep it: an index [j].
+    shape = [] if builtin(model, cut) == OP.UNPACK else [1]
+    gathers = [operator(model, OP.GATHER, _GATHER_VERSIONS.get(subgraph.tensors[sequence].type, 1),
+                        [sequence, int32_constant(model, subgraph, np.full(shape, j, np.int32))], [pieces[j]],
+                        schema.BuiltinOptions.GatherOptions, schema.GatherOptionsT(), axis=axis)
+               for j in used]
+    position = next(p for p, op in enumerate(subgraph.operators) if op is cut)
+    subgraph.operators[position:position + 1] = gathers
 
 
 def _form(model, subgraph, step, previous, piece):
