@@ -188,16 +188,20 @@ def test_both_directions_of_every_layer_roll_the_backward_steps_written_in_rever
         assert _close(backend.predict(fp32, samples).outputs, backend.predict(rolled, samples).outputs)
 
 
-def test_after_the_loop_the_steps_left_outside_gather_their_pieces_and_the_cut_goes(tmp_path):
-    """24 steps: the loop gathers its own pieces, so the UNPACK that cut the sequence is read only
-    for the first and last steps; two GATHERs take its place, and its 22 unread outputs go."""
+def test_only_the_first_step_stays_outside_and_gathers_its_piece_the_cut_goes(tmp_path):
+    """24 steps. The first step (its zero state folded by the converter) stays outside the loop;
+    the last one, which lacks the recurrent matmul only a next step would read, runs inside it
+    (the loop computes that matmul once for nothing). The loop gathers its own pieces, so the
+    UNPACK that cut the sequence is read only for the first step: one GATHER takes its place, and
+    its 23 unread outputs go."""
     from edgebuild_tflite.backend import TFLiteBackend
     from test_fusion import _unused_tensors
 
     fp32, _ = _convert(tmp_path, SEQUENCE_OUT.replace("torch.randn(1, 6, 32)", "torch.randn(1, 24, 32)"), "gru")
     rolled = _compacted(fp32, "rolled.tflite", True)
     main = _subgraphs(rolled)[0]
-    assert main["WHILE"] == 1 and main["UNPACK"] == 0 and main["GATHER"] == 2
+    assert main["WHILE"] == 1 and main["UNPACK"] == 0 and main["GATHER"] == 1
+    assert main["TANH"] == 1  # one step's candidate state outside: the first
     assert not _unused_tensors(rolled)
     samples = (np.random.default_rng(3).normal(size=(4, 24, FEATURES)).astype(np.float32),)
     backend = TFLiteBackend()

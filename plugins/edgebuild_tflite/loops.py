@@ -204,10 +204,22 @@ def _roll(model, subgraph_index: int, position: int) -> int:
         return 0
     roles = sorted(carried)
     carried_in = [carried[role] for role in roles]
-    carried_out = [int(subgraph.operators[steps[last][i]].outputs[k]) for i, k in roles]
-    inside = {p for j in range(first, last + 1) for p in steps[j]}
-    collected = _collected(model, subgraph, readers, steps, (first, last), inside, carried_out)
-    if collected is None:
+    # The last piece's step lacks what only a next step would read (a GRU's recurrent matmul):
+    # the loop can still run it, computing that once for nothing, when the rest matches.
+    plans = [(steps, last)]
+    if last == len(steps) - 1:
+        tail = _last_step(model, subgraph, readers, reach[-1], steps[last], shape_form, pieces[-1])
+        if tail is not None:
+            plans.insert(0, (steps + [tail], last + 1))
+    for steps, last in plans:
+        # None: a role the last step does not make; the loop's result for it is read by nobody.
+        carried_out = [None if steps[last][i] is None else int(subgraph.operators[steps[last][i]].outputs[k])
+                       for i, k in roles]
+        inside = {p for j in range(first, last + 1) for p in steps[j] if p is not None}
+        collected = _collected(model, subgraph, readers, steps, (first, last), inside, carried_out)
+        if collected is not None:
+            break
+    else:
         return 0  # a step's tensor read after the loop, neither passed on nor collected
     constants = sorted(t for t in read_outside if constant_data(model, subgraph.tensors[t]) is not None)
     dequantized = _dequantized_constants(model, subgraph, read_outside)
@@ -272,7 +284,8 @@ def _roll(model, subgraph_index: int, position: int) -> int:
     condition.outputs = [len(condition.tensors) - 1]
 
     results = [copy_tensor(subgraph, subgraph, t, buffer=0) for t in state]
-    results[1:1 + len(carried_out)] = carried_out
+    results[1:1 + len(carried_out)] = [made if made is not None else fresh
+                                       for made, fresh in zip(carried_out, results[1:1 + len(carried_out)])]
     loop = operator(model, OP.WHILE, 1, state, results, schema.BuiltinOptions.WhileOptions, schema.WhileOptionsT(),
                condSubgraphIndex=len(model.subgraphs) + 1, bodySubgraphIndex=len(model.subgraphs))
     # Each concatenation reads the written block in place of the steps' own tensors (from the
@@ -309,6 +322,8 @@ def _collected(model, subgraph, readers, steps, run, inside, carried_out) -> lis
     read_by = {}  # role -> {step: concatenations reading that step's tensor}
     for j in range(first, last + 1):
         for i, p in enumerate(steps[j]):
+            if p is None:
+                continue
             for k, t in enumerate(int(t) for t in subgraph.operators[p].outputs):
                 after = [r for r in readers.get(t, []) if r not in inside]
                 concats = [r for r in after if builtin(model, subgraph.operators[r]) == OP.CONCATENATION]
@@ -318,6 +333,8 @@ def _collected(model, subgraph, readers, steps, run, inside, carried_out) -> lis
                     read_by.setdefault((i, k), {})[j] = concats
     blocks = []
     for role, concats in sorted(read_by.items()):
+        if any(steps[j][role[0]] is None for j in range(first, last + 1)):
+            return None
         tensors = [int(subgraph.operators[steps[j][role[0]]].outputs[role[1]]) for j in range(first, last + 1)]
         if set(concats) == {last} and tensors[-1] in carried_out:
             continue  # only the state passed on is read after the loop, by a later step
@@ -381,6 +398,40 @@ def _write_step(model, body, block: _Block, step_tensor: int, written: int, offs
     body.operators.append(operator(model, OP.ADD, 1, [offset, step], [following], schema.BuiltinOptions.AddOptions,
                                    schema.AddOptionsT()))
     return result, following
+
+
+def _last_step(model, subgraph, readers, reach, previous, form, piece) -> list | None:
+    """The ops of the last piece's step, one per op of `form` (the loop's step) or None where the
+    last step has no such op; None when it is not that step. An op matches when it is the same
+    op reading the same places: the piece, the step before (`previous`), its own ops, the same
+    outside tensors. Ops left out may only be ones the matched ops do not read."""
+    matched = []
+    for code, opcode_index, options, entries, described in form:
+        inputs = []
+        for entry in entries:
+            if entry[0] == "local":
+                made = matched[entry[1]]
+                inputs.append(None if made is None else int(subgraph.operators[made].outputs[entry[2]]))
+            elif entry[0] == "carried":
+                inputs.append(int(subgraph.operators[previous[entry[1]]].outputs[entry[2]]))
+            else:
+                inputs.append(-1 if entry == ("none",) else piece if entry == ("piece",) else entry[1])
+        inner = [t for t, entry in zip(inputs, entries) if entry[0] in ("local", "carried", "piece")]
+        found = []
+        if None not in inputs and inner:
+            found = [p for p in readers.get(inner[0], []) if p in reach and p not in matched
+                     and [int(t) for t in subgraph.operators[p].inputs] == inputs
+                     and _op_form(model, subgraph, subgraph.operators[p]) == (code, opcode_index, options, described)]
+        matched.append(found[0] if len(found) == 1 else None)
+    readers_of_piece = set(readers.get(piece, []))
+    if not any(p is not None for p in matched) or not readers_of_piece <= set(matched):
+        return None  # the piece is read by ops that are not the step's
+    return matched
+
+
+def _op_form(model, subgraph, op) -> tuple:
+    return (builtin(model, op), op.opcodeIndex, _options(op),
+            tuple(_described(subgraph.tensors[int(t)]) for t in op.outputs))
 
 
 def _gather_what_is_left(model, subgraph, cut) -> None:
