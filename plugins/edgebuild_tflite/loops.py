@@ -216,18 +216,26 @@ def _roll(model, subgraph_index: int, position: int) -> int:
         carried_out = [None if steps[last][i] is None else int(subgraph.operators[steps[last][i]].outputs[k])
                        for i, k in roles]
         inside = {p for j in range(first, last + 1) for p in steps[j] if p is not None}
-        collected = _collected(model, subgraph, readers, steps, (first, last), inside, carried_out)
-        if collected is not None:
+        found = _collected(model, subgraph, readers, steps, (first, last), inside, carried_out)
+        if found is not None:
             break
     else:
         return 0  # a step's tensor read after the loop, neither passed on nor collected
+    collected, emitted = found
+    # What only the last step's outputs give after the loop (an LSTM's h, which the next step
+    # reads only through its matmul) is loop state too: zeros going in, the last step's coming out.
+    emitted_fills = [_zeros(model, subgraph, subgraph.tensors[int(subgraph.operators[steps[last][i]].outputs[k])].shape)
+                     for i, k in emitted]
+    roles += emitted
+    carried_in += [int(fill.outputs[0]) for fill in emitted_fills]
+    carried_out += [int(subgraph.operators[steps[last][i]].outputs[k]) for i, k in emitted]
     constants = sorted(t for t in read_outside if constant_data(model, subgraph.tensors[t]) is not None)
     dequantized = _dequantized_constants(model, subgraph, read_outside)
     invariants = sorted(t for t in read_outside if t not in constants and t not in dequantized)
 
     counter_shape = [] if builtin(model, cut) == OP.UNPACK else [1]
     start = int32_constant(model, subgraph, np.full(counter_shape, first, np.int32))
-    fills = [_zeros_like_block(model, subgraph, block) for block in collected]
+    fills = [_zeros(model, subgraph, _block_shape(block)) for block in collected]
     # Where each block is written next: a vector the body moves on by one step (one ADD a step,
     # where computing it from the counter took a SUB and a broadcasting MUL).
     offsets = [int32_constant(model, subgraph, _offset(block, 0 if block.stride == 1 else len(block.positions) - 1))
@@ -284,8 +292,8 @@ def _roll(model, subgraph_index: int, position: int) -> int:
     condition.outputs = [len(condition.tensors) - 1]
 
     results = [copy_tensor(subgraph, subgraph, t, buffer=0) for t in state]
-    results[1:1 + len(carried_out)] = [made if made is not None else fresh
-                                       for made, fresh in zip(carried_out, results[1:1 + len(carried_out)])]
+    results[1:1 + len(carried_out)] = [out if out is not None else fresh
+                                       for out, fresh in zip(carried_out, results[1:1 + len(carried_out)])]
     loop = operator(model, OP.WHILE, 1, state, results, schema.BuiltinOptions.WhileOptions, schema.WhileOptionsT(),
                condSubgraphIndex=len(model.subgraphs) + 1, bodySubgraphIndex=len(model.subgraphs))
     # Each concatenation reads the written block in place of the steps' own tensors (from the
@@ -297,7 +305,7 @@ def _roll(model, subgraph_index: int, position: int) -> int:
         low, high = min(block.positions), max(block.positions)
         subgraph.operators[block.concat].inputs = inputs[:low] + [result] + inputs[high + 1:]
     subgraph.operators = _in_order([op for p, op in enumerate(subgraph.operators) if p not in inside]
-                                   + fills + [loop])
+                                   + emitted_fills + fills + [loop])
     model.subgraphs += [body, condition]
     return last - first + 1
 
@@ -314,12 +322,14 @@ class _Block:
     stride: int  # +1: steps in order; -1: in reverse (a backward direction's outputs)
 
 
-def _collected(model, subgraph, readers, steps, run, inside, carried_out) -> list[_Block] | None:
-    """The steps' outputs read after the loop, as blocks of a concatenation; None when a step's
-    tensor is read after it otherwise (other than as the state the loop passes on)."""
+def _collected(model, subgraph, readers, steps, run, inside, carried_out) -> tuple[list[_Block], list] | None:
+    """The steps' outputs read after the loop: (blocks of a concatenation, roles whose last-step
+    tensor is read as such); None when a step's tensor is read after it otherwise (other than as
+    the state the loop passes on)."""
     first, last = run
     kept_outputs = {int(o) for o in subgraph.outputs}
     read_by = {}  # role -> {step: concatenations reading that step's tensor}
+    emitted = []
     for j in range(first, last + 1):
         for i, p in enumerate(steps[j]):
             if p is None:
@@ -328,7 +338,9 @@ def _collected(model, subgraph, readers, steps, run, inside, carried_out) -> lis
                 after = [r for r in readers.get(t, []) if r not in inside]
                 concats = [r for r in after if builtin(model, subgraph.operators[r]) == OP.CONCATENATION]
                 if t not in carried_out and (t in kept_outputs or len(concats) != len(after)):
-                    return None
+                    if j != last or not _fillable(subgraph.tensors[t]):
+                        return None
+                    emitted.append((i, k))
                 if concats:
                     read_by.setdefault((i, k), {})[j] = concats
     blocks = []
@@ -342,7 +354,13 @@ def _collected(model, subgraph, readers, steps, run, inside, carried_out) -> lis
         if block is None:
             return None
         blocks.append(block)
-    return blocks
+    return blocks, emitted
+
+
+def _fillable(tensor) -> bool:
+    """A float32 tensor of a fixed shape: FILL can make its zeros."""
+    return tensor.type == TYPE.FLOAT32 and tensor.shape is not None and (
+        tensor.shapeSignature is None or all(int(d) >= 0 for d in tensor.shapeSignature))
 
 
 def _block(model, subgraph, role, concats, tensors, run) -> _Block | None:
@@ -360,17 +378,22 @@ def _block(model, subgraph, role, concats, tensors, run) -> _Block | None:
     stride = positions[1] - positions[0]
     sample = subgraph.tensors[tensors[0]]
     if stride not in (1, -1) or any(b - a != stride for a, b in zip(positions, positions[1:])) \
-            or sample.type != TYPE.FLOAT32 or sample.shape is None or not len(sample.shape) \
-            or (sample.shapeSignature is not None and any(int(d) < 0 for d in sample.shapeSignature)):
+            or not _fillable(sample) or not len(sample.shape):
         return None  # the block's zeros are made at a fixed shape
     return _Block(role=role, concat=position, positions=positions, axis=concat.builtinOptions.axis % len(sample.shape),
                   shape=tuple(int(d) for d in sample.shape), stride=stride)
 
 
-def _zeros_like_block(model, subgraph, block: _Block):
-    """A FILL op (not yet in the subgraph) making the zeros the loop writes `block` into."""
+def _block_shape(block: _Block) -> list[int]:
     shape = list(block.shape)
     shape[block.axis] *= len(block.positions)
+    return shape
+
+
+def _zeros(model, subgraph, shape):
+    """A FILL op (not yet in the subgraph) making float32 zeros of `shape`: the start of a block
+    the loop writes, or of a state only its last step's value of matters."""
+    shape = [int(d) for d in shape]
     dims = int32_constant(model, subgraph, shape)
     zero = float32_constant(model, subgraph, np.float32(0))
     filled = schema.TensorT()
