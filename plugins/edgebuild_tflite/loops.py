@@ -8,8 +8,13 @@ does the same to the converted graph:
 - the longest run of consecutive steps whose ops are the same (same ops, options, constants and
   output shapes and quantization, reading the step before in the same places) becomes a body
   subgraph: it gathers piece i of the sequence, runs one step and passes on what the next step
-  reads. The first step usually stays outside (a zero initial state simplifies it), and so do the
-  last step and what follows;
+  reads. The first steps stay outside where the converter folded the zero initial state (a GRU's
+  first, an LSTM's first two);
+- the last step lacks what only a next step would read (the recurrent matmul): it joins the loop
+  when its other ops match the body's, and the loop computes that matmul once for nothing. An
+  output of it read after the loop that no step passes on (an LSTM's h, which the next step sees
+  only through its matmul) becomes loop state of its own, zeros going in. After the loop the cut
+  is read only for the steps outside it: their pieces become GATHERs and the cut goes;
 - `y[:, -1]` of the concatenated steps becomes the last step itself first (a SLICE that takes
   exactly one input of a CONCATENATION), so a classifier does not keep every step alive;
 - a net that outputs every step (a tagger, a CTC head, a stacked or bidirectional RNN's lower
