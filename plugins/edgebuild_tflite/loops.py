@@ -30,9 +30,9 @@ DEQUANTIZE expands is dequantized inside the body from the same buffer: the runt
 constant once, where as loop state it would be copied in and out on every step (1.22-1.28x the
 unrolled time, measured before this was done). At run time (bench/loops.py, 20 steps) a
 classifier's loop is faster than the unrolled steps, 0.74-0.88x over runs, at fp32 and
-weight-only alike, with the same answers. A tagger's loop is slower (1.29-1.31x for the 20-step
-bidirectional GRU tagger, 27% fewer bytes at int8; 1.53-1.59x for the 100-frame GRU spotter, 67%
-fewer): the block is
+weight-only alike, with the same answers. A tagger's loop is slower (1.29-1.33x for the 20-step
+bidirectional GRU tagger, 27-29% fewer bytes at int8; 1.47-1.66x for the 100-frame GRU spotter,
+66-68% fewer): the block is
 loop state, and the runtime's WHILE copies loop state from the body's outputs to its inputs on
 every step. `android: {loops: unrolled}` is the way out.
 `compaction` checks the rolled model against the unrolled one before keeping it.
