@@ -463,10 +463,9 @@ def _op_form(model, subgraph, op) -> tuple:
 
 
 def _gather_what_is_left(model, subgraph, cut) -> None:
-    """After the loop, the cut that made every step's piece is read for the steps left outside it
-    (the first and the last): each of those pieces becomes a GATHER of the sequence, and the cut
-    goes with the tensors of the pieces nobody reads (98 of a 100-frame spotter's UNPACK, ~35
-    bytes of tables each)."""
+    """After the loop, the cut that made every step's piece is read only for the steps left
+    outside it (the first ones): each of those pieces becomes a GATHER of the sequence, and the
+    cut goes with the tensors of the pieces nobody reads (99 of a 100-frame spotter's UNPACK)."""
     readers, kept = consumers(subgraph), {int(o) for o in subgraph.outputs}
     pieces = [int(t) for t in cut.outputs]
     used = [j for j, t in enumerate(pieces) if readers.get(t) or t in kept]
