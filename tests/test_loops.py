@@ -33,18 +33,14 @@ def _subgraphs(bundle) -> list[collections.Counter]:
 
 def _dequantized_loop_state(bundle) -> list[int]:
     """The WHILE inputs that a DEQUANTIZE of a constant makes in the main graph."""
-    from ai_edge_litert import schema_py_generated as schema
     from ai_edge_litert.tools import flatbuffer_utils
+    from edgebuild_tflite.graph import OP, builtin, constant_data
 
     model = flatbuffer_utils.read_model_from_bytearray(bytearray(bundle.read_bytes()))
-    main, codes = model.subgraphs[0], model.operatorCodes
-
-    def code(op):
-        return max(codes[op.opcodeIndex].builtinCode, codes[op.opcodeIndex].deprecatedBuiltinCode)
-
-    made_of_constant = {int(op.outputs[0]) for op in main.operators if code(op) == schema.BuiltinOperator.DEQUANTIZE
-                        and model.buffers[main.tensors[int(op.inputs[0])].buffer].data is not None}
-    return [int(t) for op in main.operators if code(op) == schema.BuiltinOperator.WHILE
+    main = model.subgraphs[0]
+    made_of_constant = {int(op.outputs[0]) for op in main.operators if builtin(model, op) == OP.DEQUANTIZE
+                        and constant_data(model, main.tensors[int(op.inputs[0])]) is not None}
+    return [int(t) for op in main.operators if builtin(model, op) == OP.WHILE
             for t in op.inputs if int(t) in made_of_constant]
 
 

@@ -32,9 +32,8 @@ unrolled time, measured before this was done). At run time (bench/loops.py, 20 s
 classifier's loop is faster than the unrolled steps, 0.74-0.88x over runs, at fp32 and
 weight-only alike, with the same answers. A tagger's loop is slower (1.29-1.33x for the 20-step
 bidirectional GRU tagger, 27-29% fewer bytes at int8; 1.47-1.66x for the 100-frame GRU spotter,
-66-68% fewer): the block is
-loop state, and the runtime's WHILE copies loop state from the body's outputs to its inputs on
-every step. `android: {loops: unrolled}` is the way out.
+66-68% fewer): the block is loop state, and the runtime's WHILE copies loop state from the body's
+outputs to its inputs on every step. `android: {loops: unrolled}` is the way out.
 `compaction` checks the rolled model against the unrolled one before keeping it.
 """
 import copy
@@ -189,7 +188,7 @@ def _roll(model, subgraph_index: int, position: int) -> int:
     subgraph = model.subgraphs[subgraph_index]
     cut = subgraph.operators[position]
     axis = _step_axis(model, subgraph, cut)
-    sequence = int(cut.inputs[0 if builtin(model, cut) == OP.UNPACK else 1])
+    sequence = _sequence(model, cut)
     pieces = [int(t) for t in cut.outputs]
     readers = consumers(subgraph)
     reach = [_reach(subgraph, readers, t) for t in pieces]
@@ -238,27 +237,24 @@ def _roll(model, subgraph_index: int, position: int) -> int:
     dequantized = _dequantized_constants(model, subgraph, read_outside)
     invariants = sorted(t for t in read_outside if t not in constants and t not in dequantized)
 
-    counter_shape = [] if builtin(model, cut) == OP.UNPACK else [1]
+    counter_shape = _index_shape(model, cut)
     start = int32_constant(model, subgraph, np.full(counter_shape, first, np.int32))
     fills = [_zeros(model, subgraph, _block_shape(block)) for block in collected]
     # Where each block is written next: a vector the body moves on by one step (one ADD a step,
     # where computing it from the counter took a SUB and a broadcasting MUL).
     offsets = [int32_constant(model, subgraph, _offset(block, 0 if block.stride == 1 else len(block.positions) - 1))
                for block in collected]
-    state = [start, *carried_in, sequence, *invariants, *(int(fill.outputs[0]) for fill in fills), *offsets]
+    # The loop state, in this order: counter, carried, sequence, invariants, blocks, offsets.
+    segments = [[start], carried_in, [sequence], invariants, [int(fill.outputs[0]) for fill in fills], offsets]
+    state = [t for segment in segments for t in segment]
     body, body_state = _graph_with_inputs(subgraph, state)
-    counter, sequence_in = body_state[0], body_state[1 + len(carried_in)]
-    invariants_in = body_state[2 + len(carried_in):2 + len(carried_in) + len(invariants)]
-    blocks_in = body_state[2 + len(carried_in) + len(invariants):len(body_state) - len(offsets)]
-    offsets_in = body_state[len(body_state) - len(offsets):]
-    reads = {("carried",) + role: t for role, t in zip(roles, body_state[1:1 + len(carried_in)])}
+    [counter], carried_body, [sequence_in], invariants_in, blocks_in, offsets_in = _split(body_state, segments)
+    reads = {("carried",) + role: t for role, t in zip(roles, carried_body)}
     reads.update({("outside", t): b for t, b in zip(invariants, invariants_in)})
     reads.update({("outside", t): _copy_constant(subgraph, body, t) for t in constants})
     piece = copy_tensor(subgraph, body, pieces[first], buffer=0)
     reads[("piece",)] = piece
-    body.operators = [operator(model, OP.GATHER, _GATHER_VERSIONS.get(subgraph.tensors[sequence].type, 1),
-                          [sequence_in, counter], [piece], schema.BuiltinOptions.GatherOptions,
-                          schema.GatherOptionsT(), axis=axis)]
+    body.operators = [_gather(model, subgraph.tensors[sequence], sequence_in, counter, piece, axis)]
     # A weight dequantized outside would enter the body as loop state, copied in and out on every
     # step; dequantized inside from the same buffer it is a constant the runtime expands once.
     for t, dequantize in sorted(dequantized.items()):
@@ -296,15 +292,16 @@ def _roll(model, subgraph_index: int, position: int) -> int:
                                schema.BuiltinOptions.LessOptions, schema.LessOptionsT())]
     condition.outputs = [len(condition.tensors) - 1]
 
-    results = [copy_tensor(subgraph, subgraph, t, buffer=0) for t in state]
-    results[1:1 + len(carried_out)] = [out if out is not None else fresh
-                                       for out, fresh in zip(carried_out, results[1:1 + len(carried_out)])]
+    # What the loop hands out: each carried role's last value as the tensor the steps outside
+    # already read (a fresh one for a role the last step does not make), fresh tensors otherwise.
+    fresh = _split([copy_tensor(subgraph, subgraph, t, buffer=0) for t in state], segments)
+    fresh[1] = [out if out is not None else new for out, new in zip(carried_out, fresh[1])]
+    results = [t for segment in fresh for t in segment]
     loop = operator(model, OP.WHILE, 1, state, results, schema.BuiltinOptions.WhileOptions, schema.WhileOptionsT(),
                condSubgraphIndex=len(model.subgraphs) + 1, bodySubgraphIndex=len(model.subgraphs))
     # Each concatenation reads the written block in place of the steps' own tensors (from the
     # last input backwards, so the positions still to replace do not move).
-    block_results = results[len(results) - 2 * len(collected):len(results) - len(collected)]
-    for block, result in sorted(zip(collected, block_results),
+    for block, result in sorted(zip(collected, fresh[4]),
                                 key=lambda pair: -min(pair[0].positions)):
         inputs = [int(i) for i in subgraph.operators[block.concat].inputs]
         low, high = min(block.positions), max(block.positions)
@@ -458,8 +455,36 @@ def _last_step(model, subgraph, readers, reach, previous, form, piece) -> list |
 
 
 def _op_form(model, subgraph, op) -> tuple:
+    """What makes two ops the same op, the tensors they read aside: (code, opcode index, options,
+    output shapes, types and quantization)."""
     return (builtin(model, op), op.opcodeIndex, _options(op),
             tuple(_described(subgraph.tensors[int(t)]) for t in op.outputs))
+
+
+def _sequence(model, cut) -> int:
+    """The tensor a cut splits into steps: an UNPACK's input, a SPLIT's second (after the axis)."""
+    return int(cut.inputs[0 if builtin(model, cut) == OP.UNPACK else 1])
+
+
+def _index_shape(model, cut) -> list[int]:
+    """The shape of a step index: UNPACK's pieces lack the step axis, so a scalar index (which
+    GATHER drops) takes one; SPLIT's keep it, so an index [j] does."""
+    return [] if builtin(model, cut) == OP.UNPACK else [1]
+
+
+def _gather(model, sequence_tensor, sequence: int, index: int, piece: int, axis: int):
+    """A GATHER (not yet in any subgraph) taking step `index` of `sequence` along `axis`."""
+    return operator(model, OP.GATHER, _GATHER_VERSIONS.get(sequence_tensor.type, 1), [sequence, index], [piece],
+                    schema.BuiltinOptions.GatherOptions, schema.GatherOptionsT(), axis=axis)
+
+
+def _split(values: list, segments: list[list]) -> list[list]:
+    """`values` cut into lists as long as each of `segments`."""
+    parts, start = [], 0
+    for segment in segments:
+        parts.append(list(values[start:start + len(segment)]))
+        start += len(segment)
+    return parts
 
 
 def _gather_what_is_left(model, subgraph, cut) -> None:
@@ -471,13 +496,9 @@ def _gather_what_is_left(model, subgraph, cut) -> None:
     used = [j for j, t in enumerate(pieces) if readers.get(t) or t in kept]
     if len(used) * 3 >= len(pieces):
         return  # a GATHER and its index cost more than the unread pieces' tables
-    axis = _step_axis(model, subgraph, cut)
-    sequence = int(cut.inputs[0 if builtin(model, cut) == OP.UNPACK else 1])
-    # UNPACK's pieces lack the step axis: a scalar index drops it. SPLIT's keep it: an index [j].
-    shape = [] if builtin(model, cut) == OP.UNPACK else [1]
-    gathers = [operator(model, OP.GATHER, _GATHER_VERSIONS.get(subgraph.tensors[sequence].type, 1),
-                        [sequence, int32_constant(model, subgraph, np.full(shape, j, np.int32))], [pieces[j]],
-                        schema.BuiltinOptions.GatherOptions, schema.GatherOptionsT(), axis=axis)
+    axis, sequence, shape = _step_axis(model, subgraph, cut), _sequence(model, cut), _index_shape(model, cut)
+    gathers = [_gather(model, subgraph.tensors[sequence], sequence,
+                       int32_constant(model, subgraph, np.full(shape, j, np.int32)), pieces[j], axis)
                for j in used]
     position = next(p for p, op in enumerate(subgraph.operators) if op is cut)
     subgraph.operators[position:position + 1] = gathers
@@ -509,8 +530,8 @@ def _form(model, subgraph, step, previous, piece):
             else:
                 entries.append(("outside", t))
                 outside.add(t)
-        form.append((builtin(model, op), op.opcodeIndex, _options(op), tuple(entries),
-                     tuple(_described(subgraph.tensors[int(t)]) for t in op.outputs)))
+        code, opcode_index, options, described = _op_form(model, subgraph, op)
+        form.append((code, opcode_index, options, tuple(entries), described))
     return form, carried, outside
 
 
