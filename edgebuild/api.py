@@ -30,6 +30,10 @@ class Technique:
     # metric and bytes against `compare_with`, which differs from it in `knob` alone.
     compare_with: str = ""
     knob: str = ""
+    # The same compression as the technique named, laid out to run faster for more bytes (TFLite: a
+    # recurrent net's steps unrolled, not one WHILE loop). Built only for a target with a latency
+    # budget, where it competes with the smaller form under the same policy.
+    faster_form_of: str = ""
 
 
 class NotApplicable(Exception):
@@ -449,22 +453,27 @@ def package_version(distribution: str) -> str:
         return "missing"
 
 
-TECHNIQUE_FIELDS = ("description", "needs_calibration", "compare_with", "knob")
+TECHNIQUE_FIELDS = ("description", "needs_calibration", "compare_with", "knob", "faster_form_of")
 
 
 def techniques_from_yaml(path: Path, backend: str) -> list[Technique]:
     """A backend's techniques kept as data: name -> {description, recipe or other recipe fields, ...}.
 
     A `recipe:` entry is the recipe; without one, every field that is not a Technique field is.
+    A `faster_form_of:` entry takes that technique's recipe and calibration, and is compared with it.
     """
     entries = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     techniques = []
     for name, spec in entries.items():
+        base = entries[spec["faster_form_of"]] if "faster_form_of" in spec else {}
+        spec = {**{key: base[key] for key in ("recipe", "needs_calibration") if key in base},
+                "compare_with": spec.get("faster_form_of", ""), **spec}
         recipe = spec.get("recipe") if "recipe" in spec else {
             key: value for key, value in spec.items() if key not in TECHNIQUE_FIELDS}
         techniques.append(Technique(name=name, backend=backend, description=spec["description"], recipe=recipe,
                                     needs_calibration=bool(spec.get("needs_calibration")),
-                                    compare_with=spec.get("compare_with", ""), knob=spec.get("knob", "")))
+                                    compare_with=spec.get("compare_with", ""), knob=spec.get("knob", ""),
+                                    faster_form_of=spec.get("faster_form_of", "")))
     return techniques
 
 

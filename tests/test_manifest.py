@@ -154,17 +154,24 @@ def test_android_settings_default(tmp_path):
     assert manifest.targets[0].android == {"assets_dir": "models", "kotlin_package": "edgebuild.models"}
 
 
-def test_unrolled_loops_are_a_conversion_variant_of_their_own(tmp_path):
-    """`android: {loops: unrolled}` keeps a recurrent net's steps unrolled: candidates of their own."""
+def test_a_fixed_loop_form_is_a_conversion_variant_of_its_own(tmp_path):
+    """`android: {loops: unrolled | rolled}` fixes how a recurrent net's steps ship: candidates of
+    their own, and no faster form of a technique runs (unset, a latency budget asks for them)."""
     from edgebuild.manifest import load_manifest
     from edgebuild.plugins import default_registry
 
     registry = default_registry()
-    text = GOOD.replace("output: dist\n", "    android: {loops: unrolled}\n")
-    manifest = load_manifest(make_project(tmp_path / "unrolled", text), registry)
-    assert registry.backends["tflite"].variant(manifest.targets[0]) == ("tflite-unrolled", {"loops": "unrolled"})
-    manifest = load_manifest(make_project(tmp_path / "rolled", GOOD), registry)
-    assert registry.backends["tflite"].variant(manifest.targets[0]) == ("tflite", {})
+    backend = registry.backends["tflite"]
+    [faster] = [t for t in registry.techniques_for("tflite") if t.name == "int8-weight-only-unrolled"]
+    for form in ("unrolled", "rolled"):
+        text = GOOD.replace("output: dist\n", f"    android: {{loops: {form}}}\n")
+        manifest = load_manifest(make_project(tmp_path / form, text), registry)
+        key, options = backend.variant(manifest.targets[0])
+        assert (key, options) == (f"tflite-{form}", {"loops": form})
+        assert backend.skip_reason(faster, options) == f"android.loops is {form}: the steps ship that way only"
+    manifest = load_manifest(make_project(tmp_path / "default", GOOD), registry)
+    assert backend.variant(manifest.targets[0]) == ("tflite", {})
+    assert backend.skip_reason(faster, {}) is None
 
 
 def test_min_ios_cannot_exclude_a_listed_device(tmp_path, capsys):

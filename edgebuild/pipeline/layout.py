@@ -114,14 +114,24 @@ class Build:
         return code_fingerprint(self.registry, *items)
 
     def runnable_techniques(self, variant_key: str) -> list[tuple[Technique, str | None]]:
-        """Every technique of the variant's backend, with the reason it is skipped (None: it runs)."""
+        """Every technique of the variant's backend, with the reason it is skipped (None: it runs).
+        A faster form of another technique is left out, not skipped, unless a target of the variant
+        has a latency budget: without one the smaller form always wins."""
         variant = self.variants[variant_key]
         backend = self.registry.backends[variant.backend]
         allowed = self.manifest.search.get("techniques")
+        timed = any(t.latency_ms is not None for t in self.manifest.targets if self.variant(t).key == variant_key)
+        techniques = self.registry.techniques_for(variant.backend)
+        by_name = {technique.name: technique for technique in techniques}
         result = []
-        for technique in self.registry.techniques_for(variant.backend):
-            reason = backend.skip_reason(technique, variant.options)
-            if reason is None and allowed is not None and technique.name not in allowed:
+        for technique in techniques:
+            if technique.faster_form_of and not timed:
+                continue
+            # A faster form runs where its smaller form can.
+            reason = next(filter(None, (backend.skip_reason(t, variant.options) for t in
+                                        (by_name.get(technique.faster_form_of), technique) if t)), None)
+            # search.techniques naming a technique takes its faster form along.
+            if reason is None and allowed is not None and not {technique.name, technique.faster_form_of} & set(allowed):
                 reason = "not in search.techniques"
             if reason is None and technique.needs_calibration and self.manifest.calibration is None:
                 reason = "needs data.calibration, which the manifest does not give"

@@ -19,7 +19,7 @@ from edgebuild.errors import ToolchainError, first_line
 from edgebuild.weights import find_copies
 
 from . import metadata
-from .compaction import compact_file, is_names_table, restore_names
+from .compaction import compact_file, rolls_steps, is_names_table, restore_names
 from .constants import quantize_constants_file
 from .flatbuffer import buffer_data_positions
 
@@ -60,11 +60,17 @@ class TFLiteBackend(BackendBase):
         return f"ai-edge-litert {package_version('ai-edge-litert')} (XNNPACK, host CPU)"
 
     def variant(self, target) -> tuple[str, dict]:
-        # `android: {loops: unrolled}` keeps a recurrent net's steps unrolled (faster per step on
-        # XNNPACK, larger): its own conversion and candidates.
-        if target.android.get("loops", "rolled") == "unrolled":
-            return f"{self.name}-unrolled", {"loops": "unrolled"}
+        # `android: {loops: unrolled | rolled}` fixes how a recurrent net's steps ship: its own
+        # conversion and candidates. Unset, they ship as loops, and a target with a latency budget
+        # also gets the `-unrolled` forms (techniques.yaml) to choose from.
+        if "loops" in target.android:
+            return f"{self.name}-{target.android['loops']}", {"loops": target.android["loops"]}
         return self.name, {}
+
+    def skip_reason(self, technique: Technique, options: dict) -> str | None:
+        if technique.faster_form_of and "loops" in options:
+            return f"android.loops is {options['loops']}: the steps ship that way only"
+        return None
 
     def convert(self, exported_program: Path, out: Path, options: dict) -> None:
         from .conversion import convert
@@ -85,7 +91,9 @@ class TFLiteBackend(BackendBase):
             raise ToolchainError(f"writing TFLite model metadata failed: {first_line(exc)}", stage="convert") from exc
 
     def compress(self, technique: Technique, source: CompressInput, out: Path) -> None:
-        roll_loops = source.options.get("loops", "rolled") == "rolled"
+        if technique.faster_form_of and not rolls_steps(source.fp32_bundle):
+            raise NotApplicable(f"no steps that ship as a loop: the same bundle as {technique.faster_form_of}")
+        roll_loops = source.options.get("loops", "rolled") == "rolled" and not technique.faster_form_of
         if technique.recipe is None:
             out.write_bytes(source.fp32_bundle.read_bytes())
             _compact(out, roll_loops, technique)

@@ -24,8 +24,10 @@ WHILE loop (kept only when it answers as the unrolled model; `roll_loops=False` 
 and tables change nothing else: same tensors, shapes, buffers and quantization parameters
 (tests/test_tensor_names.py runs both and compares every tensor).
 """
+import functools
 import json
 import zlib
+from pathlib import Path
 
 from . import loops
 from .flatbuffer import pack
@@ -113,3 +115,24 @@ def compact_file(bundle, roll_loops: bool = True) -> None:
     compacted = compact(data, roll_loops)
     if compacted is not None:
         bundle.write_bytes(with_files(compacted, packed_files(data)))
+
+
+def rolls_steps(bundle) -> bool:
+    """Whether `loops.roll` writes steps of a .tflite (the fp32 conversion) as a loop: only then
+    does a candidate have another form. Read once per file (each faster form asks)."""
+    stat = bundle.stat()
+    return _rolls_steps(str(bundle), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=4)
+def _rolls_steps(bundle: str, mtime_ns: int, size: int) -> bool:
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    if size >= _INLINE_LIMIT:
+        return False
+    model = flatbuffer_utils.read_model_from_bytearray(bytearray(Path(bundle).read_bytes()))
+    fuse(model)
+    try:
+        return loops.has_steps(model) and loops.roll(model) > 0
+    except Exception:  # as in `compact`: a graph the pass did not foresee ships unrolled anyway
+        return False

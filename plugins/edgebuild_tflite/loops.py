@@ -33,7 +33,8 @@ classifier's loop is faster than the unrolled steps, 0.74-0.88x over runs, at fp
 weight-only alike, with the same answers. A tagger's loop is slower (1.29-1.33x for the 20-step
 bidirectional GRU tagger, 27-29% fewer bytes at int8; 1.47-1.66x for the 100-frame GRU spotter,
 66-68% fewer): the block is loop state, and the runtime's WHILE copies loop state from the body's
-outputs to its inputs on every step. `android: {loops: unrolled}` is the way out.
+outputs to its inputs on every step. A target with a latency budget gets the unrolled steps
+as candidates too (`<technique>-unrolled`, techniques.yaml); `android: {loops: unrolled}` fixes them.
 `compaction` checks the rolled model against the unrolled one before keeping it.
 """
 import copy

@@ -20,8 +20,10 @@ def _candidates(build: Build, target: Target, search: dict | None,
     """Every candidate of the target with the state path of its bundle (None where nothing was built):
     the post-training techniques in order, then the search's pick and the trained candidate."""
     key = build.variant(target).key
+    # A faster form that was not built (the model has nothing to lay out otherwise) is no candidate.
     entries = [(entry, build.candidate_bundle(key, technique.name) if entry["status"] == "ok" else None)
-               for technique, entry in post_training_entries(build, key)]
+               for technique, entry in post_training_entries(build, key)
+               if not (technique.faster_form_of and entry["status"] == "skipped")]
     if search and search.get("candidate"):
         entries.append((search["candidate"], build.search_bundle(target)))
     if trained and trained.get("candidate"):
@@ -37,7 +39,11 @@ def _comparisons(build: Build, target: Target, by_name: dict) -> list[dict]:
         if technique.compare_with and this and other and "metric" in this and "metric" in other:
             rows.append({"technique": technique.name, "compared_with": technique.compare_with,
                          "knob": technique.knob, "metric_delta": this["metric"] - other["metric"],
-                         "bytes_delta": this["bytes"] - other["bytes"]})
+                         "bytes_delta": this["bytes"] - other["bytes"],
+                         # A faster form is bought with bytes for time: None where either was not timed.
+                         "latency_delta_ms": (this["latency_ms"] - other["latency_ms"]
+                                              if this.get("latency_ms") is not None
+                                              and other.get("latency_ms") is not None else None)})
     return rows
 
 

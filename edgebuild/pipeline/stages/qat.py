@@ -153,7 +153,8 @@ def _training_candidate(build: Build, target: Target, backend: QATBackend):
     target_limits = limits(build, target)
     fitting = []
     for technique, entry in post_training_entries(build, build.variant(target).key):
-        if entry["status"] != "ok" or not backend.qat_plan(technique):
+        # A faster form trains as its smaller form would: QAT answers accuracy, not latency.
+        if entry["status"] != "ok" or technique.faster_form_of or not backend.qat_plan(technique):
             continue
         blocking = problems(judge(target_limits, entry))
         if all(f["constraint"] == "accuracy" and f["status"] == Status.FAIL for f in blocking):

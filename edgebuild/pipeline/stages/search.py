@@ -334,12 +334,19 @@ def _one_weight_notes(layers: list[dict]) -> list[str]:
     notes = []
     for layer in layers:
         if layer.get("shared_with"):
-            notes.append(f"{layer['name']} shares its weight with {', '.join(layer['shared_with'])} (stored once): "
+            notes.append(f"{layer['name']} shares its weight with {_listed(layer['shared_with'])} (stored once): "
                          f"searched as one layer")
         for copy in layer.get("copies", []):
             notes.append(f"{layer['name']} is stored twice ({copy['name']} holds a {copy['relation']} copy): "
                          f"searched as one layer, both copies at one precision")
     return notes
+
+
+def _listed(names: list[str], shown: int = 4) -> str:
+    """Names for one line of a report: an unrolled 100-step GRU shares one weight among 99 ops."""
+    if len(names) <= shown:
+        return ", ".join(names)
+    return f"{len(names)} ops ({', '.join(names[:shown - 1])}, …, {names[-1]})"
 
 
 def evaluation_inputs(build: Build, target: Target) -> tuple:
