@@ -128,8 +128,9 @@ class Build:
             if technique.faster_form_of and not timed:
                 continue
             # A faster form runs where its smaller form can.
-            reason = next(filter(None, (backend.skip_reason(t, variant.options) for t in
-                                        (by_name.get(technique.faster_form_of), technique) if t)), None)
+            smaller = by_name.get(technique.faster_form_of)
+            reason = ((smaller and backend.skip_reason(smaller, variant.options))
+                      or backend.skip_reason(technique, variant.options))
             # search.techniques naming a technique takes its faster form along.
             if reason is None and allowed is not None and not {technique.name, technique.faster_form_of} & set(allowed):
                 reason = "not in search.techniques"

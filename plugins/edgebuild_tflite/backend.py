@@ -19,7 +19,7 @@ from edgebuild.errors import ToolchainError, first_line
 from edgebuild.weights import find_copies
 
 from . import metadata
-from .compaction import compact_file, rolls_steps, is_names_table, restore_names
+from .compaction import compact_file, is_names_table, restore_names, rolls_steps
 from .constants import quantize_constants_file
 from .flatbuffer import buffer_data_positions
 
