@@ -73,6 +73,31 @@ def python_project(root: Path, name: str, model_source: str, *, samples=None, me
     return root
 
 
+def spotter_source(frames: int, features: int, width: int, labels: int) -> str:
+    """A keyword spotter's model.py (`build()`): `frames` frames of `features` features, a GRU of
+    `width`, a label every frame. Its steps roll into a loop that writes every step's output."""
+    return f'''
+import torch
+from torch import nn
+
+
+class Spotter(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.GRU({features}, {width}, batch_first=True)
+        self.fc = nn.Linear({width}, {labels})
+
+    def forward(self, x):
+        y, _ = self.rnn(x)
+        return self.fc(y)
+
+
+def build():
+    torch.manual_seed(0)
+    return Spotter().eval(), (torch.randn(1, {frames}, {features}),)
+'''
+
+
 def run_edgebuild(*args, cwd: Path, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run the installed CLI as a user would, in its own process."""
     return subprocess.run([sys.executable, "-m", "edgebuild", *map(str, args)], cwd=cwd, capture_output=True,

@@ -10,29 +10,10 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import read_report, run_edgebuild
+from conftest import read_report, run_edgebuild, spotter_source
 
 # A keyword spotter's shape: 100 frames of 40 features, a GRU of width 64, a label every frame.
-SPOTTER = '''
-import torch
-from torch import nn
-
-
-class Spotter(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.rnn = nn.GRU(40, 64, batch_first=True)
-        self.head = nn.Linear(64, 12)
-
-    def forward(self, x):
-        y, _ = self.rnn(x)
-        return self.head(y)
-
-
-def build():
-    torch.manual_seed(0)
-    return Spotter().eval(), (torch.randn(1, 100, 40),)
-'''
+SPOTTER = spotter_source(frames=100, features=40, width=64, labels=12)
 
 
 def _manifest(budget: dict, android: dict | None = None) -> dict:

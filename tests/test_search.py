@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.conftest import example_project, read_report, run_edgebuild
+from tests.conftest import example_project, read_report, run_edgebuild, spotter_source
 
 pytestmark = pytest.mark.slow
 
@@ -194,26 +194,7 @@ def test_simulated_sensitivity_agrees_with_the_runtime_probe_by_probe(built_copy
     assert simulated["chosen"]["assignment"] == runtime["chosen"]["assignment"]
 
 
-SPOTTER = '''
-import torch
-from torch import nn
-
-
-class Spotter(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.rnn = nn.GRU(16, 32, batch_first=True)
-        self.fc = nn.Linear(32, 6)
-
-    def forward(self, x):
-        y, _ = self.rnn(x)
-        return self.fc(y)
-
-
-def build():
-    torch.manual_seed(0)
-    return Spotter().eval(), (torch.randn(1, 30, 16),)
-'''
+SPOTTER = spotter_source(frames=30, features=16, width=32, labels=6)
 
 
 @pytest.mark.parametrize("sensitivity", ["auto", "runtime"])
